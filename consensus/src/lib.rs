@@ -1,0 +1,115 @@
+//! Multi-raft machinery over openraft, generic over what is replicated.
+//!
+//! One sled database per process holds every group's Raft log (one tree per group), vote and
+//! commit markers, and the state machines' data (owned by the crate that owns the data). A
+//! group is one openraft `Raft` instance; the metadata group and every partition are groups.
+//!
+//! What this crate knows: log storage with group commit ([`log_store`]), an adapter from
+//! openraft's state-machine traits to a small deterministic [`StateMachineCore`]
+//! ([`state_machine`]), the transport abstraction that carries RPCs of every group between
+//! nodes ([`network`]), and starting groups ([`group`]). What it does not know: events, persons,
+//! projects. Those live with the state machines in the node crate.
+
+pub mod error;
+pub mod flusher;
+pub mod group;
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::io::Cursor;
+
+pub use error::{Error, Result};
+pub use group::{GroupConfig, start_group};
+pub use log_store::SledLogStore;
+pub use network::{LocalRouter, NetworkFactory, RaftTransport};
+pub use state_machine::{StateMachineCore, StateMachineStore};
+
+/// A replicated command: opaque bytes that the group's state machine decodes.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Command(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+/// The state machine's answer to a command, opaque bytes as well.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Response(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+/// The addresses a node is reached at.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodeAddr {
+    /// Raft transport address.
+    pub raft: String,
+    /// HTTP API address.
+    pub http: String,
+    /// Arrow Flight address.
+    pub flight: String,
+}
+
+impl fmt::Display for NodeAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "raft={} http={} flight={}", self.raft, self.http, self.flight)
+    }
+}
+
+/// A Raft group: the metadata group is 0, partition `p` is `p + 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct GroupId(pub u32);
+
+impl GroupId {
+    /// The metadata group.
+    pub const METADATA: GroupId = GroupId(0);
+
+    /// The group of a partition.
+    pub fn partition(p: optiprism_types::PartitionId) -> GroupId {
+        GroupId(p.0 + 1)
+    }
+
+    /// The partition of this group, if it is one.
+    pub fn as_partition(self) -> Option<optiprism_types::PartitionId> {
+        self.0.checked_sub(1).map(optiprism_types::PartitionId)
+    }
+}
+
+impl fmt::Display for GroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.as_partition() {
+            None => f.write_str("metadata"),
+            Some(p) => write!(f, "partition-{p}"),
+        }
+    }
+}
+
+openraft::declare_raft_types!(
+    /// The openraft type configuration shared by every group.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = u64,
+        Node = NodeAddr,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A group's Raft handle.
+pub type Raft = openraft::Raft<TypeConfig>;
+/// A log id of this crate's type configuration.
+pub type LogId = openraft::LogId<u64>;
+/// Storage errors as openraft wants them.
+pub type StorageError = openraft::StorageError<u64>;
+
+/// The bincode configuration of everything this crate writes.
+pub(crate) fn bincode_config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Encodes a serde value with this crate's bincode configuration.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(value, bincode_config()).expect("bincode encoding of in-memory values cannot fail")
+}
+
+/// Decodes a serde value encoded by [`encode`].
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> std::result::Result<T, bincode::error::DecodeError> {
+    bincode::serde::decode_from_slice(bytes, bincode_config()).map(|(v, _)| v)
+}

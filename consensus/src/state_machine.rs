@@ -1,0 +1,210 @@
+//! The adapter from openraft's state-machine traits to a small deterministic core.
+//!
+//! A [`StateMachineCore`] applies commands in log order and persists its state together with an
+//! opaque *applied marker* (the last applied log id and the membership) in one atomic write, so
+//! that after a crash the marker says exactly which entries are already in the state. Cores may
+//! persist lazily: entries applied but not yet persisted are simply applied again from the Raft
+//! log after a restart (openraft re-applies everything after the marker up to the committed
+//! index), and the log is never purged past a snapshot, which is always taken right after a
+//! persist. The Raft log is thus the write-ahead log of the state machine, and an event is
+//! written once on the hot path.
+
+use crate::{LogId, Response, StorageError, TypeConfig, decode, encode};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership,
+};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::io::Cursor;
+use std::sync::Arc;
+
+/// Errors of a core: anything that implements `Error`.
+pub type CoreError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A deterministic state machine driven by a Raft group.
+pub trait StateMachineCore: Send + 'static {
+    /// Applies the command at log `index`. Must be deterministic: every replica applies the same
+    /// commands in the same order and must reach the same state and the same response.
+    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8>;
+
+    /// The marker stored by the last [`StateMachineCore::persist`], read when the core opened.
+    fn persisted_marker(&self) -> Option<Vec<u8>>;
+
+    /// Whether the core wants its applied state persisted now (after an apply batch).
+    fn wants_persist(&self) -> bool;
+
+    /// Makes everything applied so far durable together with `marker`, atomically.
+    fn persist(&mut self, marker: &[u8]) -> Result<(), CoreError>;
+
+    /// A description of the state as of the last persist, for a Raft snapshot.
+    fn snapshot(&mut self) -> Result<Vec<u8>, CoreError>;
+
+    /// Replaces the state with a snapshot's and persists it with `marker`.
+    fn install(&mut self, data: &[u8], marker: &[u8]) -> Result<(), CoreError>;
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct AppliedMarker {
+    last_applied: Option<LogId>,
+    membership: StoredMembership<u64, crate::NodeAddr>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<u64, crate::NodeAddr>,
+    #[serde(with = "serde_bytes")]
+    data: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Inner<S> {
+    core: S,
+    applied: AppliedMarker,
+    snapshot_seq: u64,
+}
+
+/// openraft's state machine over a [`StateMachineCore`]. Cheap to clone; clones share the core.
+#[derive(Debug)]
+pub struct StateMachineStore<S> {
+    inner: Arc<Mutex<Inner<S>>>,
+    snapshots: sled::Tree,
+}
+
+impl<S> Clone for StateMachineStore<S> {
+    fn clone(&self) -> Self {
+        StateMachineStore { inner: Arc::clone(&self.inner), snapshots: self.snapshots.clone() }
+    }
+}
+
+const CURRENT_SNAPSHOT: &[u8] = b"current";
+
+fn sm_err(e: impl std::fmt::Display) -> StorageError {
+    StorageIOError::write_state_machine(AnyError::error(e.to_string())).into()
+}
+
+impl<S: StateMachineCore> StateMachineStore<S> {
+    /// Wraps `core`; `snapshots` is the tree where the current snapshot is kept.
+    pub fn new(core: S, snapshots: sled::Tree) -> crate::Result<StateMachineStore<S>> {
+        let applied = match core.persisted_marker() {
+            None => AppliedMarker::default(),
+            Some(bytes) => decode(&bytes)
+                .map_err(|source| crate::Error::Corrupt { what: "applied marker".into(), source })?,
+        };
+        Ok(StateMachineStore {
+            inner: Arc::new(Mutex::new(Inner { core, applied, snapshot_seq: 0 })),
+            snapshots,
+        })
+    }
+
+    /// Runs `f` on the core (reads for queries, metrics).
+    pub fn with_core<T>(&self, f: impl FnOnce(&mut S) -> T) -> T {
+        f(&mut self.inner.lock().core)
+    }
+
+    /// The last applied log index, as applied in memory (not necessarily persisted).
+    pub fn last_applied_index(&self) -> Option<u64> {
+        self.inner.lock().applied.last_applied.map(|l| l.index)
+    }
+
+    /// Persists everything applied so far (used by periodic sealing and ordered shutdown).
+    pub fn persist_now(&self) -> Result<(), CoreError> {
+        let mut inner = self.inner.lock();
+        let marker = encode(&inner.applied);
+        inner.core.persist(&marker)
+    }
+}
+
+impl<S: StateMachineCore> RaftStateMachine<TypeConfig> for StateMachineStore<S> {
+    type SnapshotBuilder = StateMachineStore<S>;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership<u64, crate::NodeAddr>), StorageError> {
+        let inner = self.inner.lock();
+        Ok((inner.applied.last_applied, inner.applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut inner = self.inner.lock();
+        let mut responses = Vec::new();
+        for entry in entries {
+            let response = match &entry.payload {
+                EntryPayload::Blank => Response::default(),
+                EntryPayload::Normal(command) => Response(inner.core.apply(entry.log_id.index, &command.0)),
+                EntryPayload::Membership(m) => {
+                    inner.applied.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                    Response::default()
+                }
+            };
+            inner.applied.last_applied = Some(entry.log_id);
+            responses.push(response);
+        }
+        if inner.core.wants_persist() {
+            let marker = encode(&inner.applied);
+            inner.core.persist(&marker).map_err(sm_err)?;
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, crate::NodeAddr>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let applied = AppliedMarker { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
+        let mut inner = self.inner.lock();
+        inner.core.install(&data, &encode(&applied)).map_err(sm_err)?;
+        inner.applied = applied;
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        self.snapshots.insert(CURRENT_SNAPSHOT, encode(&stored)).map_err(sm_err)?;
+        self.snapshots.flush().map_err(sm_err)?;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let Some(bytes) = self.snapshots.get(CURRENT_SNAPSHOT).map_err(sm_err)? else {
+            return Ok(None);
+        };
+        let stored: StoredSnapshot = decode(&bytes).map_err(sm_err)?;
+        Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) }))
+    }
+}
+
+impl<S: StateMachineCore> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<S> {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        // Persist first: the snapshot (and the log purge openraft does after it) must never run
+        // ahead of what is durable in the state machine.
+        let (meta, data) = {
+            let mut inner = self.inner.lock();
+            let marker = encode(&inner.applied);
+            inner.core.persist(&marker).map_err(sm_err)?;
+            let data = inner.core.snapshot().map_err(sm_err)?;
+            inner.snapshot_seq += 1;
+            let last = inner.applied.last_applied;
+            let meta = SnapshotMeta {
+                last_log_id: last,
+                last_membership: inner.applied.membership.clone(),
+                snapshot_id: format!("{}-{}", last.map(|l| l.index).unwrap_or(0), inner.snapshot_seq),
+            };
+            (meta, data)
+        };
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        self.snapshots.insert(CURRENT_SNAPSHOT, encode(&stored)).map_err(sm_err)?;
+        self.snapshots.flush_async().await.map_err(sm_err)?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+    }
+}

@@ -1,0 +1,6 @@
+//! Integration tests of the consensus crate: openraft's storage suite against the sled log store
+//! and the state-machine adapter, and in-process multi-raft clusters over the local router.
+
+mod kv;
+mod t10_storage_suite;
+mod t20_multi_raft;

@@ -1,0 +1,206 @@
+//! The normalized event model that every SDK format is translated into, and property typing.
+//!
+//! Properties are typed per project the first time a key is seen (string, number, boolean or
+//! datetime). A later value that does not fit the key's type is kept verbatim as a string next
+//! to the typed value (see [`Coerced`]), so nothing the SDK sent is lost and equality filters
+//! still compare string renderings as `spec/analytics.md` §1.3 requires.
+
+use serde::{Deserialize, Serialize};
+
+/// A property value as sent, after JSON `null` (meaning "not set") has been dropped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PropValue {
+    /// A JSON string.
+    Str(String),
+    /// A JSON number.
+    Num(f64),
+    /// A JSON boolean.
+    Bool(bool),
+    /// A JSON object or array, kept as its compact JSON text.
+    Json(String),
+}
+
+impl PropValue {
+    /// Converts a JSON value; `None` for JSON `null`, which means "not set".
+    pub fn from_json(value: &serde_json::Value) -> Option<PropValue> {
+        Some(match value {
+            serde_json::Value::Null => return None,
+            serde_json::Value::Bool(b) => PropValue::Bool(*b),
+            serde_json::Value::Number(n) => PropValue::Num(n.as_f64().unwrap_or(f64::NAN)),
+            serde_json::Value::String(s) => PropValue::Str(s.clone()),
+            other => PropValue::Json(other.to_string()),
+        })
+    }
+
+    /// The string rendering used by equality, substring and regex filters.
+    pub fn render(&self) -> String {
+        match self {
+            PropValue::Str(s) | PropValue::Json(s) => s.clone(),
+            PropValue::Num(n) => render_number(*n),
+            PropValue::Bool(b) => b.to_string(),
+        }
+    }
+
+    /// Back to JSON, for APIs that return properties.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            PropValue::Str(s) => serde_json::Value::String(s.clone()),
+            PropValue::Num(n) => serde_json::Number::from_f64(*n)
+                .map(serde_json::Value::Number)
+                .unwrap_or(serde_json::Value::Null),
+            PropValue::Bool(b) => serde_json::Value::Bool(*b),
+            PropValue::Json(s) => serde_json::from_str(s).unwrap_or(serde_json::Value::Null),
+        }
+    }
+}
+
+/// Renders a number the way JavaScript and JSON do: integers without a fractional part.
+pub fn render_number(n: f64) -> String {
+    if n.is_finite() && n.fract() == 0.0 && n.abs() < 9.007_199_254_740_992e15 {
+        format!("{}", n as i64)
+    } else {
+        format!("{n}")
+    }
+}
+
+/// Parses an RFC 3339 / ISO-8601 instant into epoch milliseconds.
+pub fn parse_datetime_ms(s: &str) -> Option<i64> {
+    if s.len() < 10 || !s.as_bytes()[0].is_ascii_digit() {
+        return None;
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Some(t.timestamp_millis());
+    }
+    // Naive forms without an offset are read as UTC.
+    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S"] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
+            return Some(t.and_utc().timestamp_millis());
+        }
+    }
+    None
+}
+
+/// The type a project gives a property key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PropType {
+    /// UTF-8 text (also the type of JSON objects and arrays, kept as JSON text).
+    String,
+    /// A 64-bit float.
+    Number,
+    /// true or false.
+    Boolean,
+    /// An instant, stored as epoch milliseconds.
+    DateTime,
+}
+
+impl PropType {
+    /// The type a key gets from the first value seen for it.
+    pub fn infer(value: &PropValue) -> PropType {
+        match value {
+            PropValue::Num(_) => PropType::Number,
+            PropValue::Bool(_) => PropType::Boolean,
+            PropValue::Str(s) if parse_datetime_ms(s).is_some() => PropType::DateTime,
+            PropValue::Str(_) | PropValue::Json(_) => PropType::String,
+        }
+    }
+
+    /// Its name in schemas and error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            PropType::String => "string",
+            PropType::Number => "number",
+            PropType::Boolean => "boolean",
+            PropType::DateTime => "datetime",
+        }
+    }
+}
+
+/// A value converted to its key's type, or kept as text when it does not fit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Coerced {
+    /// Text of a string-typed key.
+    Str(String),
+    /// A number-typed key's value.
+    Num(f64),
+    /// A boolean-typed key's value.
+    Bool(bool),
+    /// A datetime-typed key's value in epoch milliseconds.
+    DateTimeMs(i64),
+    /// A value that does not fit the key's type, as its string rendering.
+    Mismatch(String),
+}
+
+impl Coerced {
+    /// Converts `value` to `ty`. Numeric strings become numbers only when the number renders
+    /// back to the same text, so the string rendering of every stored value is exact.
+    pub fn new(value: &PropValue, ty: PropType) -> Coerced {
+        match (ty, value) {
+            (PropType::String, v) => Coerced::Str(v.render()),
+            (PropType::Number, PropValue::Num(n)) => Coerced::Num(*n),
+            (PropType::Number, PropValue::Str(s)) => match s.trim().parse::<f64>() {
+                Ok(n) if render_number(n) == *s => Coerced::Num(n),
+                _ => Coerced::Mismatch(s.clone()),
+            },
+            (PropType::Boolean, PropValue::Bool(b)) => Coerced::Bool(*b),
+            (PropType::DateTime, PropValue::Str(s)) => match parse_datetime_ms(s) {
+                Some(ms) => Coerced::DateTimeMs(ms),
+                None => Coerced::Mismatch(s.clone()),
+            },
+            (_, v) => Coerced::Mismatch(v.render()),
+        }
+    }
+}
+
+/// One event after SDK-specific parsing and validation, ready to be routed to its partition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// The SDK's message id (Segment `messageId`, PostHog `uuid`), or a content hash when the
+    /// SDK sent none, so retries of the same payload are deduplicated.
+    pub message_id: String,
+    /// The id the SDK sent (user id if known, else the anonymous id).
+    pub distinct_id: String,
+    /// The event name.
+    pub event: String,
+    /// When it happened, after clock-skew correction, in epoch milliseconds.
+    pub timestamp_ms: i64,
+    /// Event properties (JSON nulls removed).
+    pub properties: Vec<(String, PropValue)>,
+    /// Person properties to set (`$set`, Segment identify traits).
+    pub person_set: Vec<(String, PropValue)>,
+    /// Person properties to set only if not yet set (`$set_once`).
+    pub person_set_once: Vec<(String, PropValue)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_render_like_json() {
+        assert_eq!(render_number(40.0), "40");
+        assert_eq!(render_number(-3.0), "-3");
+        assert_eq!(render_number(2.5), "2.5");
+        assert_eq!(render_number(0.1), "0.1");
+    }
+
+    #[test]
+    fn numeric_strings_coerce_only_when_exact() {
+        assert_eq!(Coerced::new(&PropValue::Str("40".into()), PropType::Number), Coerced::Num(40.0));
+        assert_eq!(
+            Coerced::new(&PropValue::Str("40.0".into()), PropType::Number),
+            Coerced::Mismatch("40.0".into())
+        );
+        assert_eq!(
+            Coerced::new(&PropValue::Str("abc".into()), PropType::Number),
+            Coerced::Mismatch("abc".into())
+        );
+        assert_eq!(Coerced::new(&PropValue::Num(7.0), PropType::String), Coerced::Str("7".into()));
+    }
+
+    #[test]
+    fn datetimes_are_inferred_from_iso_strings() {
+        assert_eq!(PropType::infer(&PropValue::Str("2024-01-01T00:00:00Z".into())), PropType::DateTime);
+        assert_eq!(PropType::infer(&PropValue::Str("2024".into())), PropType::String);
+        assert_eq!(parse_datetime_ms("1970-01-01T00:00:01Z"), Some(1000));
+    }
+}
