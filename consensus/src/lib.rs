@@ -48,7 +48,11 @@ pub struct NodeAddr {
 
 impl fmt::Display for NodeAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "raft={} http={} flight={}", self.raft, self.http, self.flight)
+        write!(
+            f,
+            "raft={} http={} flight={}",
+            self.raft, self.http, self.flight
+        )
     }
 }
 
@@ -106,10 +110,13 @@ pub(crate) fn bincode_config() -> bincode::config::Configuration {
 
 /// Encodes a serde value with this crate's bincode configuration.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    bincode::serde::encode_to_vec(value, bincode_config()).expect("bincode encoding of in-memory values cannot fail")
+    bincode::serde::encode_to_vec(value, bincode_config())
+        .expect("bincode encoding of in-memory values cannot fail")
 }
 
 /// Decodes a serde value encoded by [`encode`].
-pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> std::result::Result<T, bincode::error::DecodeError> {
+pub fn decode<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> std::result::Result<T, bincode::error::DecodeError> {
     bincode::serde::decode_from_slice(bytes, bincode_config()).map(|(v, _)| v)
 }

@@ -69,10 +69,19 @@ impl SledLogStore {
         self.log.is_empty()
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
-        match self.meta.get(key).map_err(|e| StorageIOError::read(&io_err(e)))? {
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError> {
+        match self
+            .meta
+            .get(key)
+            .map_err(|e| StorageIOError::read(&io_err(e)))?
+        {
             None => Ok(None),
-            Some(bytes) => decode(&bytes).map(Some).map_err(|e| StorageIOError::read(&io_err(e)).into()),
+            Some(bytes) => decode(&bytes)
+                .map(Some)
+                .map_err(|e| StorageIOError::read(&io_err(e)).into()),
         }
     }
 
@@ -130,11 +139,18 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged_log_id: Option<LogId> = self.read_meta(PURGED_KEY)?;
-        let last = match self.log.last().map_err(|e| StorageIOError::read_logs(&io_err(e)))? {
+        let last = match self
+            .log
+            .last()
+            .map_err(|e| StorageIOError::read_logs(&io_err(e)))?
+        {
             Some((_, bytes)) => Some(Self::decode_entry(&bytes)?.log_id),
             None => None,
         };
-        Ok(LogState { last_purged_log_id, last_log_id: last.or(last_purged_log_id) })
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last.or(last_purged_log_id),
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -142,8 +158,13 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError> {
-        self.meta.insert(VOTE_KEY, encode(vote)).map_err(|e| StorageIOError::write_vote(&io_err(e)))?;
-        self.db.flush_async().await.map_err(|e| StorageIOError::write_vote(&io_err(e)))?;
+        self.meta
+            .insert(VOTE_KEY, encode(vote))
+            .map_err(|e| StorageIOError::write_vote(&io_err(e)))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_vote(&io_err(e)))?;
         Ok(())
     }
 
@@ -154,7 +175,9 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         // Not flushed on its own: a lost committed marker only means less is re-applied at
         // start-up before the leader re-commits it.
-        self.meta.insert(COMMITTED_KEY, encode(&committed)).map_err(|e| StorageIOError::write(&io_err(e)))?;
+        self.meta
+            .insert(COMMITTED_KEY, encode(&committed))
+            .map_err(|e| StorageIOError::write(&io_err(e)))?;
         Ok(())
     }
 
@@ -162,7 +185,11 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         Ok(self.read_meta::<Option<LogId>>(COMMITTED_KEY)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -178,7 +205,9 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
             cache.pop_first();
         }
         drop(cache);
-        self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
         self.flusher.flush_then(callback);
         Ok(())
     }
@@ -190,22 +219,34 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
             let (key, _) = item.map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
             batch.remove(key);
         }
-        self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
-        self.db.flush_async().await.map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
         Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Record the purge point first: a crash after it leaves extra entries, never a gap.
-        self.meta.insert(PURGED_KEY, encode(&log_id)).map_err(|e| StorageIOError::write(&io_err(e)))?;
-        self.db.flush_async().await.map_err(|e| StorageIOError::write(&io_err(e)))?;
+        self.meta
+            .insert(PURGED_KEY, encode(&log_id))
+            .map_err(|e| StorageIOError::write(&io_err(e)))?;
+        self.db
+            .flush_async()
+            .await
+            .map_err(|e| StorageIOError::write(&io_err(e)))?;
         self.cache.lock().retain(|&i, _| i > log_id.index);
         let mut batch = sled::Batch::default();
         for item in self.log.range(..=log_id.index.to_be_bytes()) {
             let (key, _) = item.map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
             batch.remove(key);
         }
-        self.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
         Ok(())
     }
 }

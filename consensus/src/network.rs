@@ -10,8 +10,8 @@ use crate::{GroupId, NodeAddr, Raft, TypeConfig};
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use parking_lot::RwLock;
 use std::collections::HashMap;
@@ -32,7 +32,12 @@ pub trait RaftTransport: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<AppendEntriesResponse<u64>, RpcError>;
 
     /// Sends RequestVote of `group` to `target`.
-    async fn vote(&self, target: u64, group: GroupId, rpc: VoteRequest<u64>) -> Result<VoteResponse<u64>, RpcError>;
+    async fn vote(
+        &self,
+        target: u64,
+        group: GroupId,
+        rpc: VoteRequest<u64>,
+    ) -> Result<VoteResponse<u64>, RpcError>;
 
     /// Sends one InstallSnapshot chunk of `group` to `target`.
     async fn install_snapshot(
@@ -69,7 +74,11 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = GroupClient;
 
     async fn new_client(&mut self, target: u64, _node: &NodeAddr) -> GroupClient {
-        GroupClient { group: self.group, target, transport: Arc::clone(&self.transport) }
+        GroupClient {
+            group: self.group,
+            target,
+            transport: Arc::clone(&self.transport),
+        }
     }
 }
 
@@ -79,7 +88,9 @@ impl RaftNetwork<TypeConfig> for GroupClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RpcError> {
-        self.transport.append_entries(self.target, self.group, rpc).await
+        self.transport
+            .append_entries(self.target, self.group, rpc)
+            .await
     }
 
     async fn install_snapshot(
@@ -87,10 +98,16 @@ impl RaftNetwork<TypeConfig> for GroupClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RpcError<InstallSnapshotError>> {
-        self.transport.install_snapshot(self.target, self.group, rpc).await
+        self.transport
+            .install_snapshot(self.target, self.group, rpc)
+            .await
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<u64>, _option: RPCOption) -> Result<VoteResponse<u64>, RpcError> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RpcError> {
         self.transport.vote(self.target, self.group, rpc).await
     }
 }
@@ -110,7 +127,9 @@ pub struct LocalRouter {
 
 impl std::fmt::Debug for LocalRouter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalRouter").field("groups", &self.groups.read().len()).finish()
+        f.debug_struct("LocalRouter")
+            .field("groups", &self.groups.read().len())
+            .finish()
     }
 }
 
@@ -135,7 +154,9 @@ impl LocalRouter {
             .read()
             .get(&(target, group))
             .cloned()
-            .ok_or_else(|| RPCError::Unreachable(Unreachable::new(&NotRegistered { target, group })))
+            .ok_or_else(|| {
+                RPCError::Unreachable(Unreachable::new(&NotRegistered { target, group }))
+            })
     }
 }
 
@@ -148,12 +169,21 @@ impl RaftTransport for LocalRouter {
         rpc: AppendEntriesRequest<TypeConfig>,
     ) -> Result<AppendEntriesResponse<u64>, RpcError> {
         let raft = self.get(target, group)?;
-        raft.append_entries(rpc).await.map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))
+        raft.append_entries(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))
     }
 
-    async fn vote(&self, target: u64, group: GroupId, rpc: VoteRequest<u64>) -> Result<VoteResponse<u64>, RpcError> {
+    async fn vote(
+        &self,
+        target: u64,
+        group: GroupId,
+        rpc: VoteRequest<u64>,
+    ) -> Result<VoteResponse<u64>, RpcError> {
         let raft = self.get(target, group)?;
-        raft.vote(rpc).await.map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))
+        raft.vote(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))
     }
 
     async fn install_snapshot(
@@ -163,6 +193,8 @@ impl RaftTransport for LocalRouter {
         rpc: InstallSnapshotRequest<TypeConfig>,
     ) -> Result<InstallSnapshotResponse<u64>, RpcError<InstallSnapshotError>> {
         let raft = self.get(target, group)?;
-        raft.install_snapshot(rpc).await.map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))
+        raft.install_snapshot(rpc)
+            .await
+            .map_err(|e| RPCError::RemoteError(RemoteError::new(target, e)))
     }
 }

@@ -12,7 +12,8 @@
 use crate::{LogId, Response, StorageError, TypeConfig, decode, encode};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership,
+    AnyError, Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError,
+    StoredMembership,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -73,7 +74,10 @@ pub struct StateMachineStore<S> {
 
 impl<S> Clone for StateMachineStore<S> {
     fn clone(&self) -> Self {
-        StateMachineStore { inner: Arc::clone(&self.inner), snapshots: self.snapshots.clone() }
+        StateMachineStore {
+            inner: Arc::clone(&self.inner),
+            snapshots: self.snapshots.clone(),
+        }
     }
 }
 
@@ -88,11 +92,17 @@ impl<S: StateMachineCore> StateMachineStore<S> {
     pub fn new(core: S, snapshots: sled::Tree) -> crate::Result<StateMachineStore<S>> {
         let applied = match core.persisted_marker() {
             None => AppliedMarker::default(),
-            Some(bytes) => decode(&bytes)
-                .map_err(|source| crate::Error::Corrupt { what: "applied marker".into(), source })?,
+            Some(bytes) => decode(&bytes).map_err(|source| crate::Error::Corrupt {
+                what: "applied marker".into(),
+                source,
+            })?,
         };
         Ok(StateMachineStore {
-            inner: Arc::new(Mutex::new(Inner { core, applied, snapshot_seq: 0 })),
+            inner: Arc::new(Mutex::new(Inner {
+                core,
+                applied,
+                snapshot_seq: 0,
+            })),
             snapshots,
         })
     }
@@ -135,7 +145,9 @@ impl<S: StateMachineCore> RaftStateMachine<TypeConfig> for StateMachineStore<S> 
         for entry in entries {
             let response = match &entry.payload {
                 EntryPayload::Blank => Response::default(),
-                EntryPayload::Normal(command) => Response(inner.core.apply(entry.log_id.index, &command.0)),
+                EntryPayload::Normal(command) => {
+                    Response(inner.core.apply(entry.log_id.index, &command.0))
+                }
                 EntryPayload::Membership(m) => {
                     inner.applied.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                     Response::default()
@@ -165,12 +177,23 @@ impl<S: StateMachineCore> RaftStateMachine<TypeConfig> for StateMachineStore<S> 
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let applied = AppliedMarker { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
+        let applied = AppliedMarker {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        };
         let mut inner = self.inner.lock();
-        inner.core.install(&data, &encode(&applied)).map_err(sm_err)?;
+        inner
+            .core
+            .install(&data, &encode(&applied))
+            .map_err(sm_err)?;
         inner.applied = applied;
-        let stored = StoredSnapshot { meta: meta.clone(), data };
-        self.snapshots.insert(CURRENT_SNAPSHOT, encode(&stored)).map_err(sm_err)?;
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        self.snapshots
+            .insert(CURRENT_SNAPSHOT, encode(&stored))
+            .map_err(sm_err)?;
         self.snapshots.flush().map_err(sm_err)?;
         Ok(())
     }
@@ -180,7 +203,10 @@ impl<S: StateMachineCore> RaftStateMachine<TypeConfig> for StateMachineStore<S> 
             return Ok(None);
         };
         let stored: StoredSnapshot = decode(&bytes).map_err(sm_err)?;
-        Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) }))
+        Ok(Some(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        }))
     }
 }
 
@@ -198,13 +224,25 @@ impl<S: StateMachineCore> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<
             let meta = SnapshotMeta {
                 last_log_id: last,
                 last_membership: inner.applied.membership.clone(),
-                snapshot_id: format!("{}-{}", last.map(|l| l.index).unwrap_or(0), inner.snapshot_seq),
+                snapshot_id: format!(
+                    "{}-{}",
+                    last.map(|l| l.index).unwrap_or(0),
+                    inner.snapshot_seq
+                ),
             };
             (meta, data)
         };
-        let stored = StoredSnapshot { meta: meta.clone(), data };
-        self.snapshots.insert(CURRENT_SNAPSHOT, encode(&stored)).map_err(sm_err)?;
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        self.snapshots
+            .insert(CURRENT_SNAPSHOT, encode(&stored))
+            .map_err(sm_err)?;
         self.snapshots.flush_async().await.map_err(sm_err)?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
     }
 }

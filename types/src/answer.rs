@@ -47,7 +47,9 @@ pub fn json_number(x: f64) -> Value {
     if x.is_finite() && x.fract() == 0.0 && x.abs() < 9.007_199_254_740_992e15 {
         json!(x as i64)
     } else {
-        serde_json::Number::from_f64(x).map(Value::Number).unwrap_or(Value::Null)
+        serde_json::Number::from_f64(x)
+            .map(Value::Number)
+            .unwrap_or(Value::Null)
     }
 }
 
@@ -57,7 +59,10 @@ impl TrendsAnswer {
         let mut series = Map::new();
         let mut totals = Map::new();
         for s in &self.series {
-            series.insert(s.id.clone(), s.values.iter().copied().map(json_number).collect());
+            series.insert(
+                s.id.clone(),
+                s.values.iter().copied().map(json_number).collect(),
+            );
             totals.insert(s.id.clone(), json_number(s.total));
         }
         let mut out = Map::new();
@@ -80,7 +85,10 @@ impl TrendsAnswer {
                     .collect();
                 by_series.insert(s.id.clone(), Value::Array(values));
             }
-            out.insert("breakdown".into(), json!({ "property": property, "series": by_series }));
+            out.insert(
+                "breakdown".into(),
+                json!({ "property": property, "series": by_series }),
+            );
         }
         Value::Object(out)
     }

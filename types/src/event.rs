@@ -72,7 +72,11 @@ pub fn parse_datetime_ms(s: &str) -> Option<i64> {
         return Some(t.timestamp_millis());
     }
     // Naive forms without an offset are read as UTC.
-    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S"] {
+    for fmt in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S",
+    ] {
         if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
             return Some(t.and_utc().timestamp_millis());
         }
@@ -185,7 +189,10 @@ mod tests {
 
     #[test]
     fn numeric_strings_coerce_only_when_exact() {
-        assert_eq!(Coerced::new(&PropValue::Str("40".into()), PropType::Number), Coerced::Num(40.0));
+        assert_eq!(
+            Coerced::new(&PropValue::Str("40".into()), PropType::Number),
+            Coerced::Num(40.0)
+        );
         assert_eq!(
             Coerced::new(&PropValue::Str("40.0".into()), PropType::Number),
             Coerced::Mismatch("40.0".into())
@@ -194,13 +201,22 @@ mod tests {
             Coerced::new(&PropValue::Str("abc".into()), PropType::Number),
             Coerced::Mismatch("abc".into())
         );
-        assert_eq!(Coerced::new(&PropValue::Num(7.0), PropType::String), Coerced::Str("7".into()));
+        assert_eq!(
+            Coerced::new(&PropValue::Num(7.0), PropType::String),
+            Coerced::Str("7".into())
+        );
     }
 
     #[test]
     fn datetimes_are_inferred_from_iso_strings() {
-        assert_eq!(PropType::infer(&PropValue::Str("2024-01-01T00:00:00Z".into())), PropType::DateTime);
-        assert_eq!(PropType::infer(&PropValue::Str("2024".into())), PropType::String);
+        assert_eq!(
+            PropType::infer(&PropValue::Str("2024-01-01T00:00:00Z".into())),
+            PropType::DateTime
+        );
+        assert_eq!(
+            PropType::infer(&PropValue::Str("2024".into())),
+            PropType::String
+        );
         assert_eq!(parse_datetime_ms("1970-01-01T00:00:01Z"), Some(1000));
     }
 }

@@ -17,21 +17,72 @@ use rand_chacha::ChaCha8Rng;
 
 /// The 50 event names, most popular first.
 pub const EVENT_NAMES: [&str; 50] = [
-    "pageview", "click", "app_open", "scroll", "search", "view_item", "login", "add_to_cart",
-    "play_video", "like", "share", "signup_started", "checkout_started", "comment", "purchase",
-    "signup_completed", "logout", "pause_video", "complete_video", "follow", "open_notification",
-    "dismiss_notification", "settings_changed", "feature_used", "filter_applied", "sort_changed",
-    "bookmark_added", "download", "upload", "remove_from_cart", "invite_sent", "invite_accepted",
-    "profile_updated", "report_viewed", "dashboard_viewed", "help_opened", "error_shown",
-    "feedback_submitted", "trial_started", "trial_converted", "subscription_started",
-    "subscription_cancelled", "password_reset", "rate_app", "bookmark_removed", "unfollow",
-    "export_clicked", "import_started", "import_completed", "app_close",
+    "pageview",
+    "click",
+    "app_open",
+    "scroll",
+    "search",
+    "view_item",
+    "login",
+    "add_to_cart",
+    "play_video",
+    "like",
+    "share",
+    "signup_started",
+    "checkout_started",
+    "comment",
+    "purchase",
+    "signup_completed",
+    "logout",
+    "pause_video",
+    "complete_video",
+    "follow",
+    "open_notification",
+    "dismiss_notification",
+    "settings_changed",
+    "feature_used",
+    "filter_applied",
+    "sort_changed",
+    "bookmark_added",
+    "download",
+    "upload",
+    "remove_from_cart",
+    "invite_sent",
+    "invite_accepted",
+    "profile_updated",
+    "report_viewed",
+    "dashboard_viewed",
+    "help_opened",
+    "error_shown",
+    "feedback_submitted",
+    "trial_started",
+    "trial_converted",
+    "subscription_started",
+    "subscription_cancelled",
+    "password_reset",
+    "rate_app",
+    "bookmark_removed",
+    "unfollow",
+    "export_clicked",
+    "import_started",
+    "import_completed",
+    "app_close",
 ];
 
-const BROWSERS: [(&str, f64); 5] =
-    [("Chrome", 0.60), ("Safari", 0.20), ("Firefox", 0.10), ("Edge", 0.07), ("Opera", 0.03)];
-const OSES: [(&str, f64); 5] =
-    [("Windows", 0.35), ("Mac OS X", 0.20), ("iOS", 0.20), ("Android", 0.20), ("Linux", 0.05)];
+const BROWSERS: [(&str, f64); 5] = [
+    ("Chrome", 0.60),
+    ("Safari", 0.20),
+    ("Firefox", 0.10),
+    ("Edge", 0.07),
+    ("Opera", 0.03),
+];
+const OSES: [(&str, f64); 5] = [
+    ("Windows", 0.35),
+    ("Mac OS X", 0.20),
+    ("iOS", 0.20),
+    ("Android", 0.20),
+    ("Linux", 0.05),
+];
 const PLANS: [(&str, f64); 3] = [("free", 0.70), ("pro", 0.25), ("enterprise", 0.05)];
 const COUNTRIES: [&str; 30] = [
     "US", "IN", "DE", "GB", "BR", "FR", "JP", "CA", "ES", "IT", "NL", "PL", "MX", "AU", "SE", "TR",
@@ -141,9 +192,12 @@ impl Generator {
                     browser: pick_weighted(&mut rng, &BROWSERS),
                     os: pick_weighted(&mut rng, &OSES),
                     plan: pick_weighted(&mut rng, &PLANS),
-                    country: COUNTRIES[rng.random_range(0..COUNTRIES.len()).min(rng.random_range(0..COUNTRIES.len()))],
+                    country: COUNTRIES[rng
+                        .random_range(0..COUNTRIES.len())
+                        .min(rng.random_range(0..COUNTRIES.len()))],
                     is_mobile: rng.random_bool(0.4),
-                    anonymous_until_identify: rng.random_bool(config.identify_share.clamp(0.0, 1.0)),
+                    anonymous_until_identify: rng
+                        .random_bool(config.identify_share.clamp(0.0, 1.0)),
                     seen: false,
                 };
                 (person, weight)
@@ -182,7 +236,11 @@ impl Generator {
     fn day_quota(&self, day: u32) -> u64 {
         let days = u64::from(self.config.days.max(1));
         let base = self.config.events / days;
-        if u64::from(day) + 1 == days { self.config.events - base * (days - 1) } else { base }
+        if u64::from(day) + 1 == days {
+            self.config.events - base * (days - 1)
+        } else {
+            base
+        }
     }
 
     fn message_id(&mut self) -> String {
@@ -202,33 +260,54 @@ impl Generator {
         while events.len() < quota {
             let pi = pick_cumulative(&mut self.rng, &self.cumulative, active);
             // A daily rhythm: most sessions start in the afternoon and evening (UTC).
-            let hour = (self.rng.random::<f64>() * 24.0 * 0.5 + self.rng.random::<f64>() * 24.0 * 0.5 + 4.0) as i64 % 24;
+            let hour = (self.rng.random::<f64>() * 24.0 * 0.5
+                + self.rng.random::<f64>() * 24.0 * 0.5
+                + 4.0) as i64
+                % 24;
             let mut t = day_start_ms + hour * 3_600_000 + self.rng.random_range(0..3_600_000);
             self.next_session += 1;
             let session_id = format!("s{:x}-{:x}", self.config.seed, self.next_session);
-            let length = 1 + (self.rng.random::<f64>().max(1e-12).ln() / (1.0f64 - 1.0 / 8.0).ln()) as usize;
+            let length =
+                1 + (self.rng.random::<f64>().max(1e-12).ln() / (1.0f64 - 1.0 / 8.0).ln()) as usize;
             let id = pi as u64;
             let person = self.persons[pi].clone();
             let first_session = !person.seen;
             self.persons[pi].seen = true;
             let user_id = format!("user-{id}");
             let anon_id = format!("anon-{id}");
-            let mut distinct_id =
-                if first_session && person.anonymous_until_identify { anon_id.clone() } else { user_id.clone() };
+            let mut distinct_id = if first_session && person.anonymous_until_identify {
+                anon_id.clone()
+            } else {
+                user_id.clone()
+            };
             for k in 0..length.min(60) {
                 if events.len() >= quota {
                     break;
                 }
                 let name = if k == 0 {
-                    if person.is_mobile { "app_open" } else { "pageview" }
+                    if person.is_mobile {
+                        "app_open"
+                    } else {
+                        "pageview"
+                    }
                 } else {
-                    EVENT_NAMES[pick_cumulative(&mut self.rng, &self.event_cumulative, EVENT_NAMES.len())]
+                    EVENT_NAMES
+                        [pick_cumulative(&mut self.rng, &self.event_cumulative, EVENT_NAMES.len())]
                 };
                 let mut properties = vec![
-                    ("$session_id".to_string(), PropValue::Str(session_id.clone())),
-                    ("$browser".to_string(), PropValue::Str(person.browser.to_string())),
+                    (
+                        "$session_id".to_string(),
+                        PropValue::Str(session_id.clone()),
+                    ),
+                    (
+                        "$browser".to_string(),
+                        PropValue::Str(person.browser.to_string()),
+                    ),
                     ("$os".to_string(), PropValue::Str(person.os.to_string())),
-                    ("country".to_string(), PropValue::Str(person.country.to_string())),
+                    (
+                        "country".to_string(),
+                        PropValue::Str(person.country.to_string()),
+                    ),
                     ("plan".to_string(), PropValue::Str(person.plan.to_string())),
                     ("is_mobile".to_string(), PropValue::Bool(person.is_mobile)),
                 ];
@@ -241,22 +320,33 @@ impl Generator {
                         ));
                     }
                     "purchase" | "add_to_cart" | "checkout_started" => {
-                        let price = (self.rng.random::<f64>().powi(3) * 500.0 * 100.0).round() / 100.0 + 1.0;
+                        let price = (self.rng.random::<f64>().powi(3) * 500.0 * 100.0).round()
+                            / 100.0
+                            + 1.0;
                         properties.push(("price".to_string(), PropValue::Num(price)));
                     }
                     "play_video" | "complete_video" | "pause_video" => {
-                        properties.push(("duration_ms".to_string(), PropValue::Num(f64::from(self.rng.random_range(1_000..3_600_000)))));
+                        properties.push((
+                            "duration_ms".to_string(),
+                            PropValue::Num(f64::from(self.rng.random_range(1_000..3_600_000))),
+                        ));
                     }
                     "search" => {
                         let term = pick_cumulative(&mut self.rng, &self.page_cumulative, 200);
-                        properties.push(("search_term".to_string(), PropValue::Str(format!("term {term}"))));
+                        properties.push((
+                            "search_term".to_string(),
+                            PropValue::Str(format!("term {term}")),
+                        ));
                     }
                     _ => {}
                 }
                 let person_set = if first_session && k == 0 {
                     vec![
                         ("plan".to_string(), PropValue::Str(person.plan.to_string())),
-                        ("country".to_string(), PropValue::Str(person.country.to_string())),
+                        (
+                            "country".to_string(),
+                            PropValue::Str(person.country.to_string()),
+                        ),
                     ]
                 } else {
                     Vec::new()
@@ -272,7 +362,11 @@ impl Generator {
                     person_set_once: Vec::new(),
                 });
                 t += self.rng.random_range(5_000..120_000);
-                if first_session && person.anonymous_until_identify && k == 1 && events.len() < quota {
+                if first_session
+                    && person.anonymous_until_identify
+                    && k == 1
+                    && events.len() < quota
+                {
                     // The person logs in during the first session: `$identify` links the
                     // anonymous id, and later events carry the user id.
                     let message_id = self.message_id();
@@ -281,7 +375,10 @@ impl Generator {
                         distinct_id: user_id.clone(),
                         event: "$identify".to_string(),
                         timestamp_ms: t,
-                        properties: vec![("$anon_distinct_id".to_string(), PropValue::Str(anon_id.clone()))],
+                        properties: vec![(
+                            "$anon_distinct_id".to_string(),
+                            PropValue::Str(anon_id.clone()),
+                        )],
                         person_set: Vec::new(),
                         person_set_once: Vec::new(),
                     });
@@ -320,7 +417,12 @@ mod tests {
     use std::collections::HashMap;
 
     fn small(seed: u64) -> GenConfig {
-        GenConfig { seed, events: 20_000, days: 10, ..GenConfig::default() }
+        GenConfig {
+            seed,
+            events: 20_000,
+            days: 10,
+            ..GenConfig::default()
+        }
     }
 
     #[test]
@@ -345,14 +447,25 @@ mod tests {
         let mut counts: Vec<usize> = per_person.values().copied().collect();
         counts.sort_unstable_by(|a, b| b.cmp(a));
         let top_decile: usize = counts[..counts.len() / 10].iter().sum();
-        assert!(top_decile * 3 > events.len(), "top 10% of persons should send over a third of events");
+        assert!(
+            top_decile * 3 > events.len(),
+            "top 10% of persons should send over a third of events"
+        );
         assert!(names.len() >= 40, "only {} event types", names.len());
-        assert!(events.windows(2).all(|w| w[0].timestamp_ms <= w[1].timestamp_ms || w[1].timestamp_ms % 86_400_000 < w[0].timestamp_ms % 86_400_000));
+        assert!(
+            events
+                .windows(2)
+                .all(|w| w[0].timestamp_ms <= w[1].timestamp_ms
+                    || w[1].timestamp_ms % 86_400_000 < w[0].timestamp_ms % 86_400_000)
+        );
     }
 
     #[test]
     fn identify_share_emits_identify_events() {
-        let config = GenConfig { identify_share: 0.5, ..small(3) };
+        let config = GenConfig {
+            identify_share: 0.5,
+            ..small(3)
+        };
         let events: Vec<Event> = Generator::new(config).collect();
         assert!(events.iter().any(|e| e.event == "$identify"));
         assert!(events.iter().any(|e| e.distinct_id.starts_with("anon-")));

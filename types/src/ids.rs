@@ -90,7 +90,10 @@ mod tests {
             counts[p.0 as usize] += 1;
         }
         for c in counts {
-            assert!((9_000..11_000).contains(&c), "uneven partition counts {counts:?}");
+            assert!(
+                (9_000..11_000).contains(&c),
+                "uneven partition counts {counts:?}"
+            );
         }
     }
 }

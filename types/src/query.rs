@@ -22,7 +22,10 @@ pub struct QueryError {
 
 impl QueryError {
     fn new(field: impl Into<String>, message: impl Into<String>) -> QueryError {
-        QueryError { field: field.into(), message: message.into() }
+        QueryError {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -39,8 +42,8 @@ pub const SUPPORTED_KINDS: &[&str] = &["trends"];
 
 /// Parses and validates a query from JSON text.
 pub fn parse_query(json: &[u8]) -> Result<Query, QueryError> {
-    let mut value: serde_json::Value =
-        serde_json::from_slice(json).map_err(|e| QueryError::new(".", strip_position(&e.to_string())))?;
+    let mut value: serde_json::Value = serde_json::from_slice(json)
+        .map_err(|e| QueryError::new(".", strip_position(&e.to_string())))?;
     let Some(object) = value.as_object_mut() else {
         return Err(QueryError::new(".", "expected a JSON object"));
     };
@@ -56,7 +59,10 @@ pub fn parse_query(json: &[u8]) -> Result<Query, QueryError> {
         other => {
             return Err(QueryError::new(
                 "kind",
-                format!("unknown query kind `{other}` (supported: {})", SUPPORTED_KINDS.join(", ")),
+                format!(
+                    "unknown query kind `{other}` (supported: {})",
+                    SUPPORTED_KINDS.join(", ")
+                ),
             ));
         }
     };
@@ -70,7 +76,22 @@ fn from_value<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Resul
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let message = strip_position(&e.into_inner().to_string());
-        QueryError::new(if path.is_empty() || path == "." { ".".to_string() } else { path }, message)
+        let path = if path.is_empty() || path == "." {
+            None
+        } else {
+            Some(path)
+        };
+        // serde reports a missing field at its parent: name the field itself.
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.strip_suffix('`'));
+        let field = match (path, missing) {
+            (Some(p), Some(m)) => format!("{p}.{m}"),
+            (None, Some(m)) => m.to_string(),
+            (Some(p), None) => p,
+            (None, None) => ".".to_string(),
+        };
+        QueryError::new(field, message)
     })
 }
 
@@ -131,7 +152,10 @@ impl Math {
 
     /// Its name in the query format.
     pub fn name(self) -> String {
-        serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
     }
 }
 
@@ -312,22 +336,37 @@ impl TrendsQuery {
 
     /// The buckets of the range.
     pub fn buckets(&self) -> Buckets {
-        Buckets::new(self.date_range.from, self.date_range.to, self.tz(), self.interval, self.week_start)
+        Buckets::new(
+            self.date_range.from,
+            self.date_range.to,
+            self.tz(),
+            self.interval,
+            self.week_start,
+        )
     }
 
     /// The id of series `i`: its `id`, or `A`, `B`, … by position.
     pub fn series_id(&self, i: usize) -> String {
-        self.series[i].id.clone().unwrap_or_else(|| ((b'A' + (i % 26) as u8) as char).to_string())
+        self.series[i]
+            .id
+            .clone()
+            .unwrap_or_else(|| ((b'A' + (i % 26) as u8) as char).to_string())
     }
 
     /// Checks everything serde cannot: ranges, supported options, operands of operators.
     pub fn validate(&self) -> Result<(), QueryError> {
         if self.timezone.parse::<Tz>().is_err() {
-            return Err(QueryError::new("timezone", format!("unknown IANA time zone `{}`", self.timezone)));
+            return Err(QueryError::new(
+                "timezone",
+                format!("unknown IANA time zone `{}`", self.timezone),
+            ));
         }
         let DateRange { from, to } = self.date_range;
         if from > to {
-            return Err(QueryError::new("date_range", format!("`from` ({from}) is after `to` ({to})")));
+            return Err(QueryError::new(
+                "date_range",
+                format!("`from` ({from}) is after `to` ({to})"),
+            ));
         }
         if bucket_count_estimate(from, to, self.interval) > MAX_BUCKETS {
             return Err(QueryError::new(
@@ -339,7 +378,10 @@ impl TrendsQuery {
             return Err(QueryError::new("series", "at least one series is required"));
         }
         if self.series.len() > MAX_SERIES {
-            return Err(QueryError::new("series", format!("at most {MAX_SERIES} series are allowed")));
+            return Err(QueryError::new(
+                "series",
+                format!("at most {MAX_SERIES} series are allowed"),
+            ));
         }
         let mut ids = HashSet::new();
         for (i, s) in self.series.iter().enumerate() {
@@ -349,12 +391,18 @@ impl TrendsQuery {
                 return Err(QueryError::new(format!("{field}.id"), "must not be empty"));
             }
             if !ids.insert(id.clone()) {
-                return Err(QueryError::new(format!("{field}.id"), format!("duplicate series id `{id}`")));
+                return Err(QueryError::new(
+                    format!("{field}.id"),
+                    format!("duplicate series id `{id}`"),
+                ));
             }
             if !s.math.is_supported() {
                 return Err(QueryError::new(
                     format!("{field}.math"),
-                    format!("math `{}` is not supported yet (supported: total, unique_users)", s.math.name()),
+                    format!(
+                        "math `{}` is not supported yet (supported: total, unique_users)",
+                        s.math.name()
+                    ),
                 ));
             }
             if s.property.is_some() {
@@ -371,21 +419,33 @@ impl TrendsQuery {
                 return Err(QueryError::new("breakdown.property", "must not be empty"));
             }
             if b.source == PropertySource::Person {
-                return Err(QueryError::new("breakdown.type", "person property breakdowns are not supported yet"));
+                return Err(QueryError::new(
+                    "breakdown.type",
+                    "person property breakdowns are not supported yet",
+                ));
             }
             if b.limit == 0 || b.limit > 10_000 {
-                return Err(QueryError::new("breakdown.limit", "must be between 1 and 10000"));
+                return Err(QueryError::new(
+                    "breakdown.limit",
+                    "must be between 1 and 10000",
+                ));
             }
         }
         if self.formula.is_some() {
             return Err(QueryError::new("formula", "formulas are not supported yet"));
         }
         if self.compare_previous {
-            return Err(QueryError::new("compare_previous", "comparing to the previous period is not supported yet"));
+            return Err(QueryError::new(
+                "compare_previous",
+                "comparing to the previous period is not supported yet",
+            ));
         }
         if let Some(d) = &self.divide_by_zero {
             if d != "null" {
-                return Err(QueryError::new("divide_by_zero", format!("unknown value `{d}` (expected `null`)")));
+                return Err(QueryError::new(
+                    "divide_by_zero",
+                    format!("unknown value `{d}` (expected `null`)"),
+                ));
             }
         }
         Ok(())
@@ -394,7 +454,10 @@ impl TrendsQuery {
 
 fn validate_filters(filters: &[Filter], field: &str, depth: usize) -> Result<(), QueryError> {
     if depth > MAX_FILTER_DEPTH {
-        return Err(QueryError::new(field, format!("filter groups nest deeper than {MAX_FILTER_DEPTH}")));
+        return Err(QueryError::new(
+            field,
+            format!("filter groups nest deeper than {MAX_FILTER_DEPTH}"),
+        ));
     }
     for (i, f) in filters.iter().enumerate() {
         let field = format!("{field}[{i}]");
@@ -409,46 +472,79 @@ impl Filter {
         match self.op {
             And | Or => {
                 if self.key.is_some() || self.value.is_some() {
-                    return Err(QueryError::new(field, "a filter group takes `filters`, not `key` or `value`"));
+                    return Err(QueryError::new(
+                        field,
+                        "a filter group takes `filters`, not `key` or `value`",
+                    ));
                 }
                 if self.filters.is_empty() {
-                    return Err(QueryError::new(format!("{field}.filters"), "a filter group needs at least one filter"));
+                    return Err(QueryError::new(
+                        format!("{field}.filters"),
+                        "a filter group needs at least one filter",
+                    ));
                 }
                 return validate_filters(&self.filters, &format!("{field}.filters"), depth + 1);
             }
             _ => {}
         }
         if !self.filters.is_empty() {
-            return Err(QueryError::new(format!("{field}.filters"), "only `and`/`or` groups take nested filters"));
+            return Err(QueryError::new(
+                format!("{field}.filters"),
+                "only `and`/`or` groups take nested filters",
+            ));
         }
         match &self.key {
-            None => return Err(QueryError::new(format!("{field}.key"), "missing property key")),
-            Some(k) if k.is_empty() => return Err(QueryError::new(format!("{field}.key"), "must not be empty")),
+            None => {
+                return Err(QueryError::new(
+                    format!("{field}.key"),
+                    "missing property key",
+                ));
+            }
+            Some(k) if k.is_empty() => {
+                return Err(QueryError::new(format!("{field}.key"), "must not be empty"));
+            }
             Some(_) => {}
         }
         if self.source == PropertySource::Person {
-            return Err(QueryError::new(format!("{field}.type"), "person property filters are not supported yet"));
+            return Err(QueryError::new(
+                format!("{field}.type"),
+                "person property filters are not supported yet",
+            ));
         }
         let value_field = format!("{field}.value");
         let value = self.value.as_ref();
         match self.op {
             IsSet | IsNotSet => {
                 if value.is_some() {
-                    return Err(QueryError::new(value_field, "`is_set`/`is_not_set` take no value"));
+                    return Err(QueryError::new(
+                        value_field,
+                        "`is_set`/`is_not_set` take no value",
+                    ));
                 }
             }
             Eq | Neq | In | NotIn => match value {
-                None | Some(serde_json::Value::Null) => return Err(QueryError::new(value_field, "missing value")),
+                None | Some(serde_json::Value::Null) => {
+                    return Err(QueryError::new(value_field, "missing value"));
+                }
                 Some(serde_json::Value::Array(items)) => {
                     if items.is_empty() {
                         return Err(QueryError::new(value_field, "the list must not be empty"));
                     }
-                    if items.iter().any(|v| v.is_null() || v.is_object() || v.is_array()) {
-                        return Err(QueryError::new(value_field, "list items must be strings, numbers or booleans"));
+                    if items
+                        .iter()
+                        .any(|v| v.is_null() || v.is_object() || v.is_array())
+                    {
+                        return Err(QueryError::new(
+                            value_field,
+                            "list items must be strings, numbers or booleans",
+                        ));
                     }
                 }
                 Some(serde_json::Value::Object(_)) => {
-                    return Err(QueryError::new(value_field, "expected a string, number, boolean or list"));
+                    return Err(QueryError::new(
+                        value_field,
+                        "expected a string, number, boolean or list",
+                    ));
                 }
                 Some(_) => {}
             },
@@ -456,7 +552,10 @@ impl Filter {
                 Some(serde_json::Value::String(s)) => {
                     if matches!(self.op, Regex | NotRegex) {
                         if let Err(e) = regex_syntax_check(s) {
-                            return Err(QueryError::new(value_field, format!("invalid regular expression: {e}")));
+                            return Err(QueryError::new(
+                                value_field,
+                                format!("invalid regular expression: {e}"),
+                            ));
                         }
                     }
                 }
@@ -465,11 +564,17 @@ impl Filter {
             },
             Gt | Gte | Lt | Lte => {
                 if value.and_then(json_number).is_none() {
-                    return Err(QueryError::new(value_field, "expected a number or a numeric string"));
+                    return Err(QueryError::new(
+                        value_field,
+                        "expected a number or a numeric string",
+                    ));
                 }
             }
             IsDateBefore | IsDateAfter | IsDateExact => {
-                let ok = value.and_then(|v| v.as_str()).map(|s| resolve_date_operand(s, 0).is_some()).unwrap_or(false);
+                let ok = value
+                    .and_then(|v| v.as_str())
+                    .map(|s| resolve_date_operand(s, 0).is_some())
+                    .unwrap_or(false);
                 if !ok {
                     return Err(QueryError::new(
                         value_field,
@@ -579,24 +684,37 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let e = err(r#"{"kind":"trends","date_range":{"from":"2024-01-01","to":"2024-01-02"},"series":[{"event":"a","math":"nope"}]}"#);
+        let e = err(
+            r#"{"kind":"trends","date_range":{"from":"2024-01-01","to":"2024-01-02"},"series":[{"event":"a","math":"nope"}]}"#,
+        );
         assert_eq!(e.field, "series[0].math");
         assert!(e.message.contains("unknown variant `nope`"), "{e}");
 
         let e = err(r#"{"kind":"trends","date_range":{"from":"2024-01-01"},"series":[]}"#);
-        assert_eq!(e.field, "date_range");
+        assert_eq!(e.field, "date_range.to");
         assert!(e.message.contains("missing field `to`"), "{e}");
 
-        let e = err(r#"{"kind":"trends","date_range":{"from":"2024-01-03","to":"2024-01-02"},"series":[{"event":"a"}]}"#);
+        let e = err(r#"{"kind":"trends","series":[]}"#);
         assert_eq!(e.field, "date_range");
 
-        let e = err(r#"{"kind":"trends","timezone":"Mars/Base","date_range":{"from":"2024-01-01","to":"2024-01-02"},"series":[{"event":"a"}]}"#);
+        let e = err(
+            r#"{"kind":"trends","date_range":{"from":"2024-01-03","to":"2024-01-02"},"series":[{"event":"a"}]}"#,
+        );
+        assert_eq!(e.field, "date_range");
+
+        let e = err(
+            r#"{"kind":"trends","timezone":"Mars/Base","date_range":{"from":"2024-01-01","to":"2024-01-02"},"series":[{"event":"a"}]}"#,
+        );
         assert_eq!(e.field, "timezone");
 
-        let e = err(r#"{"kind":"trends","date_range":{"from":"2024-01-01","to":"2024-01-02"},"series":[{"event":"a","filters":[{"key":"x","op":"gt","value":"abc"}]}]}"#);
+        let e = err(
+            r#"{"kind":"trends","date_range":{"from":"2024-01-01","to":"2024-01-02"},"series":[{"event":"a","filters":[{"key":"x","op":"gt","value":"abc"}]}]}"#,
+        );
         assert_eq!(e.field, "series[0].filters[0].value");
 
-        let e = err(r#"{"kind":"trends","date_range":{"from":"2024-01-01","to":"2024-01-02"},"series":[{"event":"a"}],"bogus":1}"#);
+        let e = err(
+            r#"{"kind":"trends","date_range":{"from":"2024-01-01","to":"2024-01-02"},"series":[{"event":"a"}],"bogus":1}"#,
+        );
         assert!(e.message.contains("unknown field `bogus`"), "{e}");
 
         let e = err(r#"{"kind":"funnels"}"#);
@@ -610,7 +728,10 @@ mod tests {
     #[test]
     fn relative_dates_resolve() {
         assert_eq!(resolve_date_operand("-1d", 86_400_000), Some(0));
-        assert_eq!(resolve_date_operand("2024-01-01", 0), Some(1_704_067_200_000));
+        assert_eq!(
+            resolve_date_operand("2024-01-01", 0),
+            Some(1_704_067_200_000)
+        );
         assert_eq!(resolve_date_operand("yesterday", 0), None);
     }
 }

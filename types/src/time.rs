@@ -50,7 +50,10 @@ pub fn local_midnight_ms(tz: Tz, date: NaiveDate) -> i64 {
 
 /// The local calendar date of an instant.
 pub fn local_date(tz: Tz, ms: i64) -> NaiveDate {
-    tz.timestamp_millis_opt(ms).single().expect("valid instant").date_naive()
+    tz.timestamp_millis_opt(ms)
+        .single()
+        .expect("valid instant")
+        .date_naive()
 }
 
 /// Buckets of a query range.
@@ -67,7 +70,13 @@ pub struct Buckets {
 
 impl Buckets {
     /// Buckets of `[from, to]` (inclusive local dates) in `tz`.
-    pub fn new(from: NaiveDate, to: NaiveDate, tz: Tz, interval: Interval, week_start: WeekStart) -> Buckets {
+    pub fn new(
+        from: NaiveDate,
+        to: NaiveDate,
+        tz: Tz,
+        interval: Interval,
+        week_start: WeekStart,
+    ) -> Buckets {
         let start_ms = local_midnight_ms(tz, from);
         let end_ms = local_midnight_ms(tz, to.succ_opt().expect("date in range"));
         let mut starts_ms = Vec::new();
@@ -102,7 +111,11 @@ impl Buckets {
                 }
             }
         }
-        Buckets { starts_ms, end_ms, labels }
+        Buckets {
+            starts_ms,
+            end_ms,
+            labels,
+        }
     }
 
     /// Number of buckets.
@@ -160,7 +173,11 @@ fn next_period(d: NaiveDate, interval: Interval) -> NaiveDate {
     match interval {
         Interval::Week => d + Duration::days(7),
         Interval::Month => {
-            let (y, m) = if d.month() == 12 { (d.year() + 1, 1) } else { (d.year(), d.month() + 1) };
+            let (y, m) = if d.month() == 12 {
+                (d.year() + 1, 1)
+            } else {
+                (d.year(), d.month() + 1)
+            };
             NaiveDate::from_ymd_opt(y, m, 1).expect("first of month exists")
         }
         Interval::Hour | Interval::Day => d.succ_opt().expect("date in range"),
@@ -178,10 +195,20 @@ mod tests {
     #[test]
     fn new_york_days_follow_local_midnight() {
         let tz: Tz = "America/New_York".parse().unwrap();
-        let b = Buckets::new(date("2024-03-01"), date("2024-03-03"), tz, Interval::Day, WeekStart::Monday);
+        let b = Buckets::new(
+            date("2024-03-01"),
+            date("2024-03-03"),
+            tz,
+            Interval::Day,
+            WeekStart::Monday,
+        );
         assert_eq!(b.labels, ["2024-03-01", "2024-03-02", "2024-03-03"]);
         // 03:00Z on Mar 1 is Feb 29 in New York: outside the range.
-        let ms = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().timestamp_millis();
+        let ms = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .unwrap()
+                .timestamp_millis()
+        };
         assert_eq!(b.index_of(ms("2024-03-01T03:00:00Z")), None);
         assert_eq!(b.index_of(ms("2024-03-01T09:00:00Z")), Some(0));
         assert_eq!(b.index_of(ms("2024-03-02T02:30:00Z")), Some(0));
@@ -191,9 +218,21 @@ mod tests {
     #[test]
     fn dst_days_have_23_and_25_hours() {
         let tz: Tz = "Europe/Berlin".parse().unwrap();
-        let spring = Buckets::new(date("2024-03-31"), date("2024-03-31"), tz, Interval::Hour, WeekStart::Monday);
+        let spring = Buckets::new(
+            date("2024-03-31"),
+            date("2024-03-31"),
+            tz,
+            Interval::Hour,
+            WeekStart::Monday,
+        );
         assert_eq!(spring.len(), 23);
-        let autumn = Buckets::new(date("2024-10-27"), date("2024-10-27"), tz, Interval::Hour, WeekStart::Monday);
+        let autumn = Buckets::new(
+            date("2024-10-27"),
+            date("2024-10-27"),
+            tz,
+            Interval::Hour,
+            WeekStart::Monday,
+        );
         assert_eq!(autumn.len(), 25);
         // The repeated 02:00 hour is two buckets with different labels.
         assert_eq!(autumn.labels[2], "2024-10-27T02:00:00+02:00");
@@ -202,10 +241,22 @@ mod tests {
 
     #[test]
     fn weeks_are_clipped_and_labelled_with_their_start() {
-        let b = Buckets::new(date("2024-01-03"), date("2024-01-15"), Tz::UTC, Interval::Week, WeekStart::Monday);
+        let b = Buckets::new(
+            date("2024-01-03"),
+            date("2024-01-15"),
+            Tz::UTC,
+            Interval::Week,
+            WeekStart::Monday,
+        );
         assert_eq!(b.labels, ["2024-01-01", "2024-01-08", "2024-01-15"]);
         assert_eq!(b.start_ms(), local_midnight_ms(Tz::UTC, date("2024-01-03")));
-        let m = Buckets::new(date("2024-01-15"), date("2024-03-01"), Tz::UTC, Interval::Month, WeekStart::Monday);
+        let m = Buckets::new(
+            date("2024-01-15"),
+            date("2024-03-01"),
+            Tz::UTC,
+            Interval::Month,
+            WeekStart::Monday,
+        );
         assert_eq!(m.labels, ["2024-01-01", "2024-02-01", "2024-03-01"]);
     }
 }

@@ -19,7 +19,12 @@ impl KvCore {
             Some(bytes) => optiprism_consensus::decode(&bytes).unwrap(),
             None => BTreeMap::new(),
         };
-        KvCore { tree, map, unpersisted: 0, persist_every }
+        KvCore {
+            tree,
+            map,
+            unpersisted: 0,
+            persist_every,
+        }
     }
 }
 
@@ -28,7 +33,10 @@ impl StateMachineCore for KvCore {
         let text = std::str::from_utf8(command).unwrap();
         let (k, v) = text.split_once('=').unwrap();
         self.unpersisted += 1;
-        self.map.insert(k.to_string(), v.to_string()).unwrap_or_default().into_bytes()
+        self.map
+            .insert(k.to_string(), v.to_string())
+            .unwrap_or_default()
+            .into_bytes()
     }
 
     fn persisted_marker(&self) -> Option<Vec<u8>> {

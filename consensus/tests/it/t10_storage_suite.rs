@@ -1,14 +1,18 @@
 //! openraft's own storage test suite against `SledLogStore` + `StateMachineStore`.
 
 use crate::kv::KvCore;
+use openraft::testing::{StoreBuilder, Suite};
 use optiprism_consensus::flusher::Flusher;
 use optiprism_consensus::{GroupId, SledLogStore, StateMachineStore, StorageError, TypeConfig};
-use openraft::testing::{StoreBuilder, Suite};
 
 struct SledBuilder;
 
-impl StoreBuilder<TypeConfig, SledLogStore, StateMachineStore<KvCore>, tempfile::TempDir> for SledBuilder {
-    async fn build(&self) -> Result<(tempfile::TempDir, SledLogStore, StateMachineStore<KvCore>), StorageError> {
+impl StoreBuilder<TypeConfig, SledLogStore, StateMachineStore<KvCore>, tempfile::TempDir>
+    for SledBuilder
+{
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, SledLogStore, StateMachineStore<KvCore>), StorageError> {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
         let flusher = Flusher::start(db.clone());
@@ -23,4 +27,3 @@ impl StoreBuilder<TypeConfig, SledLogStore, StateMachineStore<KvCore>, tempfile:
 fn openraft_storage_suite_passes() {
     Suite::test_all(SledBuilder).unwrap();
 }
-

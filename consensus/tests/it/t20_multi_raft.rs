@@ -2,7 +2,9 @@
 
 use crate::kv::KvCore;
 use optiprism_consensus::flusher::Flusher;
-use optiprism_consensus::{Command, GroupConfig, GroupId, LocalRouter, NodeAddr, Raft, start_group};
+use optiprism_consensus::{
+    Command, GroupConfig, GroupId, LocalRouter, NodeAddr, Raft, start_group,
+};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,17 +24,35 @@ struct Node {
     groups: BTreeMap<GroupId, (Raft, optiprism_consensus::StateMachineStore<KvCore>)>,
 }
 
-async fn start_node(id: u64, dir: &std::path::Path, router: &Arc<LocalRouter>, groups: &[GroupId]) -> Node {
+async fn start_node(
+    id: u64,
+    dir: &std::path::Path,
+    router: &Arc<LocalRouter>,
+    groups: &[GroupId],
+) -> Node {
     let db = sled::open(dir.join(format!("node-{id}"))).unwrap();
     let flusher = Flusher::start(db.clone());
     let mut map = BTreeMap::new();
     for &g in groups {
         let core = KvCore::open(db.open_tree(format!("kv-{}", g.0)).unwrap(), 3);
-        let (raft, sm, _) = start_group(id, g, &db, flusher.clone(), core, router.clone(), &fast_config()).await.unwrap();
+        let (raft, sm, _) = start_group(
+            id,
+            g,
+            &db,
+            flusher.clone(),
+            core,
+            router.clone(),
+            &fast_config(),
+        )
+        .await
+        .unwrap();
         router.register(id, g, raft.clone());
         map.insert(g, (raft, sm));
     }
-    Node { _db: db, groups: map }
+    Node {
+        _db: db,
+        groups: map,
+    }
 }
 
 async fn leader_of(nodes: &BTreeMap<u64, Node>, g: GroupId) -> Raft {
@@ -61,12 +81,19 @@ async fn three_nodes_replicate_every_group_and_survive_a_leader_loss() {
     }
     let members: BTreeMap<u64, NodeAddr> = (1..=3).map(|id| (id, NodeAddr::default())).collect();
     for g in groups {
-        nodes[&1].groups[&g].0.initialize(members.clone()).await.unwrap();
+        nodes[&1].groups[&g]
+            .0
+            .initialize(members.clone())
+            .await
+            .unwrap();
     }
     for g in groups {
         let leader = leader_of(&nodes, g).await;
         for i in 0..50 {
-            leader.client_write(Command(format!("k{i}=g{}-v{i}", g.0).into_bytes())).await.unwrap();
+            leader
+                .client_write(Command(format!("k{i}=g{}-v{i}", g.0).into_bytes()))
+                .await
+                .unwrap();
         }
     }
     // Every replica of every group applies every write.
@@ -74,7 +101,12 @@ async fn three_nodes_replicate_every_group_and_survive_a_leader_loss() {
         let leader = leader_of(&nodes, g).await;
         let applied = leader.metrics().borrow().last_applied.unwrap().index;
         for node in nodes.values() {
-            node.groups[&g].0.wait(Some(Duration::from_secs(10))).applied_index_at_least(Some(applied), "replicated").await.unwrap();
+            node.groups[&g]
+                .0
+                .wait(Some(Duration::from_secs(10)))
+                .applied_index_at_least(Some(applied), "replicated")
+                .await
+                .unwrap();
             let value = node.groups[&g].1.with_core(|c| c.map.get("k49").cloned());
             assert_eq!(value.as_deref(), Some(format!("g{}-v49", g.0).as_str()));
         }
@@ -89,7 +121,10 @@ async fn three_nodes_replicate_every_group_and_survive_a_leader_loss() {
     }
     let new_leader = leader_of(&nodes, GroupId(1)).await;
     assert_ne!(new_leader.metrics().borrow().id, old_id);
-    new_leader.client_write(Command(b"after=failover".to_vec())).await.unwrap();
+    new_leader
+        .client_write(Command(b"after=failover".to_vec()))
+        .await
+        .unwrap();
     for node in nodes.values() {
         node.groups[&GroupId(1)].0.shutdown().await.unwrap();
         node.groups[&GroupId(2)].0.shutdown().await.unwrap();
@@ -105,20 +140,36 @@ async fn a_restarted_single_node_replays_unpersisted_entries_and_purges_its_log(
     {
         let node = start_node(1, dir.path(), &router, &[g]).await;
         let raft = node.groups[&g].0.clone();
-        raft.initialize(BTreeMap::from([(1u64, NodeAddr::default())])).await.unwrap();
-        raft.wait(Some(Duration::from_secs(10))).current_leader(1, "leader").await.unwrap();
+        raft.initialize(BTreeMap::from([(1u64, NodeAddr::default())]))
+            .await
+            .unwrap();
+        raft.wait(Some(Duration::from_secs(10)))
+            .current_leader(1, "leader")
+            .await
+            .unwrap();
         for i in 0..101 {
-            raft.client_write(Command(format!("k{i}=v{i}").into_bytes())).await.unwrap();
+            raft.client_write(Command(format!("k{i}=v{i}").into_bytes()))
+                .await
+                .unwrap();
         }
         // Snapshots every 20 entries let the log be purged behind them.
-        raft.wait(Some(Duration::from_secs(10))).purged(Some(openraft::testing::log_id(1, 1, 80)), "purged").await.ok();
-        assert!(raft.metrics().borrow().purged.is_some(), "log was never purged");
+        raft.wait(Some(Duration::from_secs(10)))
+            .purged(Some(openraft::testing::log_id(1, 1, 80)), "purged")
+            .await
+            .ok();
+        assert!(
+            raft.metrics().borrow().purged.is_some(),
+            "log was never purged"
+        );
         raft.shutdown().await.unwrap();
         router.unregister_node(1);
     }
     let node = start_node(1, dir.path(), &router, &[g]).await;
     let (raft, sm) = &node.groups[&g];
-    raft.wait(Some(Duration::from_secs(10))).current_leader(1, "leader after restart").await.unwrap();
+    raft.wait(Some(Duration::from_secs(10)))
+        .current_leader(1, "leader after restart")
+        .await
+        .unwrap();
     // Persisted every 3 applies: some writes came back only by replaying the log.
     let map = sm.with_core(|c| c.map.clone());
     assert_eq!(map.len(), 101);

@@ -1,0 +1,572 @@
+//! Node configuration: `cluster.toml`, environment variables and flags, validated before start.
+//!
+//! Precedence is file < environment < flag. Every section rejects unknown keys and checks its
+//! values, and errors name the key (`consensus.election-timeout-min must be greater than ...`),
+//! so a typo stops start-up instead of being ignored. `prism up` needs no file at all: the
+//! defaults are a single node with replication factor 1 on loopback.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default HTTP address (ingestion, JSON queries, health).
+pub const DEFAULT_HTTP: &str = "127.0.0.1:8088";
+/// Default Arrow Flight address.
+pub const DEFAULT_FLIGHT: &str = "127.0.0.1:8815";
+/// Default Raft transport address.
+pub const DEFAULT_RAFT: &str = "127.0.0.1:8089";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./prism-data";
+/// The project created on first start.
+pub const DEFAULT_PROJECT: &str = "default";
+
+/// A configuration error that names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown key, wrong type).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, which names the key and line.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("`{key}`: {message}")]
+    Invalid {
+        /// The key, as written in `cluster.toml`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// A human-readable duration in the file (`"250ms"`, `"10s"`, `"30d"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration `{s}`: {e} (examples: 250ms, 10s, 30d)"
+                ))
+            })
+    }
+}
+
+/// A human-readable size in the file (`"32KiB"`, `"64MiB"`, or a number of bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `"32KiB"`, `"1 MB"`, `"512"`.
+    pub fn parse(s: &str) -> Option<ByteSize> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().ok()?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" => 1_000,
+            "kib" | "k" => 1 << 10,
+            "mb" => 1_000_000,
+            "mib" | "m" => 1 << 20,
+            "gb" => 1_000_000_000,
+            "gib" | "g" => 1 << 30,
+            _ => return None,
+        };
+        n.checked_mul(mult).map(ByteSize)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 % (1 << 20) == 0 && self.0 > 0 {
+            s.serialize_str(&format!("{}MiB", self.0 >> 20))
+        } else if self.0 % (1 << 10) == 0 && self.0 > 0 {
+            s.serialize_str(&format!("{}KiB", self.0 >> 10))
+        } else {
+            s.serialize_str(&self.0.to_string())
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "invalid size `{s}` (examples: 32KiB, 64MiB, 500000)"
+                ))
+            }),
+        }
+    }
+}
+
+/// `[node]`: who this node is and where it listens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NodeSection {
+    /// This node's id (unique in the cluster, > 0).
+    pub id: u64,
+    /// Where sled keeps this node's Raft logs and data.
+    pub data_dir: PathBuf,
+    /// HTTP listen address.
+    pub http_listen: String,
+    /// HTTP address other nodes and clients use (defaults to the listen address).
+    pub http_advertise: Option<String>,
+    /// Arrow Flight listen address.
+    pub flight_listen: String,
+    /// Arrow Flight address to advertise.
+    pub flight_advertise: Option<String>,
+    /// Raft (QUIC) listen address.
+    pub raft_listen: String,
+    /// Raft address to advertise.
+    pub raft_advertise: Option<String>,
+}
+
+impl Default for NodeSection {
+    fn default() -> NodeSection {
+        NodeSection {
+            id: 1,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            http_listen: DEFAULT_HTTP.into(),
+            http_advertise: None,
+            flight_listen: DEFAULT_FLIGHT.into(),
+            flight_advertise: None,
+            raft_listen: DEFAULT_RAFT.into(),
+            raft_advertise: None,
+        }
+    }
+}
+
+/// One member of the initial cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MemberConfig {
+    /// Node id.
+    pub id: u64,
+    /// Its Raft address.
+    pub raft: String,
+    /// Its HTTP address.
+    pub http: String,
+    /// Its Flight address.
+    pub flight: String,
+}
+
+/// `[cluster]`: partitioning and replication.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ClusterSection {
+    /// Number of event partitions (Raft groups besides the metadata group).
+    pub partitions: u32,
+    /// Replicas per partition.
+    pub replication_factor: u32,
+    /// The nodes that form the cluster at initialization; empty means just this node.
+    pub initial_members: Vec<MemberConfig>,
+}
+
+impl Default for ClusterSection {
+    fn default() -> ClusterSection {
+        ClusterSection {
+            partitions: 8,
+            replication_factor: 1,
+            initial_members: Vec::new(),
+        }
+    }
+}
+
+/// `[consensus]`: Raft timing and log retention.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConsensusSection {
+    /// Leader heartbeat period.
+    pub heartbeat_interval: HumanDuration,
+    /// Minimum election timeout.
+    pub election_timeout_min: HumanDuration,
+    /// Maximum election timeout.
+    pub election_timeout_max: HumanDuration,
+    /// Log entries between snapshots.
+    pub snapshot_every_entries: u64,
+    /// Log entries kept behind a snapshot.
+    pub keep_entries_after_snapshot: u64,
+}
+
+impl Default for ConsensusSection {
+    fn default() -> ConsensusSection {
+        let d = optiprism_consensus::GroupConfig::default();
+        ConsensusSection {
+            heartbeat_interval: HumanDuration(d.heartbeat_interval),
+            election_timeout_min: HumanDuration(d.election_timeout_min),
+            election_timeout_max: HumanDuration(d.election_timeout_max),
+            snapshot_every_entries: d.snapshot_every_entries,
+            keep_entries_after_snapshot: d.keep_entries_after_snapshot,
+        }
+    }
+}
+
+/// `[ingest]`: limits of the HTTP ingestion API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct IngestSection {
+    /// Largest accepted event (its JSON).
+    pub max_event_size: ByteSize,
+    /// Largest accepted request body (after decompression).
+    pub max_batch_size: ByteSize,
+    /// Oldest accepted event timestamp, relative to the time of receipt.
+    pub max_event_age: HumanDuration,
+    /// How far in the future an event may be.
+    pub max_future_skew: HumanDuration,
+    /// Differences between `sentAt` and the receive time smaller than this are network delay,
+    /// not a client clock error, and are not corrected.
+    pub clock_skew_threshold: HumanDuration,
+}
+
+impl Default for IngestSection {
+    fn default() -> IngestSection {
+        IngestSection {
+            max_event_size: ByteSize(32 << 10),
+            max_batch_size: ByteSize(500 << 10),
+            max_event_age: HumanDuration(Duration::from_secs(10 * 366 * 86_400)),
+            max_future_skew: HumanDuration(Duration::from_secs(86_400)),
+            clock_skew_threshold: HumanDuration(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// `[storage]`: when applied events are sealed into columnar chunks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StorageSection {
+    /// Seal a partition's unsealed events once this many have accumulated.
+    pub seal_rows: usize,
+    /// Seal at least this often (bounds the Raft log and replay time).
+    pub seal_interval: HumanDuration,
+}
+
+impl Default for StorageSection {
+    fn default() -> StorageSection {
+        StorageSection {
+            seal_rows: 131_072,
+            seal_interval: HumanDuration(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// `[query]`: the query engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct QuerySection {
+    /// Threads of the query runtime (kept apart from the Raft and HTTP runtime).
+    pub threads: usize,
+}
+
+impl Default for QuerySection {
+    fn default() -> QuerySection {
+        QuerySection {
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+        }
+    }
+}
+
+/// The whole node configuration (`cluster.toml`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NodeConfig {
+    /// `[node]`.
+    pub node: NodeSection,
+    /// `[cluster]`.
+    pub cluster: ClusterSection,
+    /// `[consensus]`.
+    pub consensus: ConsensusSection,
+    /// `[ingest]`.
+    pub ingest: IngestSection,
+    /// `[storage]`.
+    pub storage: StorageSection,
+    /// `[query]`.
+    pub query: QuerySection,
+    /// Keys of the default project: pinned by flags, else generated on first start.
+    #[serde(skip)]
+    pub bootstrap: BootstrapKeys,
+}
+
+/// Keys of the default project given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BootstrapKeys {
+    /// Public write key for ingestion.
+    pub write_key: Option<String>,
+    /// Secret API token for queries.
+    pub api_token: Option<String>,
+}
+
+fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("`{value}` is not an address (expected host:port, e.g. 127.0.0.1:8088)"),
+        )
+    })
+}
+
+impl NodeConfig {
+    /// Reads and validates `path`.
+    pub fn from_file(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        NodeConfig::from_toml(&text, path)
+    }
+
+    /// Parses TOML text (`path` only labels errors). Does not validate.
+    pub fn from_toml(text: &str, path: &Path) -> Result<NodeConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string().trim().to_string(),
+        })
+    }
+
+    /// The parsed HTTP listen address.
+    pub fn http_addr(&self) -> SocketAddr {
+        parse_addr("node.http-listen", &self.node.http_listen).expect("validated")
+    }
+
+    /// The parsed Flight listen address.
+    pub fn flight_addr(&self) -> SocketAddr {
+        parse_addr("node.flight-listen", &self.node.flight_listen).expect("validated")
+    }
+
+    /// Raft group timing derived from `[consensus]`.
+    pub fn group_config(&self) -> optiprism_consensus::GroupConfig {
+        optiprism_consensus::GroupConfig {
+            heartbeat_interval: self.consensus.heartbeat_interval.0,
+            election_timeout_min: self.consensus.election_timeout_min.0,
+            election_timeout_max: self.consensus.election_timeout_max.0,
+            snapshot_every_entries: self.consensus.snapshot_every_entries,
+            keep_entries_after_snapshot: self.consensus.keep_entries_after_snapshot,
+        }
+    }
+
+    /// Checks every value; errors name the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.id == 0 {
+            return Err(invalid("node.id", "must be greater than 0"));
+        }
+        if self.node.data_dir.as_os_str().is_empty() {
+            return Err(invalid("node.data-dir", "must not be empty"));
+        }
+        parse_addr("node.http-listen", &self.node.http_listen)?;
+        parse_addr("node.flight-listen", &self.node.flight_listen)?;
+        parse_addr("node.raft-listen", &self.node.raft_listen)?;
+        for (key, value) in [
+            ("node.http-advertise", &self.node.http_advertise),
+            ("node.flight-advertise", &self.node.flight_advertise),
+            ("node.raft-advertise", &self.node.raft_advertise),
+        ] {
+            if let Some(v) = value {
+                parse_addr(key, v)?;
+            }
+        }
+        let c = &self.cluster;
+        if !(1..=1024).contains(&c.partitions) {
+            return Err(invalid(
+                "cluster.partitions",
+                format!("{} is out of range 1..=1024", c.partitions),
+            ));
+        }
+        if !(1..=7).contains(&c.replication_factor) {
+            return Err(invalid(
+                "cluster.replication-factor",
+                format!("{} is out of range 1..=7", c.replication_factor),
+            ));
+        }
+        let members = c.initial_members.len().max(1);
+        if c.replication_factor as usize > members {
+            return Err(invalid(
+                "cluster.replication-factor",
+                format!(
+                    "{} is more than the {} initial member(s)",
+                    c.replication_factor, members
+                ),
+            ));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for (i, m) in c.initial_members.iter().enumerate() {
+            let key = format!("cluster.initial-members[{i}]");
+            if m.id == 0 || !ids.insert(m.id) {
+                return Err(invalid(
+                    &format!("{key}.id"),
+                    format!("{} is zero or a duplicate", m.id),
+                ));
+            }
+            parse_addr(&format!("{key}.raft"), &m.raft)?;
+            parse_addr(&format!("{key}.http"), &m.http)?;
+            parse_addr(&format!("{key}.flight"), &m.flight)?;
+        }
+        if !c.initial_members.is_empty() && !ids.contains(&self.node.id) {
+            return Err(invalid(
+                "node.id",
+                format!("{} is not one of cluster.initial-members", self.node.id),
+            ));
+        }
+        let k = &self.consensus;
+        if k.heartbeat_interval.0.is_zero() {
+            return Err(invalid(
+                "consensus.heartbeat-interval",
+                "must be greater than 0",
+            ));
+        }
+        if k.election_timeout_min.0 <= k.heartbeat_interval.0 * 2 {
+            return Err(invalid(
+                "consensus.election-timeout-min",
+                "must be more than twice consensus.heartbeat-interval",
+            ));
+        }
+        if k.election_timeout_max.0 <= k.election_timeout_min.0 {
+            return Err(invalid(
+                "consensus.election-timeout-max",
+                "must be greater than consensus.election-timeout-min",
+            ));
+        }
+        if k.snapshot_every_entries == 0 {
+            return Err(invalid(
+                "consensus.snapshot-every-entries",
+                "must be greater than 0",
+            ));
+        }
+        let i = &self.ingest;
+        if i.max_event_size.0 == 0 {
+            return Err(invalid("ingest.max-event-size", "must be greater than 0"));
+        }
+        if i.max_batch_size.0 < i.max_event_size.0 {
+            return Err(invalid(
+                "ingest.max-batch-size",
+                "must be at least ingest.max-event-size",
+            ));
+        }
+        if i.max_batch_size.0 > 256 << 20 {
+            return Err(invalid("ingest.max-batch-size", "must be at most 256MiB"));
+        }
+        if self.storage.seal_rows == 0 {
+            return Err(invalid("storage.seal-rows", "must be greater than 0"));
+        }
+        if self.storage.seal_interval.0.is_zero() {
+            return Err(invalid("storage.seal-interval", "must be greater than 0"));
+        }
+        if self.query.threads == 0 || self.query.threads > 256 {
+            return Err(invalid("query.threads", "must be between 1 and 256"));
+        }
+        if let Some(k) = &self.bootstrap.write_key {
+            check_key("--write-key", k)?;
+        }
+        if let Some(k) = &self.bootstrap.api_token {
+            check_key("--api-token", k)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_key(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.len() < 8
+        || value.len() > 128
+        || !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    {
+        return Err(invalid(
+            key,
+            "must be 8 to 128 characters of letters, digits, `_`, `-` or `.`",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        NodeConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = NodeConfig::from_toml("[node]\nidd = 1\n", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `idd`"), "{e}");
+        let e = NodeConfig::from_toml("[node]\nhttp-listen = \"nope\"\n", Path::new("x.toml"))
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("node.http-listen"), "{e}");
+        let e = NodeConfig::from_toml("[cluster]\npartitions = 0\n", Path::new("x.toml"))
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("cluster.partitions"), "{e}");
+        let e = NodeConfig::from_toml(
+            "[ingest]\nmax-event-size = \"12 parsecs\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("invalid size"), "{e}");
+        let e = NodeConfig::from_toml(
+            "[consensus]\nheartbeat-interval = \"1s\"\nelection-timeout-min = \"1s\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("consensus.election-timeout-min"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sizes_and_durations_round_trip() {
+        let config = NodeConfig::default();
+        let text = toml::to_string(&config).unwrap();
+        let back = NodeConfig::from_toml(&text, Path::new("x.toml")).unwrap();
+        assert_eq!(config, back);
+        assert_eq!(ByteSize::parse("32KiB"), Some(ByteSize(32768)));
+        assert_eq!(ByteSize::parse("bogus"), None);
+    }
+}

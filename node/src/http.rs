@@ -1,0 +1,370 @@
+//! The HTTP front end (axum): SDK ingestion, the JSON query API, health and metrics.
+//!
+//! Every error is a JSON body `{"error": {"code", "message", "events"?}}` with a 4xx status for
+//! the client's mistakes (401 unknown key, 400 malformed or invalid events, 413 too large) and
+//! 503 with `Retry-After` when the node cannot commit right now. CORS is open so browsers can
+//! send events (including `text/plain` bodies, which avoid preflights).
+
+use crate::ingest::{IngestError, Ingestor, ParseContext, Parsed, posthog, segment};
+use crate::query::QueryFailure;
+use crate::server::NodeShared;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tower_http::cors::CorsLayer;
+
+#[derive(Clone)]
+struct AppState {
+    node: Arc<NodeShared>,
+    ingestor: Ingestor,
+}
+
+/// The router of the node's HTTP API.
+pub fn router(node: Arc<NodeShared>) -> Router {
+    let state = AppState {
+        ingestor: Ingestor::new(Arc::clone(&node)),
+        node,
+    };
+    let segment_paths = [
+        "/v1/batch",
+        "/v1/b",
+        "/v1/track",
+        "/v1/t",
+        "/v1/identify",
+        "/v1/i",
+        "/v1/page",
+        "/v1/p",
+        "/v1/screen",
+        "/v1/s",
+        "/v1/group",
+        "/v1/g",
+        "/v1/alias",
+        "/v1/a",
+    ];
+    let posthog_paths = [
+        "/batch",
+        "/batch/",
+        "/e",
+        "/e/",
+        "/i/v0/e",
+        "/i/v0/e/",
+        "/capture",
+        "/capture/",
+    ];
+    let mut app = Router::new();
+    for p in segment_paths {
+        app = app.route(p, post(segment_handler));
+    }
+    for p in posthog_paths {
+        app = app.route(p, post(posthog_handler));
+    }
+    app.route("/api/v1/projects/{project}/query", post(query_handler))
+        .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|uri: Uri| async move {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route for {}", uri.path()),
+            )
+        })
+        .layer(DefaultBodyLimit::disable())
+        .layer(CorsLayer::permissive())
+        .with_state(state)
+}
+
+use axum::Json;
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let mut response = (
+        status,
+        Json(json!({"error": {"code": code, "message": message.into()}})),
+    )
+        .into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            IngestError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            IngestError::Malformed(_) | IngestError::InvalidEvents(_) => StatusCode::BAD_REQUEST,
+            IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let mut body = json!({"error": {"code": self.code(), "message": self.to_string()}});
+        if let IngestError::InvalidEvents(events) = &self {
+            body["error"]["events"] = json!(events);
+        }
+        let mut response = (status, Json(body)).into_response();
+        if self.is_retryable() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// Reads the body, gunzipping it when it is gzip (with or without `Content-Encoding`), and
+/// enforcing the batch size limit on the decompressed bytes.
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    uri: &Uri,
+    limit: u64,
+) -> Result<Vec<u8>, IngestError> {
+    let raw: Bytes = axum::body::to_bytes(body, limit as usize + 1)
+        .await
+        .map_err(|_| IngestError::TooLarge { limit })?;
+    if raw.len() as u64 > limit {
+        return Err(IngestError::TooLarge { limit });
+    }
+    let declared_gzip = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("gzip"))
+        || uri.query().is_some_and(|q| q.contains("compression=gzip"));
+    let looks_gzip = raw.len() >= 2 && raw[0] == 0x1f && raw[1] == 0x8b;
+    if !(declared_gzip || looks_gzip) {
+        return Ok(raw.to_vec());
+    }
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(&raw[..])
+        .take(limit + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| IngestError::Malformed(format!("body is not valid gzip: {e}")))?;
+    if out.len() as u64 > limit {
+        return Err(IngestError::TooLarge { limit });
+    }
+    Ok(out)
+}
+
+fn basic_auth_user(headers: &HeaderMap) -> Option<String> {
+    use base64::Engine;
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let user = text.split(':').next()?.to_string();
+    (!user.is_empty()).then_some(user)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+}
+
+fn context(node: &NodeShared) -> ParseContext {
+    ParseContext {
+        received_ms: chrono::Utc::now().timestamp_millis(),
+        limits: node.config.ingest.clone(),
+    }
+}
+
+async fn ingest(
+    state: &AppState,
+    parsed: Result<Parsed, IngestError>,
+    header_key: Option<String>,
+) -> Response {
+    let result = async {
+        let parsed = parsed?;
+        let key = header_key.or_else(|| parsed.write_key.clone());
+        let project = state.ingestor.project(key.as_deref())?;
+        state.ingestor.ingest(&project, parsed).await
+    }
+    .await;
+    match result {
+        Ok(summary) => Json(json!({
+            "success": true,
+            "status": 1,
+            "accepted": summary.accepted,
+            "duplicates": summary.duplicates,
+        }))
+        .into_response(),
+        Err(e) => {
+            if !e.is_retryable() {
+                state
+                    .node
+                    .metrics
+                    .ingest_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            e.into_response()
+        }
+    }
+}
+
+async fn segment_handler(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let ctx = context(&state.node);
+    let parsed = match read_body(body, &headers, &uri, ctx.limits.max_batch_size.0).await {
+        Ok(bytes) => segment::parse(&bytes, segment::type_of_path(uri.path()), &ctx),
+        Err(e) => Err(e),
+    };
+    ingest(&state, parsed, basic_auth_user(&headers)).await
+}
+
+async fn posthog_handler(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let ctx = context(&state.node);
+    let parsed = match read_body(body, &headers, &uri, ctx.limits.max_batch_size.0).await {
+        Ok(bytes) => posthog::parse(&bytes, &ctx),
+        Err(e) => Err(e),
+    };
+    ingest(&state, parsed, None).await
+}
+
+async fn query_handler(
+    State(state): State<AppState>,
+    Path(project_name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(token) = bearer(&headers) else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing `Authorization: Bearer <api token>`",
+        );
+    };
+    let Some(project) = state
+        .node
+        .metadata
+        .read(|m| m.project_by_token(token).cloned())
+    else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "unknown API token",
+        );
+    };
+    if project.name != project_name {
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("the token does not grant access to project `{project_name}`"),
+        );
+    }
+    let node = Arc::clone(&state.node);
+    let run = node.query_runtime.spawn({
+        let node = Arc::clone(&node);
+        async move { node.query.insight(&project, &body).await }
+    });
+    match run.await {
+        Ok(Ok(answer)) => {
+            node.metrics.queries.fetch_add(1, Ordering::Relaxed);
+            Json(answer.json).into_response()
+        }
+        Ok(Err(failure)) => {
+            node.metrics.queries_failed.fetch_add(1, Ordering::Relaxed);
+            let status = match &failure {
+                QueryFailure::Invalid(_) | QueryFailure::Sql(_) => StatusCode::BAD_REQUEST,
+                QueryFailure::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            let mut body =
+                json!({"error": {"code": failure.code(), "message": failure.to_string()}});
+            if let QueryFailure::Invalid(e) = &failure {
+                body["error"]["field"] = json!(e.field);
+            }
+            (status, Json(body)).into_response()
+        }
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("query task failed: {e}"),
+        ),
+    }
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.node.is_ready() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "not every partition has a leader, or the node is shutting down",
+        )
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let m = &state.node.metrics;
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, value: u64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+        ));
+    };
+    counter(
+        "optiprism_node_ingest_accepted_total",
+        "Events stored.",
+        m.ingest_accepted.load(Ordering::Relaxed),
+    );
+    counter(
+        "optiprism_node_ingest_duplicate_total",
+        "Events dropped as duplicates.",
+        m.ingest_duplicates.load(Ordering::Relaxed),
+    );
+    counter(
+        "optiprism_node_ingest_rejected_total",
+        "Ingestion requests rejected.",
+        m.ingest_rejected.load(Ordering::Relaxed),
+    );
+    counter(
+        "optiprism_node_queries_total",
+        "Queries answered.",
+        m.queries.load(Ordering::Relaxed),
+    );
+    counter(
+        "optiprism_node_queries_failed_total",
+        "Queries failed.",
+        m.queries_failed.load(Ordering::Relaxed),
+    );
+    out.push_str("# HELP optiprism_consensus_has_leader Whether this node leads the group.\n# TYPE optiprism_consensus_has_leader gauge\n");
+    let status = state.node.group_status();
+    for (group, leader, _, _) in &status {
+        out.push_str(&format!(
+            "optiprism_consensus_has_leader{{group=\"{group}\"}} {}\n",
+            u8::from(*leader)
+        ));
+    }
+    out.push_str("# HELP optiprism_consensus_apply_lag Log entries not yet applied.\n# TYPE optiprism_consensus_apply_lag gauge\n");
+    for (group, _, applied, last) in &status {
+        out.push_str(&format!(
+            "optiprism_consensus_apply_lag{{group=\"{group}\"}} {}\n",
+            last.saturating_sub(*applied)
+        ));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,197 @@
+//! The PostHog capture API (`/batch/`, `/e/`, `/i/v0/e/`, `/capture/`).
+//!
+//! A body is a batch object (`{"api_key", "batch": [...], "sent_at"}`), an array of events or a
+//! single event. The project key is `api_key` (or `token`) at the top, in an event, or in its
+//! properties. `$identify` with `$anon_distinct_id` merges the anonymous id into the event's
+//! distinct id, `$create_alias` merges `alias` into it, `$set`/`$set_once` update the person,
+//! and `uuid` deduplicates.
+
+use crate::ingest::{
+    ErrorList, IngestError, ParseContext, Parsed, content_id, id_string, parse_timestamp,
+    properties,
+};
+use optiprism_types::event::Event;
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+#[derive(serde::Deserialize)]
+struct Top {
+    #[serde(default)]
+    batch: Option<Vec<Box<RawValue>>>,
+    #[serde(default)]
+    api_key: Option<Value>,
+    #[serde(default)]
+    token: Option<Value>,
+    #[serde(default)]
+    sent_at: Option<Value>,
+}
+
+fn malformed(e: impl std::fmt::Display) -> IngestError {
+    IngestError::Malformed(format!("request body is not valid UTF-8 JSON: {e}"))
+}
+
+/// Parses a PostHog capture body (already decompressed).
+pub fn parse(body: &[u8], ctx: &ParseContext) -> Result<Parsed, IngestError> {
+    // Told apart by hand: serde's untagged enums buffer their input, which raw values cannot
+    // survive.
+    let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    let (raw, key, sent_at) = match first {
+        Some(b'[') => (serde_json::from_slice::<Vec<Box<RawValue>>>(body).map_err(malformed)?, None, None),
+        Some(b'{') => {
+            let top: Top = serde_json::from_slice(body).map_err(malformed)?;
+            let key = top.api_key.or(top.token).and_then(|v| v.as_str().map(str::to_string));
+            let sent = top.sent_at.as_ref().map(parse_timestamp).transpose().ok().flatten().flatten();
+            match top.batch {
+                Some(batch) => (batch, key, sent),
+                None => {
+                    let text = std::str::from_utf8(body).map_err(malformed)?;
+                    (vec![RawValue::from_string(text.to_string()).map_err(malformed)?], None, None)
+                }
+            }
+        }
+        _ => return Err(IngestError::Malformed("request body must be a JSON object or array".into())),
+    };
+    if raw.is_empty() {
+        return Err(IngestError::Malformed("the batch is empty".into()));
+    }
+    let mut parsed = Parsed {
+        write_key: key,
+        ..Parsed::default()
+    };
+    let mut errors = ErrorList::default();
+    for (index, e) in raw.iter().enumerate() {
+        if let Err(err) = ctx.check_size(e.get().len()) {
+            errors.push(index, err);
+            continue;
+        }
+        if let Err(err) = event(e.get(), sent_at, ctx, &mut parsed) {
+            errors.push(index, err);
+        }
+    }
+    errors.finish()?;
+    Ok(parsed)
+}
+
+fn event(
+    raw: &str,
+    batch_sent_at: Option<i64>,
+    ctx: &ParseContext,
+    parsed: &mut Parsed,
+) -> Result<(), String> {
+    let v: Value = serde_json::from_str(raw).map_err(|e| format!("not valid JSON: {e}"))?;
+    let Value::Object(mut m) = v else {
+        return Err("an event must be a JSON object".into());
+    };
+    let mut props_value = m.remove("properties").unwrap_or(Value::Null);
+    if parsed.write_key.is_none() {
+        parsed.write_key = m
+            .get("api_key")
+            .or_else(|| m.get("token"))
+            .or_else(|| props_value.get("token"))
+            .and_then(Value::as_str)
+            .map(str::to_string);
+    }
+    let name = m
+        .get("event")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or("missing `event`")?
+        .to_string();
+    let distinct_id = id_string(m.get("distinct_id"))
+        .or_else(|| id_string(props_value.get("distinct_id")))
+        .or_else(|| id_string(props_value.get("$distinct_id")))
+        .ok_or("missing `distinct_id`")?;
+    let mut set = properties(m.get("$set"), "$set")?;
+    let mut set_once = properties(m.get("$set_once"), "$set_once")?;
+    if let Value::Object(p) = &mut props_value {
+        set.extend(properties(p.remove("$set").as_ref(), "properties.$set")?);
+        set_once.extend(properties(
+            p.remove("$set_once").as_ref(),
+            "properties.$set_once",
+        )?);
+        p.remove("token");
+        p.remove("distinct_id");
+    }
+    let props = properties(Some(&props_value), "properties")?;
+    match name.as_str() {
+        "$identify" => {
+            if let Some(anon) = id_string(props_value.get("$anon_distinct_id")) {
+                parsed.merges.push((anon, distinct_id.clone()));
+            }
+        }
+        "$create_alias" => {
+            if let Some(alias) = id_string(props_value.get("alias")) {
+                parsed.merges.push((alias, distinct_id.clone()));
+            }
+        }
+        _ => {}
+    }
+    let mut timestamp = m
+        .get("timestamp")
+        .map(parse_timestamp)
+        .transpose()?
+        .flatten();
+    if timestamp.is_none() {
+        if let Some(offset) = m.get("offset").and_then(Value::as_i64) {
+            timestamp = Some(ctx.received_ms - offset);
+        }
+    }
+    let sent_at = match m.get("sent_at") {
+        Some(s) => parse_timestamp(s)?,
+        None => batch_sent_at,
+    };
+    let timestamp_ms = ctx.event_time(timestamp, sent_at)?;
+    let message_id = match id_string(m.get("uuid")) {
+        Some(id) => id,
+        None => content_id(&distinct_id, &name, timestamp_ms, raw),
+    };
+    parsed.events.push(Event {
+        message_id,
+        distinct_id,
+        event: name,
+        timestamp_ms,
+        properties: props,
+        person_set: set,
+        person_set_once: set_once,
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> ParseContext {
+        ParseContext {
+            received_ms: 1_700_000_000_000,
+            limits: crate::config::IngestSection::default(),
+        }
+    }
+
+    #[test]
+    fn identify_with_anon_id_merges() {
+        let body = br#"{"api_key":"k","batch":[{"event":"$identify","distinct_id":"U1","properties":{"$anon_distinct_id":"anon-1","$set":{"email":"a@b"}},"uuid":"x","timestamp":"2023-11-14T22:00:00Z"}]}"#;
+        let parsed = parse(body, &ctx()).unwrap();
+        assert_eq!(parsed.write_key.as_deref(), Some("k"));
+        assert_eq!(
+            parsed.merges,
+            vec![("anon-1".to_string(), "U1".to_string())]
+        );
+        assert_eq!(parsed.events[0].person_set.len(), 1);
+        assert!(parsed.events[0].properties.iter().all(|(k, _)| k != "$set"));
+    }
+
+    #[test]
+    fn single_events_and_arrays_parse() {
+        let one = parse(br#"{"event":"e","distinct_id":"d","api_key":"k"}"#, &ctx()).unwrap();
+        assert_eq!(one.events.len(), 1);
+        assert_eq!(one.write_key.as_deref(), Some("k"));
+        let many = parse(br#"[{"event":"e","distinct_id":"d"},{"event":"f","properties":{"distinct_id":"d","token":"k"}}]"#, &ctx()).unwrap();
+        assert_eq!(many.events.len(), 2);
+        assert_eq!(many.write_key.as_deref(), Some("k"));
+        let Err(IngestError::InvalidEvents(e)) = parse(br#"[{"event":"e"}]"#, &ctx()) else {
+            panic!()
+        };
+        assert_eq!(e[0].index, 0);
+    }
+}

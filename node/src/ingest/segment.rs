@@ -1,0 +1,269 @@
+//! The Segment HTTP tracking API (`/v1/batch`, `/v1/track`, … and the browser short paths).
+//!
+//! Mapping: `track` keeps its event name; `identify` becomes `$identify` with its traits set
+//! on the person and merges `anonymousId` into `userId`; `page` becomes `$pageview`, `screen`
+//! `$screen`, `group` `$groupidentify`, and `alias` `$create_alias`, which merges `previousId`
+//! into `userId`. The distinct id is `userId`, else `anonymousId`. The write key comes from
+//! Basic auth (user name) or `writeKey` in the body. `sentAt` corrects client clock skew, and
+//! `messageId` deduplicates.
+
+use crate::ingest::{
+    ErrorList, IngestError, ParseContext, Parsed, content_id, id_string, parse_timestamp,
+    properties,
+};
+use optiprism_types::event::{Event, PropValue};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+/// The message type a path implies when the body has no `type`.
+pub fn type_of_path(path: &str) -> Option<&'static str> {
+    Some(match path.trim_end_matches('/').rsplit('/').next()? {
+        "track" | "t" => "track",
+        "identify" | "i" => "identify",
+        "page" | "p" => "page",
+        "screen" | "s" => "screen",
+        "group" | "g" => "group",
+        "alias" | "a" => "alias",
+        _ => return None,
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct Top {
+    #[serde(rename = "writeKey", default)]
+    write_key: Option<Value>,
+    #[serde(rename = "sentAt", default)]
+    sent_at: Option<Value>,
+    #[serde(default)]
+    batch: Option<Vec<Box<RawValue>>>,
+}
+
+/// Parses a Segment body. `single_type` is the type implied by a single-message path.
+pub fn parse(
+    body: &[u8],
+    single_type: Option<&str>,
+    ctx: &ParseContext,
+) -> Result<Parsed, IngestError> {
+    let top: Top = serde_json::from_slice(body).map_err(|e| {
+        IngestError::Malformed(format!(
+            "request body is not a valid UTF-8 JSON object of the Segment API: {e}"
+        ))
+    })?;
+    let mut parsed = Parsed {
+        write_key: top
+            .write_key
+            .as_ref()
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        ..Parsed::default()
+    };
+    let batch_sent_at = top
+        .sent_at
+        .as_ref()
+        .map(parse_timestamp)
+        .transpose()
+        .ok()
+        .flatten()
+        .flatten();
+    let raw: Vec<Box<RawValue>> = match (single_type, top.batch) {
+        (None, Some(batch)) => batch,
+        (None, None) => return Err(IngestError::Malformed("missing `batch` array".into())),
+        (Some(_), _) => {
+            let text = std::str::from_utf8(body).map_err(|e| {
+                IngestError::Malformed(format!("request body is not valid UTF-8: {e}"))
+            })?;
+            vec![
+                RawValue::from_string(text.to_string())
+                    .map_err(|e| IngestError::Malformed(e.to_string()))?,
+            ]
+        }
+    };
+    if raw.is_empty() {
+        return Err(IngestError::Malformed("`batch` is empty".into()));
+    }
+    let mut errors = ErrorList::default();
+    for (index, msg) in raw.iter().enumerate() {
+        if let Err(e) = ctx.check_size(msg.get().len()) {
+            errors.push(index, e);
+            continue;
+        }
+        match message(msg.get(), single_type, batch_sent_at, ctx, &mut parsed) {
+            Ok(()) => {}
+            Err(e) => errors.push(index, e),
+        }
+    }
+    errors.finish()?;
+    Ok(parsed)
+}
+
+fn message(
+    raw: &str,
+    single_type: Option<&str>,
+    batch_sent_at: Option<i64>,
+    ctx: &ParseContext,
+    parsed: &mut Parsed,
+) -> Result<(), String> {
+    let v: Value = serde_json::from_str(raw).map_err(|e| format!("not valid JSON: {e}"))?;
+    let Value::Object(m) = v else {
+        return Err("a message must be a JSON object".into());
+    };
+    if parsed.write_key.is_none() {
+        parsed.write_key = m
+            .get("writeKey")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+    }
+    let kind = match m.get("type").and_then(Value::as_str) {
+        Some(t) => t.to_string(),
+        None => single_type.ok_or("missing `type`")?.to_string(),
+    };
+    let user_id = id_string(m.get("userId"));
+    let anonymous_id = id_string(m.get("anonymousId"));
+    let distinct_id = user_id
+        .clone()
+        .or_else(|| anonymous_id.clone())
+        .ok_or("missing `userId` or `anonymousId`")?;
+    let mut props = properties(m.get("properties"), "properties")?;
+    let traits = properties(
+        m.get("traits")
+            .or_else(|| m.get("context").and_then(|c| c.get("traits"))),
+        "traits",
+    )?;
+    let (event, person_set) = match kind.as_str() {
+        "track" => {
+            let name = m
+                .get("event")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .ok_or("missing `event`")?;
+            (name.to_string(), Vec::new())
+        }
+        "identify" => {
+            if let (Some(anon), Some(user)) = (&anonymous_id, &user_id) {
+                parsed.merges.push((anon.clone(), user.clone()));
+            }
+            ("$identify".to_string(), traits)
+        }
+        "page" | "screen" => {
+            if let Some(name) = m.get("name").and_then(Value::as_str) {
+                props.push((
+                    (if kind == "page" {
+                        "name"
+                    } else {
+                        "$screen_name"
+                    })
+                    .to_string(),
+                    PropValue::Str(name.into()),
+                ));
+            }
+            (
+                if kind == "page" {
+                    "$pageview"
+                } else {
+                    "$screen"
+                }
+                .to_string(),
+                Vec::new(),
+            )
+        }
+        "group" => {
+            if let Some(group) = id_string(m.get("groupId")) {
+                props.push(("$group_key".into(), PropValue::Str(group)));
+            }
+            ("$groupidentify".to_string(), Vec::new())
+        }
+        "alias" => {
+            let previous = id_string(m.get("previousId")).ok_or("missing `previousId`")?;
+            let user = user_id.clone().ok_or("missing `userId`")?;
+            parsed.merges.push((previous, user));
+            ("$create_alias".to_string(), Vec::new())
+        }
+        other => return Err(format!("unknown message type `{other}`")),
+    };
+    let timestamp = match m.get("timestamp").filter(|v| !v.is_null()) {
+        Some(t) => parse_timestamp(t)?,
+        None => m
+            .get("originalTimestamp")
+            .map(parse_timestamp)
+            .transpose()?
+            .flatten(),
+    };
+    let sent_at = match m.get("sentAt") {
+        Some(s) => parse_timestamp(s)?,
+        None => batch_sent_at,
+    };
+    let timestamp_ms = ctx.event_time(timestamp, sent_at)?;
+    let message_id = match id_string(m.get("messageId")) {
+        Some(id) => id,
+        None => content_id(&distinct_id, &event, timestamp_ms, raw),
+    };
+    parsed.events.push(Event {
+        message_id,
+        distinct_id,
+        event,
+        timestamp_ms,
+        properties: props,
+        person_set,
+        person_set_once: Vec::new(),
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> ParseContext {
+        ParseContext {
+            received_ms: 1_700_000_000_000,
+            limits: crate::config::IngestSection::default(),
+        }
+    }
+
+    #[test]
+    fn batch_with_identify_merges_and_corrects_skew() {
+        let body = br#"{"writeKey":"wk","sentAt":"2023-11-14T22:15:00Z","batch":[
+            {"type":"track","userId":"u1","event":"Signed Up","properties":{"plan":"pro","n":null},"timestamp":"2023-11-14T22:14:00Z","messageId":"m1"},
+            {"type":"identify","userId":"u1","anonymousId":"a1","traits":{"email":"x@y"},"messageId":"m2"}
+        ]}"#;
+        let parsed = parse(body, None, &ctx()).unwrap();
+        assert_eq!(parsed.write_key.as_deref(), Some("wk"));
+        assert_eq!(parsed.events.len(), 2);
+        assert_eq!(
+            parsed.events[0].properties,
+            vec![("plan".to_string(), PropValue::Str("pro".into()))]
+        );
+        // The client clock is 100 s ahead of the receive time: its timestamps move back.
+        assert_eq!(parsed.events[0].timestamp_ms, 1_700_000_040_000 - 100_000);
+        assert_eq!(parsed.merges, vec![("a1".to_string(), "u1".to_string())]);
+        assert_eq!(parsed.events[1].event, "$identify");
+    }
+
+    #[test]
+    fn bad_events_are_named_by_index() {
+        let body = br#"{"batch":[{"type":"track","userId":"u1","event":"ok"},{"type":"track","userId":"u1"},{"type":"track","event":"x"},{"type":"track","userId":"u","event":"e","timestamp":"1970-01-01T00:00:00Z"}]}"#;
+        let Err(IngestError::InvalidEvents(errors)) = parse(body, None, &ctx()) else {
+            panic!("expected errors")
+        };
+        let indexes: Vec<usize> = errors.iter().map(|e| e.index).collect();
+        assert_eq!(indexes, [1, 2, 3]);
+        assert!(errors[0].error.contains("event"));
+        assert!(errors[1].error.contains("userId"));
+        assert!(errors[2].error.contains("outside the accepted range"));
+    }
+
+    #[test]
+    fn short_paths_imply_the_type() {
+        assert_eq!(type_of_path("/v1/t"), Some("track"));
+        assert_eq!(type_of_path("/v1/identify"), Some("identify"));
+        assert_eq!(type_of_path("/v1/batch"), None);
+        let parsed = parse(
+            br#"{"userId":"u","event":"e","writeKey":"k"}"#,
+            Some("track"),
+            &ctx(),
+        )
+        .unwrap();
+        assert_eq!(parsed.events[0].event, "e");
+        assert!(parsed.events[0].message_id.starts_with("h-"));
+    }
+}

@@ -1,0 +1,185 @@
+//! Query planning and execution on DataFusion: the JSON insight queries and SQL.
+//!
+//! Queries run on their own tokio runtime (see `server`), never on the one that drives Raft,
+//! so a heavy query cannot delay heartbeats into spurious elections.
+
+pub mod filter;
+pub mod frame;
+pub mod sql;
+pub mod trends;
+pub mod udf;
+
+use crate::metadata::{MetadataHandle, Project};
+use crate::storage::partition::{PartitionData, ProjectRows};
+use arrow::array::{
+    ArrayRef, Float64Builder, RecordBatch, StringBuilder, TimestampMillisecondBuilder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use optiprism_types::ProjectId;
+use optiprism_types::answer::TrendsAnswer;
+use optiprism_types::query::{Query, QueryError, parse_query};
+use parking_lot::RwLock;
+use std::sync::Arc;
+
+/// Why a query failed, classified for HTTP and Flight status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryFailure {
+    /// The JSON query is invalid; names the field.
+    #[error(transparent)]
+    Invalid(#[from] QueryError),
+    /// The SQL does not parse or plan.
+    #[error("invalid SQL: {0}")]
+    Sql(String),
+    /// Execution failed.
+    #[error("query failed: {0}")]
+    Internal(String),
+}
+
+impl QueryFailure {
+    /// A stable code for clients.
+    pub fn code(&self) -> &'static str {
+        match self {
+            QueryFailure::Invalid(_) => "invalid_query",
+            QueryFailure::Sql(_) => "invalid_sql",
+            QueryFailure::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<datafusion::error::DataFusionError> for QueryFailure {
+    fn from(e: datafusion::error::DataFusionError) -> QueryFailure {
+        QueryFailure::Internal(e.strip_backtrace())
+    }
+}
+
+/// An insight's answer, as JSON for HTTP and as Arrow for Flight.
+#[derive(Debug, Clone)]
+pub struct InsightAnswer {
+    /// The JSON form.
+    pub json: serde_json::Value,
+    /// The Arrow form.
+    pub batch: RecordBatch,
+}
+
+/// Reads partitions and metadata and runs queries over them.
+#[derive(Debug, Clone)]
+pub struct QueryEngine {
+    partitions: Vec<Arc<RwLock<PartitionData>>>,
+    metadata: MetadataHandle,
+}
+
+impl QueryEngine {
+    /// An engine over these partitions.
+    pub fn new(
+        partitions: Vec<Arc<RwLock<PartitionData>>>,
+        metadata: MetadataHandle,
+    ) -> QueryEngine {
+        QueryEngine {
+            partitions,
+            metadata,
+        }
+    }
+
+    /// A DataFusion session: one target partition per plan, because parallelism comes from
+    /// running one plan per Raft partition concurrently.
+    pub fn session(&self) -> SessionContext {
+        let config = SessionConfig::new()
+            .with_target_partitions(1)
+            .with_batch_size(8192)
+            .with_information_schema(true);
+        SessionContext::new_with_config(config)
+    }
+
+    /// Every partition's rows of `project` that may hold events in `[start_ms, end_ms)`.
+    pub fn rows(
+        &self,
+        project: ProjectId,
+        start_ms: i64,
+        end_ms: i64,
+        events: Option<&[String]>,
+    ) -> Vec<ProjectRows> {
+        self.partitions
+            .iter()
+            .map(|p| p.read().rows(project, start_ms, end_ms, events))
+            .collect()
+    }
+
+    /// The partitions' data.
+    pub fn partitions(&self) -> &[Arc<RwLock<PartitionData>>] {
+        &self.partitions
+    }
+
+    /// The identity merges of a project.
+    pub fn identity_view(&self, project: ProjectId) -> udf::IdentityView {
+        self.metadata
+            .read(|m| udf::IdentityView::new(m.identities.get(&project)))
+    }
+
+    /// Parses, validates and runs a JSON insight query.
+    pub async fn insight(
+        &self,
+        project: &Project,
+        json: &[u8],
+    ) -> Result<InsightAnswer, QueryFailure> {
+        match parse_query(json)? {
+            Query::Trends(q) => {
+                let answer = trends::run(self, project.id, &q).await?;
+                let batch = trends_to_arrow(&answer, &q.buckets().starts_ms);
+                Ok(InsightAnswer {
+                    json: answer.to_json(),
+                    batch,
+                })
+            }
+        }
+    }
+}
+
+/// The Arrow form of a trends answer: one row per (series, breakdown value, bucket), plus a row
+/// with null bucket for each range total.
+pub fn trends_to_arrow(answer: &TrendsAnswer, starts_ms: &[i64]) -> RecordBatch {
+    let schema: SchemaRef = Arc::new(Schema::new(vec![
+        Field::new("series", DataType::Utf8, false),
+        Field::new("breakdown", DataType::Utf8, true),
+        Field::new("bucket", DataType::Utf8, true),
+        Field::new(
+            "bucket_start",
+            crate::storage::chunk::timestamp_type(),
+            true,
+        ),
+        Field::new("value", DataType::Float64, true),
+    ]));
+    let mut series = StringBuilder::new();
+    let mut breakdown = StringBuilder::new();
+    let mut bucket = StringBuilder::new();
+    let mut start = TimestampMillisecondBuilder::new().with_timezone("UTC");
+    let mut value = Float64Builder::new();
+    let mut push = |id: &str, b: Option<&str>, values: &[f64], total: f64| {
+        for (i, v) in values.iter().enumerate() {
+            series.append_value(id);
+            breakdown.append_option(b);
+            bucket.append_value(&answer.buckets[i]);
+            start.append_value(starts_ms[i]);
+            value.append_value(*v);
+        }
+        series.append_value(id);
+        breakdown.append_option(b);
+        bucket.append_null();
+        start.append_null();
+        value.append_value(total);
+    };
+    for s in &answer.series {
+        push(&s.id, None, &s.values, s.total);
+        for b in &s.breakdown {
+            push(&s.id, Some(&b.value), &b.values, b.total);
+        }
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(series.finish()),
+        Arc::new(breakdown.finish()),
+        Arc::new(bucket.finish()),
+        Arc::new(start.finish()),
+        Arc::new(value.finish()),
+    ];
+    RecordBatch::try_new(schema, columns).expect("columns follow the schema")
+}

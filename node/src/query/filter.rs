@@ -1,0 +1,198 @@
+//! Property filters (§1.4) as DataFusion expressions, with the spec's null semantics.
+//!
+//! Positive operators are false when the property is not set; their negations (`neq`,
+//! `not_icontains`, `not_regex`, `not_in`) are exact complements and therefore true when it is
+//! not set. Equality compares string renderings; numeric operators coerce numbers and numeric
+//! strings and ignore everything else.
+
+use crate::query::frame::PropertyColumns;
+use crate::query::udf::{ParseDatetime, RenderValue};
+use arrow::datatypes::DataType;
+use datafusion::functions::expr_fn::{coalesce, lower, regexp_like, strpos};
+use datafusion::logical_expr::{Expr, lit};
+use datafusion::prelude::{cast, try_cast};
+use datafusion::scalar::ScalarValue;
+use optiprism_types::query::{Filter, FilterOp, json_number, json_render, resolve_date_operand};
+use std::ops::Not;
+
+/// Looks up the columns of a property key.
+pub trait ColumnLookup {
+    /// The columns of `key`.
+    fn property(&self, key: &str) -> PropertyColumns;
+    /// "Now" for relative dates, epoch ms.
+    fn now_ms(&self) -> i64;
+}
+
+fn falsy(e: Expr) -> Expr {
+    coalesce(vec![e, lit(false)])
+}
+
+fn column(name: &str) -> Expr {
+    // Property names may hold dots and `#`: refer to them verbatim.
+    Expr::Column(datafusion::common::Column::from_name(name))
+}
+
+/// The string rendering of a property (null when not set).
+pub fn rendered(cols: &PropertyColumns) -> Expr {
+    let typed = cols.typed.as_ref().map(|(name, ty)| match ty {
+        DataType::Utf8 => column(name),
+        DataType::Dictionary(_, _) => cast(column(name), DataType::Utf8),
+        _ => RenderValue::udf().call(vec![column(name)]),
+    });
+    let text = cols.text.as_ref().map(|n| column(n));
+    match (typed, text) {
+        (Some(t), Some(x)) => coalesce(vec![t, x]),
+        (Some(t), None) => t,
+        (None, Some(x)) => x,
+        (None, None) => lit(ScalarValue::Utf8(None)),
+    }
+}
+
+/// The numeric value of a property (null when not set or not numeric).
+fn numeric(cols: &PropertyColumns) -> Expr {
+    let typed = cols.typed.as_ref().and_then(|(name, ty)| match ty {
+        DataType::Float64 => Some(column(name)),
+        DataType::Utf8 | DataType::Dictionary(_, _) => Some(try_cast(
+            cast(column(name), DataType::Utf8),
+            DataType::Float64,
+        )),
+        _ => None,
+    });
+    let text = cols
+        .text
+        .as_ref()
+        .map(|n| try_cast(column(n), DataType::Float64));
+    match (typed, text) {
+        (Some(t), Some(x)) => coalesce(vec![t, x]),
+        (Some(t), None) => t,
+        (None, Some(x)) => x,
+        (None, None) => lit(ScalarValue::Float64(None)),
+    }
+}
+
+/// The instant of a property in epoch ms (datetime properties, or ISO strings).
+fn instant_ms(cols: &PropertyColumns) -> Expr {
+    let typed = cols.typed.as_ref().and_then(|(name, ty)| match ty {
+        DataType::Timestamp(_, _) => Some(cast(column(name), DataType::Int64)),
+        DataType::Utf8 | DataType::Dictionary(_, _) => {
+            Some(ParseDatetime::udf().call(vec![cast(column(name), DataType::Utf8)]))
+        }
+        _ => None,
+    });
+    let text = cols
+        .text
+        .as_ref()
+        .map(|n| ParseDatetime::udf().call(vec![column(n)]));
+    match (typed, text) {
+        (Some(t), Some(x)) => coalesce(vec![t, x]),
+        (Some(t), None) => t,
+        (None, Some(x)) => x,
+        (None, None) => lit(ScalarValue::Int64(None)),
+    }
+}
+
+fn is_set(cols: &PropertyColumns) -> Expr {
+    let typed = cols.typed.as_ref().map(|(n, _)| column(n).is_not_null());
+    let text = cols.text.as_ref().map(|n| column(n).is_not_null());
+    match (typed, text) {
+        (Some(t), Some(x)) => t.or(x),
+        (Some(t), None) => t,
+        (None, Some(x)) => x,
+        (None, None) => lit(false),
+    }
+}
+
+fn operands(value: &serde_json::Value) -> Vec<&serde_json::Value> {
+    match value {
+        serde_json::Value::Array(items) => items.iter().collect(),
+        other => vec![other],
+    }
+}
+
+fn equals_any(cols: &PropertyColumns, value: &serde_json::Value) -> Expr {
+    let strings: Vec<Expr> = operands(value)
+        .into_iter()
+        .map(|v| lit(json_render(v)))
+        .collect();
+    falsy(rendered(cols).in_list(strings, false))
+}
+
+/// The expression of a filter (already validated).
+pub fn filter_expr(f: &Filter, lookup: &dyn ColumnLookup) -> Expr {
+    use FilterOp::*;
+    match f.op {
+        And => f
+            .filters
+            .iter()
+            .map(|x| filter_expr(x, lookup))
+            .reduce(Expr::and)
+            .unwrap_or(lit(true)),
+        Or => f
+            .filters
+            .iter()
+            .map(|x| filter_expr(x, lookup))
+            .reduce(Expr::or)
+            .unwrap_or(lit(false)),
+        _ => {
+            let key = f.key.as_deref().unwrap_or_default();
+            let cols = lookup.property(key);
+            let value = f.value.clone().unwrap_or(serde_json::Value::Null);
+            match f.op {
+                Eq | In => equals_any(&cols, &value),
+                Neq | NotIn => equals_any(&cols, &value).not(),
+                Icontains => {
+                    let needle = lit(json_render(&value).to_lowercase());
+                    falsy(strpos(lower(rendered(&cols)), needle).gt(lit(0i32)))
+                }
+                NotIcontains => {
+                    let needle = lit(json_render(&value).to_lowercase());
+                    falsy(strpos(lower(rendered(&cols)), needle).gt(lit(0i32))).not()
+                }
+                Regex => falsy(regexp_like(rendered(&cols), lit(json_render(&value)), None)),
+                NotRegex => {
+                    falsy(regexp_like(rendered(&cols), lit(json_render(&value)), None)).not()
+                }
+                Gt | Gte | Lt | Lte => {
+                    let n = lit(json_number(&value).unwrap_or(f64::NAN));
+                    let x = numeric(&cols);
+                    falsy(match f.op {
+                        Gt => x.gt(n),
+                        Gte => x.gt_eq(n),
+                        Lt => x.lt(n),
+                        _ => x.lt_eq(n),
+                    })
+                }
+                IsSet => is_set(&cols),
+                IsNotSet => is_set(&cols).not(),
+                IsDateBefore | IsDateAfter | IsDateExact => {
+                    let text = value.as_str().unwrap_or_default();
+                    let at = resolve_date_operand(text, lookup.now_ms()).unwrap_or(i64::MIN);
+                    let x = instant_ms(&cols);
+                    falsy(match f.op {
+                        IsDateBefore => x.lt(lit(at)),
+                        IsDateAfter => x.gt(lit(at)),
+                        // A bare date means that whole (UTC) day.
+                        _ if text.len() == 10 => {
+                            x.clone().gt_eq(lit(at)).and(x.lt(lit(at + 86_400_000)))
+                        }
+                        _ => x.eq(lit(at)),
+                    })
+                }
+                And | Or => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+/// The conjunction of filters.
+pub fn all_of(filters: &[Filter], lookup: &dyn ColumnLookup) -> Option<Expr> {
+    filters
+        .iter()
+        .map(|f| filter_expr(f, lookup))
+        .reduce(Expr::and)
+}
+
+/// A column reference by exact name.
+pub fn named(name: &str) -> Expr {
+    column(name)
+}

@@ -1,0 +1,64 @@
+//! One partition's rows as a DataFusion input: the columns a query needs, with a uniform schema.
+//!
+//! Chunks of a project differ in their property columns (a key that no event of the chunk had
+//! is absent). A query names the columns it reads; each batch is projected onto them, absent
+//! ones filled with nulls of the type the project's other batches have, so every batch of the
+//! plan has the same schema.
+
+use crate::storage::chunk::{property_column, property_text_column};
+use crate::storage::partition::ProjectRows;
+use arrow::array::{ArrayRef, RecordBatch, new_null_array};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use std::sync::Arc;
+
+/// The columns of a property key present in a partition.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PropertyColumns {
+    /// The typed column and its type.
+    pub typed: Option<(String, DataType)>,
+    /// The column of mismatched values, if any batch has one.
+    pub text: Option<String>,
+}
+
+/// Finds the field named `name` in any batch.
+fn find_field(rows: &ProjectRows, name: &str) -> Option<Field> {
+    rows.batches
+        .iter()
+        .find_map(|b| b.schema().field_with_name(name).ok().cloned())
+}
+
+/// The columns of property `key` in these rows.
+pub fn property_columns(rows: &ProjectRows, key: &str) -> PropertyColumns {
+    let typed_name = property_column(key);
+    let text_name = property_text_column(key);
+    PropertyColumns {
+        typed: find_field(rows, &typed_name).map(|f| (typed_name, f.data_type().clone())),
+        text: find_field(rows, &text_name).map(|_| text_name),
+    }
+}
+
+/// Projects every batch onto `names` (columns that exist somewhere in `rows`).
+pub fn project(rows: &ProjectRows, names: &[String]) -> (SchemaRef, Vec<RecordBatch>) {
+    let fields: Vec<Field> = names
+        .iter()
+        .filter_map(|n| find_field(rows, n).map(|f| f.with_nullable(true)))
+        .collect();
+    let schema = Arc::new(Schema::new(fields));
+    let batches = rows
+        .batches
+        .iter()
+        .map(|b| {
+            let columns: Vec<ArrayRef> = schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    b.column_by_name(f.name())
+                        .cloned()
+                        .unwrap_or_else(|| new_null_array(f.data_type(), b.num_rows()))
+                })
+                .collect();
+            RecordBatch::try_new(Arc::clone(&schema), columns).expect("columns follow the schema")
+        })
+        .collect();
+    (schema, batches)
+}

@@ -1,0 +1,299 @@
+//! Scalar functions the planner uses: time buckets, value rendering, identity resolution.
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, Int32Builder, Int64Builder,
+    StringBuilder, UInt64Array,
+};
+use arrow::datatypes::{DataType, Float64Type, TimeUnit, TimestampMillisecondType};
+use datafusion::common::{Result, exec_err};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+};
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+/// `bucket_index(timestamp)`: the index of the query bucket holding an instant, or null.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct BucketIndex {
+    starts_ms: Vec<i64>,
+    end_ms: i64,
+    signature: Signature,
+}
+
+impl BucketIndex {
+    /// The function for buckets starting at `starts_ms` and ending at `end_ms`.
+    pub fn udf(starts_ms: Vec<i64>, end_ms: i64) -> ScalarUDF {
+        ScalarUDF::new_from_impl(BucketIndex {
+            starts_ms,
+            end_ms,
+            signature: Signature::exact(
+                vec![DataType::Timestamp(
+                    TimeUnit::Millisecond,
+                    Some("UTC".into()),
+                )],
+                Volatility::Immutable,
+            ),
+        })
+    }
+}
+
+impl ScalarUDFImpl for BucketIndex {
+    fn name(&self) -> &str {
+        "bucket_index"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Int32)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let array = args.args[0].to_array(args.number_rows)?;
+        let ts = array.as_primitive::<TimestampMillisecondType>();
+        let start = self.starts_ms.first().copied().unwrap_or(self.end_ms);
+        let mut out = Int32Builder::with_capacity(ts.len());
+        // Consecutive rows are usually in the same bucket: remember the last one.
+        let mut last: Option<(i64, i64, i32)> = None;
+        for v in ts.iter() {
+            match v {
+                Some(ms) if ms >= start && ms < self.end_ms => {
+                    if let Some((lo, hi, idx)) = last {
+                        if ms >= lo && ms < hi {
+                            out.append_value(idx);
+                            continue;
+                        }
+                    }
+                    let i = self.starts_ms.partition_point(|&s| s <= ms) - 1;
+                    let hi = self.starts_ms.get(i + 1).copied().unwrap_or(self.end_ms);
+                    last = Some((self.starts_ms[i], hi, i as i32));
+                    out.append_value(i as i32);
+                }
+                _ => out.append_null(),
+            }
+        }
+        Ok(ColumnarValue::Array(Arc::new(out.finish())))
+    }
+}
+
+/// `render_value(x)`: the string rendering filters and breakdowns compare (§1.3): numbers as
+/// JSON prints them, booleans as `true`/`false`, instants as RFC 3339.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct RenderValue {
+    signature: Signature,
+}
+
+impl RenderValue {
+    /// The function.
+    pub fn udf() -> ScalarUDF {
+        ScalarUDF::new_from_impl(RenderValue {
+            signature: Signature::any(1, Volatility::Immutable),
+        })
+    }
+}
+
+impl ScalarUDFImpl for RenderValue {
+    fn name(&self) -> &str {
+        "render_value"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Utf8)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let array = args.args[0].to_array(args.number_rows)?;
+        Ok(ColumnarValue::Array(render_array(&array)?))
+    }
+}
+
+/// Renders any supported array as strings.
+pub fn render_array(array: &ArrayRef) -> Result<ArrayRef> {
+    let mut out = StringBuilder::with_capacity(array.len(), array.len() * 8);
+    match array.data_type() {
+        DataType::Float64 => {
+            for v in array.as_primitive::<Float64Type>().iter() {
+                match v {
+                    Some(n) => out.append_value(optiprism_types::event::render_number(n)),
+                    None => out.append_null(),
+                }
+            }
+        }
+        DataType::Boolean => {
+            for v in array.as_boolean().iter() {
+                match v {
+                    Some(b) => out.append_value(if b { "true" } else { "false" }),
+                    None => out.append_null(),
+                }
+            }
+        }
+        DataType::Timestamp(TimeUnit::Millisecond, _) => {
+            for v in array.as_primitive::<TimestampMillisecondType>().iter() {
+                match v.and_then(chrono::DateTime::from_timestamp_millis) {
+                    Some(t) => {
+                        out.append_value(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                    }
+                    None => out.append_null(),
+                }
+            }
+        }
+        DataType::Utf8 | DataType::Dictionary(_, _) | DataType::Null => {
+            let strings = arrow::compute::cast(array, &DataType::Utf8)?;
+            return Ok(strings);
+        }
+        other => return exec_err!("render_value does not support {other}"),
+    }
+    Ok(Arc::new(out.finish()))
+}
+
+/// `parse_datetime_ms(text)`: epoch ms of an ISO-8601 string, null when it is not one.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct ParseDatetime {
+    signature: Signature,
+}
+
+impl ParseDatetime {
+    /// The function.
+    pub fn udf() -> ScalarUDF {
+        ScalarUDF::new_from_impl(ParseDatetime {
+            signature: Signature::exact(vec![DataType::Utf8], Volatility::Immutable),
+        })
+    }
+}
+
+impl ScalarUDFImpl for ParseDatetime {
+    fn name(&self) -> &str {
+        "parse_datetime_ms"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Int64)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let array = args.args[0].to_array(args.number_rows)?;
+        let mut out = Int64Builder::with_capacity(array.len());
+        for v in array.as_string::<i32>().iter() {
+            out.append_option(v.and_then(optiprism_types::event::parse_datetime_ms));
+        }
+        Ok(ColumnarValue::Array(Arc::new(out.finish())))
+    }
+}
+
+/// The identity merges of a project as queries apply them.
+#[derive(Debug, Default)]
+pub struct IdentityView {
+    /// Stamped person → current person.
+    pub merged: HashMap<u64, u64>,
+    /// Every person involved in a merge: their events may sit in several partitions, so their
+    /// unique counts are merged across partitions by id rather than counted locally.
+    pub shared: HashSet<u64>,
+}
+
+impl IdentityView {
+    /// The view of a project's identities.
+    pub fn new(ids: Option<&crate::metadata::Identities>) -> IdentityView {
+        let mut view = IdentityView::default();
+        if let Some(ids) = ids {
+            for (from, to) in &ids.merged {
+                view.merged.insert(from.0, to.0);
+                view.shared.insert(from.0);
+                view.shared.insert(to.0);
+            }
+        }
+        view
+    }
+
+    /// The current person of a stamped person.
+    pub fn resolve(&self, p: u64) -> u64 {
+        self.merged.get(&p).copied().unwrap_or(p)
+    }
+}
+
+/// `resolve_person(person_id)` or `is_shared_person(person_id)` over one [`IdentityView`].
+#[derive(Debug)]
+pub struct IdentityUdf {
+    view: Arc<IdentityView>,
+    shared_test: bool,
+    signature: Signature,
+}
+
+impl PartialEq for IdentityUdf {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.view, &other.view) && self.shared_test == other.shared_test
+    }
+}
+impl Eq for IdentityUdf {}
+impl Hash for IdentityUdf {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (Arc::as_ptr(&self.view) as usize).hash(state);
+        self.shared_test.hash(state);
+    }
+}
+
+impl IdentityUdf {
+    /// `resolve_person`.
+    pub fn resolve(view: Arc<IdentityView>) -> ScalarUDF {
+        ScalarUDF::new_from_impl(IdentityUdf {
+            view,
+            shared_test: false,
+            signature: Signature::exact(vec![DataType::UInt64], Volatility::Immutable),
+        })
+    }
+
+    /// `is_shared_person`.
+    pub fn is_shared(view: Arc<IdentityView>) -> ScalarUDF {
+        ScalarUDF::new_from_impl(IdentityUdf {
+            view,
+            shared_test: true,
+            signature: Signature::exact(vec![DataType::UInt64], Volatility::Immutable),
+        })
+    }
+}
+
+impl ScalarUDFImpl for IdentityUdf {
+    fn name(&self) -> &str {
+        if self.shared_test {
+            "is_shared_person"
+        } else {
+            "resolve_person"
+        }
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
+        Ok(if self.shared_test {
+            DataType::Boolean
+        } else {
+            DataType::UInt64
+        })
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let array = args.args[0].to_array(args.number_rows)?;
+        let ids = array.as_primitive::<arrow::datatypes::UInt64Type>();
+        if self.shared_test {
+            if self.view.shared.is_empty() {
+                return Ok(ColumnarValue::Array(Arc::new(BooleanArray::from(
+                    vec![false; ids.len()],
+                ))));
+            }
+            let mut out = BooleanBuilder::with_capacity(ids.len());
+            for v in ids.iter() {
+                out.append_option(v.map(|p| self.view.shared.contains(&p)));
+            }
+            Ok(ColumnarValue::Array(Arc::new(out.finish())))
+        } else {
+            if self.view.merged.is_empty() {
+                return Ok(ColumnarValue::Array(array));
+            }
+            let out: UInt64Array = ids
+                .iter()
+                .map(|v| v.map(|p| self.view.resolve(p)))
+                .collect();
+            Ok(ColumnarValue::Array(Arc::new(out)))
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! The state machine of one partition: deduplicated events in columnar chunks, and persons.
+//!
+//! Apply is deterministic and identical on every replica: a message id seen before is a
+//! duplicate (decided here, inside the replicated state machine, so every replica agrees);
+//! otherwise the event joins the partition's unsealed rows and its person is updated. Unsealed
+//! rows are not written on apply: the Raft log already holds them durably and is replayed after
+//! a crash. Sealing writes a chunk, the changed persons and the applied marker in one atomic
+//! sled batch, so a crash can never leave a chunk without its marker or the reverse.
+//!
+//! sled layout (tree `p{partition}.data`): `c/{project}{chunk}` chunk bodies, `m/{project}{chunk}`
+//! chunk metadata, `p/{project}{person}` persons, `marker` the applied marker.
+
+use crate::storage::chunk::{self, Chunk, ChunkMeta, StoredEvent};
+use arrow::array::RecordBatch;
+use optiprism_consensus::state_machine::{CoreError, StateMachineCore};
+use optiprism_types::event::PropValue;
+use optiprism_types::ids::message_key;
+use optiprism_types::{PartitionId, PersonId, ProjectId};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+/// A command of a partition group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PartitionCommand {
+    /// Store events of a project.
+    Ingest {
+        /// The project.
+        project: ProjectId,
+        /// The events, already typed.
+        events: Vec<StoredEvent>,
+    },
+}
+
+/// The answer to [`PartitionCommand::Ingest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct IngestOutcome {
+    /// Events stored.
+    pub accepted: u32,
+    /// Events dropped as duplicates of an earlier message id.
+    pub duplicates: u32,
+}
+
+/// A person's current state in this partition.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct PersonRow {
+    /// First time any event of the person was seen (epoch ms).
+    pub created_at_ms: i64,
+    /// Current properties.
+    pub properties: BTreeMap<String, PropValue>,
+    /// Distinct ids whose events landed here.
+    pub distinct_ids: Vec<String>,
+}
+
+/// Message keys are already uniform hashes: fold them instead of hashing again.
+#[derive(Debug, Default)]
+pub struct FoldHasher(u64);
+
+impl Hasher for FoldHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = (v as u64) ^ ((v >> 64) as u64);
+    }
+}
+
+type KeySet = HashSet<u128, BuildHasherDefault<FoldHasher>>;
+
+#[derive(Debug, Default)]
+struct Pending {
+    events: Vec<StoredEvent>,
+    /// The Arrow batch of `events`, rebuilt when queries find it stale.
+    batch: Mutex<Option<(usize, RecordBatch)>>,
+}
+
+impl Pending {
+    fn batch(&self) -> Option<RecordBatch> {
+        if self.events.is_empty() {
+            return None;
+        }
+        let mut cached = self.batch.lock();
+        match &*cached {
+            Some((len, batch)) if *len == self.events.len() => Some(batch.clone()),
+            _ => {
+                let refs: Vec<&StoredEvent> = self.events.iter().collect();
+                let batch = chunk::build_batch(&refs);
+                *cached = Some((self.events.len(), batch.clone()));
+                Some(batch)
+            }
+        }
+    }
+}
+
+/// What queries read: sealed chunks and unsealed rows, per project.
+#[derive(Debug, Default)]
+pub struct PartitionData {
+    chunks: BTreeMap<ProjectId, Vec<Arc<Chunk>>>,
+    pending: BTreeMap<ProjectId, Pending>,
+    persons: HashMap<(ProjectId, PersonId), PersonRow>,
+    seen: KeySet,
+}
+
+/// A point-in-time view of a project's rows in one partition.
+#[derive(Debug, Clone, Default)]
+pub struct ProjectRows {
+    /// Batches of sealed chunks and of unsealed rows (schemas differ: properties vary).
+    pub batches: Vec<RecordBatch>,
+    /// Rows in all batches.
+    pub rows: usize,
+}
+
+impl PartitionData {
+    /// The rows of `project` that may hold events in `[start_ms, end_ms)` named one of `events`
+    /// (`None`: any event).
+    pub fn rows(
+        &self,
+        project: ProjectId,
+        start_ms: i64,
+        end_ms: i64,
+        events: Option<&[String]>,
+    ) -> ProjectRows {
+        let mut out = ProjectRows::default();
+        if let Some(chunks) = self.chunks.get(&project) {
+            for c in chunks {
+                let wanted =
+                    events.is_none_or(|names| names.iter().any(|n| c.meta.may_contain_event(n)));
+                if c.meta.overlaps(start_ms, end_ms) && wanted {
+                    out.rows += c.batch.num_rows();
+                    out.batches.push(c.batch.clone());
+                }
+            }
+        }
+        if let Some(batch) = self.pending.get(&project).and_then(Pending::batch) {
+            out.rows += batch.num_rows();
+            out.batches.push(batch);
+        }
+        out
+    }
+
+    /// Persons of `project` in this partition.
+    pub fn persons(&self, project: ProjectId) -> Vec<(PersonId, PersonRow)> {
+        self.persons
+            .iter()
+            .filter(|((p, _), _)| *p == project)
+            .map(|((_, id), row)| (*id, row.clone()))
+            .collect()
+    }
+
+    /// Events stored (sealed and unsealed) of all projects.
+    pub fn event_count(&self) -> u64 {
+        let sealed: u64 = self.chunks.values().flatten().map(|c| c.meta.rows).sum();
+        let pending: usize = self.pending.values().map(|p| p.events.len()).sum();
+        sealed + pending as u64
+    }
+
+    /// Chunks sealed so far.
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.values().map(Vec::len).sum()
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PartitionSnapshot {
+    chunks: Vec<ChunkMeta>,
+    persons: Vec<(ProjectId, PersonId, PersonRow)>,
+}
+
+/// The state machine core of a partition.
+#[derive(Debug)]
+pub struct PartitionCore {
+    partition: PartitionId,
+    tree: sled::Tree,
+    data: Arc<RwLock<PartitionData>>,
+    dirty_persons: HashSet<(ProjectId, PersonId)>,
+    next_chunk: u64,
+    unsealed: usize,
+    seal_rows: usize,
+    marker: Option<Vec<u8>>,
+}
+
+fn chunk_key(prefix: u8, project: ProjectId, id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(14);
+    k.extend_from_slice(&[prefix, b'/']);
+    k.extend_from_slice(&project.0.to_be_bytes());
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn person_key(project: ProjectId, person: PersonId) -> Vec<u8> {
+    chunk_key(b'p', project, person.0)
+}
+
+impl PartitionCore {
+    /// Opens the partition's tree and loads its chunks and persons into memory.
+    pub fn open(
+        db: &sled::Db,
+        partition: PartitionId,
+        seal_rows: usize,
+    ) -> Result<PartitionCore, CoreError> {
+        let tree = db.open_tree(format!("p{}.data", partition.0))?;
+        let mut data = PartitionData::default();
+        let mut next_chunk = 0;
+        for item in tree.scan_prefix(b"m/") {
+            let (key, value) = item?;
+            let meta: ChunkMeta = optiprism_consensus::decode(&value)?;
+            let body_key = chunk_key(b'c', meta.project, meta.id);
+            let body = tree
+                .get(&body_key)?
+                .ok_or_else(|| format!("chunk body {:?} missing", key))?;
+            let batch = chunk::decode(&body)?;
+            next_chunk = next_chunk.max(meta.id + 1);
+            add_seen(&mut data.seen, meta.project, &batch);
+            data.chunks
+                .entry(meta.project)
+                .or_default()
+                .push(Arc::new(Chunk { meta, batch }));
+        }
+        for item in tree.scan_prefix(b"p/") {
+            let (key, value) = item?;
+            let project = ProjectId(u32::from_be_bytes(key[2..6].try_into()?));
+            let person = PersonId(u64::from_be_bytes(key[6..14].try_into()?));
+            data.persons
+                .insert((project, person), optiprism_consensus::decode(&value)?);
+        }
+        let marker = tree.get("marker")?.map(|v| v.to_vec());
+        Ok(PartitionCore {
+            partition,
+            tree,
+            data: Arc::new(RwLock::new(data)),
+            dirty_persons: HashSet::new(),
+            next_chunk,
+            unsealed: 0,
+            seal_rows,
+            marker,
+        })
+    }
+
+    /// The data queries read.
+    pub fn data(&self) -> Arc<RwLock<PartitionData>> {
+        Arc::clone(&self.data)
+    }
+
+    /// The partition.
+    pub fn partition(&self) -> PartitionId {
+        self.partition
+    }
+
+    fn ingest(&mut self, project: ProjectId, events: Vec<StoredEvent>) -> IngestOutcome {
+        let mut outcome = IngestOutcome::default();
+        let mut data = self.data.write();
+        let data = &mut *data;
+        for e in events {
+            if !data.seen.insert(message_key(project, &e.message_id)) {
+                outcome.duplicates += 1;
+                continue;
+            }
+            let key = (project, PersonId(e.person_id));
+            let person = data.persons.entry(key).or_insert_with(|| PersonRow {
+                created_at_ms: e.timestamp_ms,
+                ..PersonRow::default()
+            });
+            person.created_at_ms = person.created_at_ms.min(e.timestamp_ms);
+            if !person.distinct_ids.iter().any(|d| *d == e.distinct_id) {
+                person.distinct_ids.push(e.distinct_id.clone());
+            }
+            for (k, v) in &e.person_set {
+                person.properties.insert(k.clone(), v.clone());
+            }
+            for (k, v) in &e.person_set_once {
+                person
+                    .properties
+                    .entry(k.clone())
+                    .or_insert_with(|| v.clone());
+            }
+            self.dirty_persons.insert(key);
+            data.pending.entry(project).or_default().events.push(e);
+            outcome.accepted += 1;
+        }
+        self.unsealed += outcome.accepted as usize;
+        outcome
+    }
+
+    /// Seals unsealed rows and changed persons together with `marker`.
+    fn seal(&mut self, marker: &[u8]) -> Result<(), CoreError> {
+        let mut data = self.data.write();
+        let mut batch = sled::Batch::default();
+        let mut sealed = Vec::new();
+        for (project, pending) in &data.pending {
+            if pending.events.is_empty() {
+                continue;
+            }
+            let id = self.next_chunk;
+            self.next_chunk += 1;
+            let (meta, bytes, arrow_batch) = chunk::seal(*project, id, &pending.events);
+            batch.insert(chunk_key(b'c', *project, id), bytes);
+            batch.insert(
+                chunk_key(b'm', *project, id),
+                optiprism_consensus::encode(&meta),
+            );
+            sealed.push(Arc::new(Chunk {
+                meta,
+                batch: arrow_batch,
+            }));
+        }
+        for key in self.dirty_persons.drain() {
+            if let Some(row) = data.persons.get(&key) {
+                batch.insert(person_key(key.0, key.1), optiprism_consensus::encode(row));
+            }
+        }
+        batch.insert("marker", marker);
+        self.tree.apply_batch(batch)?;
+        for c in sealed {
+            data.chunks.entry(c.meta.project).or_default().push(c);
+        }
+        data.pending.clear();
+        self.unsealed = 0;
+        self.marker = Some(marker.to_vec());
+        Ok(())
+    }
+}
+
+fn add_seen(seen: &mut KeySet, project: ProjectId, batch: &RecordBatch) {
+    use arrow::array::AsArray;
+    if let Some(col) = batch.column_by_name("uuid") {
+        for id in col.as_string::<i32>().iter().flatten() {
+            seen.insert(message_key(project, id));
+        }
+    }
+}
+
+impl StateMachineCore for PartitionCore {
+    fn apply(&mut self, _index: u64, command: &[u8]) -> Vec<u8> {
+        let outcome = match optiprism_consensus::decode::<PartitionCommand>(command) {
+            Ok(PartitionCommand::Ingest { project, events }) => self.ingest(project, events),
+            // A command this version cannot read changes nothing, on every replica alike.
+            Err(e) => {
+                tracing::error!(partition_id = %self.partition, error = %e, "undecodable partition command skipped");
+                IngestOutcome::default()
+            }
+        };
+        optiprism_consensus::encode(&outcome)
+    }
+
+    fn persisted_marker(&self) -> Option<Vec<u8>> {
+        self.marker.clone()
+    }
+
+    fn wants_persist(&self) -> bool {
+        self.unsealed >= self.seal_rows
+    }
+
+    fn persist(&mut self, marker: &[u8]) -> Result<(), CoreError> {
+        self.seal(marker)
+    }
+
+    fn snapshot(&mut self) -> Result<Vec<u8>, CoreError> {
+        // Chunks are immutable and stay in this node's sled: the snapshot names them. Shipping
+        // their bodies to a follower that lacks them is the transport's job (cluster issue).
+        let data = self.data.read();
+        let snapshot = PartitionSnapshot {
+            chunks: data
+                .chunks
+                .values()
+                .flatten()
+                .map(|c| c.meta.clone())
+                .collect(),
+            persons: data
+                .persons
+                .iter()
+                .map(|((p, id), row)| (*p, *id, row.clone()))
+                .collect(),
+        };
+        Ok(optiprism_consensus::encode(&snapshot))
+    }
+
+    fn install(&mut self, bytes: &[u8], marker: &[u8]) -> Result<(), CoreError> {
+        let snapshot: PartitionSnapshot = optiprism_consensus::decode(bytes)?;
+        let mut fresh = PartitionData::default();
+        for meta in snapshot.chunks {
+            let body = self.tree.get(chunk_key(b'c', meta.project, meta.id))?.ok_or_else(|| {
+                format!(
+                    "snapshot of partition {} names chunk {} of project {} that this node does not hold",
+                    self.partition, meta.id, meta.project
+                )
+            })?;
+            let batch = chunk::decode(&body)?;
+            add_seen(&mut fresh.seen, meta.project, &batch);
+            self.next_chunk = self.next_chunk.max(meta.id + 1);
+            fresh
+                .chunks
+                .entry(meta.project)
+                .or_default()
+                .push(Arc::new(Chunk { meta, batch }));
+        }
+        let mut batch = sled::Batch::default();
+        for (project, person, row) in snapshot.persons {
+            batch.insert(
+                person_key(project, person),
+                optiprism_consensus::encode(&row),
+            );
+            fresh.persons.insert((project, person), row);
+        }
+        batch.insert("marker", marker);
+        self.tree.apply_batch(batch)?;
+        *self.data.write() = fresh;
+        self.dirty_persons.clear();
+        self.unsealed = 0;
+        self.marker = Some(marker.to_vec());
+        Ok(())
+    }
+}
