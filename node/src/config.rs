@@ -334,6 +334,26 @@ pub struct BootstrapKeys {
     pub api_token: Option<String>,
 }
 
+/// The dotted key (`section.key`) whose value starts at byte `offset` of `text`.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset)?;
+    let line = before.rsplit('\n').next()?;
+    let key = line.split_once('=')?.0.trim();
+    if key.is_empty() {
+        return None;
+    }
+    let section = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    Some(match section {
+        Some(s) => format!("{s}.{key}"),
+        None => key.to_string(),
+    })
+}
+
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     value.parse().map_err(|_| {
         invalid(
@@ -355,9 +375,39 @@ impl NodeConfig {
 
     /// Parses TOML text (`path` only labels errors). Does not validate.
     pub fn from_toml(text: &str, path: &Path) -> Result<NodeConfig, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.to_string().trim().to_string(),
+        toml::from_str(text).map_err(|e| {
+            // toml's message spans several lines (with a source excerpt): keep it to one line,
+            // "line L, column C: <what>".
+            let full = e.to_string();
+            let excerpt = |l: &str| {
+                l.split_once('|')
+                    .is_some_and(|(gutter, _)| gutter.trim().chars().all(|c| c.is_ascii_digit()))
+            };
+            let what = full
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty() && !excerpt(l))
+                .unwrap_or("");
+            let at = full
+                .lines()
+                .next()
+                .and_then(|l| l.strip_prefix("TOML parse error at "))
+                .unwrap_or("");
+            let mut message = if at.is_empty() {
+                what.trim().to_string()
+            } else {
+                format!("{at}: {}", what.trim())
+            };
+            // A value's own error (bad size, bad duration) does not name its key: add it.
+            if let Some(key) = e.span().and_then(|span| key_at(text, span.start)) {
+                if !message.contains(&key) {
+                    message = format!("`{key}`: {message}");
+                }
+            }
+            ConfigError::Parse {
+                path: path.into(),
+                message,
+            }
         })
     }
 

@@ -36,20 +36,42 @@ pub fn parse(body: &[u8], ctx: &ParseContext) -> Result<Parsed, IngestError> {
     // survive.
     let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
     let (raw, key, sent_at) = match first {
-        Some(b'[') => (serde_json::from_slice::<Vec<Box<RawValue>>>(body).map_err(malformed)?, None, None),
+        Some(b'[') => (
+            serde_json::from_slice::<Vec<Box<RawValue>>>(body).map_err(malformed)?,
+            None,
+            None,
+        ),
         Some(b'{') => {
             let top: Top = serde_json::from_slice(body).map_err(malformed)?;
-            let key = top.api_key.or(top.token).and_then(|v| v.as_str().map(str::to_string));
-            let sent = top.sent_at.as_ref().map(parse_timestamp).transpose().ok().flatten().flatten();
+            let key = top
+                .api_key
+                .or(top.token)
+                .and_then(|v| v.as_str().map(str::to_string));
+            let sent = top
+                .sent_at
+                .as_ref()
+                .map(parse_timestamp)
+                .transpose()
+                .ok()
+                .flatten()
+                .flatten();
             match top.batch {
                 Some(batch) => (batch, key, sent),
                 None => {
                     let text = std::str::from_utf8(body).map_err(malformed)?;
-                    (vec![RawValue::from_string(text.to_string()).map_err(malformed)?], None, None)
+                    (
+                        vec![RawValue::from_string(text.to_string()).map_err(malformed)?],
+                        None,
+                        None,
+                    )
                 }
             }
         }
-        _ => return Err(IngestError::Malformed("request body must be a JSON object or array".into())),
+        _ => {
+            return Err(IngestError::Malformed(
+                "request body must be a JSON object or array".into(),
+            ));
+        }
     };
     if raw.is_empty() {
         return Err(IngestError::Malformed("the batch is empty".into()));

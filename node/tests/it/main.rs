@@ -1,0 +1,9 @@
+//! Integration tests of the node: real `prism` processes driven over HTTP and Flight, plus
+//! in-process property tests against a naive reference.
+
+mod support;
+mod t10_spec_cases;
+mod t20_bad_input;
+mod t30_sdks;
+mod t40_restart;
+mod t50_exact_uniques;

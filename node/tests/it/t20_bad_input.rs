@@ -1,0 +1,240 @@
+//! Bad input gets a clear 4xx with a JSON body naming the problem, and nothing of a rejected
+//! batch is stored.
+
+use optiprism_testkit::{API_TOKEN, TestNode, WRITE_KEY};
+use serde_json::{Value, json};
+use std::io::Write;
+
+fn count_events(node: &TestNode) -> u64 {
+    let (status, answer) = node.query(&json!({
+        "kind": "trends", "date_range": {"from": "2020-01-01", "to": "2030-12-31"}, "interval": "month",
+        "series": [{"math": "total"}],
+    }));
+    assert_eq!(status, 200, "{answer}");
+    answer["totals"]["A"].as_u64().unwrap()
+}
+
+fn track(user: &str, event: &str, id: &str) -> Value {
+    json!({"type": "track", "userId": user, "event": event, "messageId": id, "timestamp": "2024-01-01T00:00:00Z"})
+}
+
+#[test]
+fn ingestion_rejects_bad_input_and_stores_nothing_of_it() {
+    let node = TestNode::start();
+    // Unknown or missing key: 401 with a JSON error.
+    let (status, body) = node.post_raw(
+        "/v1/batch",
+        br#"{"batch":[{"type":"track","userId":"u","event":"e"}]}"#.to_vec(),
+        &[],
+    );
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let (status, body) = node.post_raw(
+        "/batch/",
+        br#"{"api_key":"nope","batch":[{"event":"e","distinct_id":"d"}]}"#.to_vec(),
+        &[],
+    );
+    assert_eq!(status, 401, "{body}");
+
+    // Malformed JSON and invalid UTF-8: 400 naming the problem.
+    let (status, body) = node.post_raw("/v1/batch", b"{not json".to_vec(), &[]);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("JSON"),
+        "{body}"
+    );
+    let mut invalid_utf8 =
+        br#"{"writeKey":"x","batch":[{"type":"track","userId":"u","event":"#.to_vec();
+    invalid_utf8.extend_from_slice(&[b'"', 0xff, 0xfe, b'"', b'}', b']', b'}']);
+    let (status, body) = node.post_raw("/v1/batch", invalid_utf8, &[]);
+    assert_eq!(status, 400, "{body}");
+
+    // A batch with bad events: 400, every bad one named by index, the good ones not stored.
+    let batch = json!({"writeKey": WRITE_KEY, "batch": [
+        track("u1", "ok", "good-1"),
+        {"type": "track", "userId": "u1", "messageId": "no-event"},
+        {"type": "track", "event": "x", "messageId": "no-user"},
+        {"type": "track", "userId": "u1", "event": "old", "timestamp": "1970-01-01T00:00:00Z"},
+        {"type": "track", "userId": "u1", "event": "big", "properties": {"blob": "x".repeat(40_000)}},
+        track("u2", "ok", "good-2"),
+    ]});
+    let (status, body) = node.post_raw("/v1/batch", serde_json::to_vec(&batch).unwrap(), &[]);
+    assert_eq!(status, 400, "{body}");
+    let indexes: Vec<u64> = body["error"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indexes, [1, 2, 3, 4], "{body}");
+    let messages: Vec<&str> = body["error"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["error"].as_str().unwrap())
+        .collect();
+    assert!(
+        messages[0].contains("`event`") && messages[1].contains("userId"),
+        "{messages:?}"
+    );
+    assert!(
+        messages[2].contains("outside the accepted range") && messages[3].contains("limit"),
+        "{messages:?}"
+    );
+    assert_eq!(
+        count_events(&node),
+        0,
+        "nothing of a rejected batch may be stored"
+    );
+
+    // A body over the batch limit: 413 with a JSON body.
+    let huge = json!({"writeKey": WRITE_KEY, "batch": (0..40).map(|i| json!({"type":"track","userId":"u","event":"e","messageId":i.to_string(),"properties":{"p":"y".repeat(20_000)}})).collect::<Vec<_>>()});
+    let (status, body) = node.post_raw("/v1/batch", serde_json::to_vec(&huge).unwrap(), &[]);
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "too_large");
+    assert_eq!(count_events(&node), 0);
+
+    // Good batches are stored once, however often they are retried.
+    let good =
+        json!({"writeKey": WRITE_KEY, "batch": [track("u1", "ok", "g1"), track("u2", "ok", "g2")]});
+    for attempt in 0..3 {
+        let (status, body) = node.post("/v1/batch", &good);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["duplicates"].as_u64(),
+            Some(if attempt == 0 { 0 } else { 2 }),
+            "{body}"
+        );
+    }
+    assert_eq!(count_events(&node), 2);
+}
+
+#[test]
+fn gzip_cors_and_posthog_shapes_are_accepted() {
+    let node = TestNode::start();
+    let body = serde_json::to_vec(&json!({"api_key": WRITE_KEY, "batch": [
+        {"event": "g", "distinct_id": "d1", "uuid": "z1", "timestamp": "2024-01-01T00:00:00Z"},
+    ]}))
+    .unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&body).unwrap();
+    let gz = gz.finish().unwrap();
+    // With and without Content-Encoding.
+    let (status, answer) = node.post_raw("/batch/", gz.clone(), &[("content-encoding", "gzip")]);
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = node.post_raw("/e/", gz, &[("content-type", "text/plain")]);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["duplicates"], 1);
+    // A single event and an array on the other capture paths.
+    let single = json!({"event": "g", "distinct_id": "d2", "api_key": WRITE_KEY, "uuid": "z2", "timestamp": "2024-01-01T00:00:00Z"});
+    assert_eq!(
+        node.post_raw("/i/v0/e/", serde_json::to_vec(&single).unwrap(), &[])
+            .0,
+        200
+    );
+    let array = json!([{"event": "g", "distinct_id": "d3", "uuid": "z3", "properties": {"token": WRITE_KEY}, "timestamp": "2024-01-01T00:00:00Z"}]);
+    assert_eq!(
+        node.post_raw("/capture/", serde_json::to_vec(&array).unwrap(), &[])
+            .0,
+        200
+    );
+    // Segment's browser short path with `text/plain`, as analytics.js sends to avoid preflights.
+    let t = json!({"writeKey": WRITE_KEY, "userId": "d4", "event": "g", "messageId": "z4", "timestamp": "2024-01-01T00:00:00Z"});
+    assert_eq!(
+        node.post_raw(
+            "/v1/t",
+            serde_json::to_vec(&t).unwrap(),
+            &[("content-type", "text/plain")]
+        )
+        .0,
+        200
+    );
+    assert_eq!(count_events_named(&node, "g"), 4);
+    // CORS preflight.
+    let client = reqwest::blocking::Client::new();
+    let response = client
+        .request(reqwest::Method::OPTIONS, format!("{}/v1/batch", node.http))
+        .header("origin", "https://app.example.com")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type,authorization",
+        )
+        .send()
+        .unwrap();
+    assert!(response.status().is_success());
+    assert!(
+        response
+            .headers()
+            .get("access-control-allow-origin")
+            .is_some()
+    );
+}
+
+fn count_events_named(node: &TestNode, event: &str) -> u64 {
+    let (_, answer) = node.query(&json!({
+        "kind": "trends", "date_range": {"from": "2024-01-01", "to": "2024-01-01"},
+        "series": [{"event": event}],
+    }));
+    answer["totals"]["A"].as_u64().unwrap()
+}
+
+#[test]
+fn queries_reject_bad_tokens_and_name_bad_fields() {
+    let node = TestNode::start();
+    let client = reqwest::blocking::Client::new();
+    let url = format!("{}/api/v1/projects/default/query", node.http);
+    let response = client.post(&url).body("{}").send().unwrap();
+    assert_eq!(response.status().as_u16(), 401);
+    let response = client
+        .post(&url)
+        .bearer_auth("pat_wrong_token")
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 401);
+    let response = client
+        .post(format!("{}/api/v1/projects/other/query", node.http))
+        .bearer_auth(API_TOKEN)
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 403);
+    let (status, body) = node.query(&json!({"kind": "trends", "date_range": {"from": "2024-01-01", "to": "2024-01-02"}, "series": [{"event": "e", "math": "bogus"}]}));
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["field"], "series[0].math", "{body}");
+    let (status, body) = node.query(&json!({"kind": "trends", "date_range": {"from": "2024-01-01", "to": "2024-01-02"}, "series": [{"event": "e", "filters": [{"key": "p", "op": "regex", "value": "(unclosed"}]}]}));
+    assert_eq!(status, 400);
+    assert_eq!(
+        body["error"]["field"], "series[0].filters[0].value",
+        "{body}"
+    );
+    // Over Flight: InvalidArgument naming the field.
+    let err = node
+        .flight_query(
+            &json!({"kind": "trends", "date_range": {"from": "2024-01-01"}, "series": []}),
+        )
+        .unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("InvalidArgument")
+            || text.contains("invalid argument")
+            || text.contains("Invalid argument"),
+        "{text}"
+    );
+    assert!(text.contains("date_range.to"), "{text}");
+    let err = node.sql("SELEC 1").unwrap_err();
+    assert!(
+        format!("{err:#}").to_lowercase().contains("invalid"),
+        "{err:#}"
+    );
+    // Unknown routes are JSON too.
+    let response = client.get(format!("{}/nope", node.http)).send().unwrap();
+    assert_eq!(response.status().as_u16(), 404);
+    assert!(
+        response.json::<Value>().unwrap()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/nope")
+    );
+}
