@@ -37,11 +37,20 @@ pub fn stored_ids(node: &optiprism_testkit::TestNode) -> anyhow::Result<HashMap<
 
 /// Checks the exactly-once invariant: every acknowledged id stored once, nothing stored twice.
 pub fn check_exactly_once(history: &History, stored: &HashMap<String, u64>) -> Result<(), String> {
-    let missing: Vec<&String> = history.acknowledged.iter().filter(|id| !stored.contains_key(*id)).take(10).collect();
+    let missing: Vec<&String> = history
+        .acknowledged
+        .iter()
+        .filter(|id| !stored.contains_key(*id))
+        .take(10)
+        .collect();
     if !missing.is_empty() {
         return Err(format!(
             "{} acknowledged event(s) lost, e.g. {missing:?}",
-            history.acknowledged.iter().filter(|id| !stored.contains_key(*id)).count()
+            history
+                .acknowledged
+                .iter()
+                .filter(|id| !stored.contains_key(*id))
+                .count()
         ));
     }
     let doubled: Vec<(&String, &u64)> = stored.iter().filter(|(_, n)| **n > 1).take(10).collect();

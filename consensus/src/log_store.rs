@@ -111,12 +111,13 @@ impl RaftLogReader<TypeConfig> for SledLogStore {
         // Fast path: the whole range is cached (the apply right after an append).
         {
             let cache = self.cache.lock();
-            if let (Some(e), Some((&first, _))) = (end, cache.first_key_value()) {
-                if first <= start && cache.contains_key(&(e - 1)) {
-                    let entries: Vec<_> = cache.range(start..e).map(|(_, v)| v.clone()).collect();
-                    if entries.len() as u64 == e - start {
-                        return Ok(entries);
-                    }
+            if let (Some(e), Some((&first, _))) = (end, cache.first_key_value())
+                && first <= start
+                && cache.contains_key(&(e - 1))
+            {
+                let entries: Vec<_> = cache.range(start..e).map(|(_, v)| v.clone()).collect();
+                if entries.len() as u64 == e - start {
+                    return Ok(entries);
                 }
             }
         }

@@ -428,7 +428,7 @@ impl<B: FlightBackend> FlightSqlService for SqlService<B> {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         self.session(request.metadata())?;
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         metadata_info(&query.as_any(), &schema, request.into_inner())
     }
 

@@ -107,9 +107,9 @@ impl ByteSize {
 
 impl Serialize for ByteSize {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if self.0 % (1 << 20) == 0 && self.0 > 0 {
+        if self.0.is_multiple_of(1 << 20) && self.0 > 0 {
             s.serialize_str(&format!("{}MiB", self.0 >> 20))
-        } else if self.0 % (1 << 10) == 0 && self.0 > 0 {
+        } else if self.0.is_multiple_of(1 << 10) && self.0 > 0 {
             s.serialize_str(&format!("{}KiB", self.0 >> 10))
         } else {
             s.serialize_str(&self.0.to_string())
@@ -399,10 +399,10 @@ impl NodeConfig {
                 format!("{at}: {}", what.trim())
             };
             // A value's own error (bad size, bad duration) does not name its key: add it.
-            if let Some(key) = e.span().and_then(|span| key_at(text, span.start)) {
-                if !message.contains(&key) {
-                    message = format!("`{key}`: {message}");
-                }
+            if let Some(key) = e.span().and_then(|span| key_at(text, span.start))
+                && !message.contains(&key)
+            {
+                message = format!("`{key}`: {message}");
             }
             ConfigError::Parse {
                 path: path.into(),

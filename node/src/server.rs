@@ -313,7 +313,7 @@ pub async fn start(
         &db,
         flusher.clone(),
         meta_core,
-        router.clone(),
+        Arc::<LocalRouter>::clone(&router),
         &groups,
     )
     .await?;
@@ -336,7 +336,7 @@ pub async fn start(
             &db,
             flusher.clone(),
             core,
-            router.clone(),
+            Arc::<LocalRouter>::clone(&router),
             &groups,
         )
         .await?;

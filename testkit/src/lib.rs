@@ -119,15 +119,15 @@ impl TestNode {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!("prism exited with {status} while starting:\n{}", self.log());
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("prism exited with {status} while starting:\n{}", self.log());
             }
-            if let Ok(r) = self.client.get(format!("{}/readyz", self.http)).send() {
-                if r.status().is_success() {
-                    return;
-                }
+            if let Ok(r) = self.client.get(format!("{}/readyz", self.http)).send()
+                && r.status().is_success()
+            {
+                return;
             }
             if Instant::now() > deadline {
                 panic!("prism was not ready within 120 s:\n{}", self.log());

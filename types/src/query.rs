@@ -440,13 +440,13 @@ impl TrendsQuery {
                 "comparing to the previous period is not supported yet",
             ));
         }
-        if let Some(d) = &self.divide_by_zero {
-            if d != "null" {
-                return Err(QueryError::new(
-                    "divide_by_zero",
-                    format!("unknown value `{d}` (expected `null`)"),
-                ));
-            }
+        if let Some(d) = &self.divide_by_zero
+            && d != "null"
+        {
+            return Err(QueryError::new(
+                "divide_by_zero",
+                format!("unknown value `{d}` (expected `null`)"),
+            ));
         }
         Ok(())
     }
@@ -550,13 +550,13 @@ impl Filter {
             },
             Icontains | NotIcontains | Regex | NotRegex => match value {
                 Some(serde_json::Value::String(s)) => {
-                    if matches!(self.op, Regex | NotRegex) {
-                        if let Err(e) = regex_syntax_check(s) {
-                            return Err(QueryError::new(
-                                value_field,
-                                format!("invalid regular expression: {e}"),
-                            ));
-                        }
+                    if matches!(self.op, Regex | NotRegex)
+                        && let Err(e) = regex_syntax_check(s)
+                    {
+                        return Err(QueryError::new(
+                            value_field,
+                            format!("invalid regular expression: {e}"),
+                        ));
                     }
                 }
                 Some(serde_json::Value::Number(_)) | Some(serde_json::Value::Bool(_)) => {}

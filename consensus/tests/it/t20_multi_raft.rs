@@ -41,7 +41,7 @@ async fn start_node(
             &db,
             flusher.clone(),
             core,
-            router.clone(),
+            Arc::<LocalRouter>::clone(router),
             &fast_config(),
         )
         .await
@@ -59,10 +59,10 @@ async fn leader_of(nodes: &BTreeMap<u64, Node>, g: GroupId) -> Raft {
     for _ in 0..200 {
         for node in nodes.values() {
             let raft = &node.groups[&g].0;
-            if let Some(leader) = raft.current_leader().await {
-                if let Some(n) = nodes.get(&leader) {
-                    return n.groups[&g].0.clone();
-                }
+            if let Some(leader) = raft.current_leader().await
+                && let Some(n) = nodes.get(&leader)
+            {
+                return n.groups[&g].0.clone();
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -153,10 +153,10 @@ fn event(
         .map(parse_timestamp)
         .transpose()?
         .flatten();
-    if timestamp.is_none() {
-        if let Some(offset) = m.get("offset").and_then(Value::as_i64) {
-            timestamp = Some(ctx.received_ms - offset);
-        }
+    if timestamp.is_none()
+        && let Some(offset) = m.get("offset").and_then(Value::as_i64)
+    {
+        timestamp = Some(ctx.received_ms - offset);
     }
     let sent_at = match m.get("sent_at") {
         Some(s) => parse_timestamp(s)?,

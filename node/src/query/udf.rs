@@ -58,11 +58,12 @@ impl ScalarUDFImpl for BucketIndex {
         for v in ts.iter() {
             match v {
                 Some(ms) if ms >= start && ms < self.end_ms => {
-                    if let Some((lo, hi, idx)) = last {
-                        if ms >= lo && ms < hi {
-                            out.append_value(idx);
-                            continue;
-                        }
+                    if let Some((lo, hi, idx)) = last
+                        && ms >= lo
+                        && ms < hi
+                    {
+                        out.append_value(idx);
+                        continue;
                     }
                     let i = self.starts_ms.partition_point(|&s| s <= ms) - 1;
                     let hi = self.starts_ms.get(i + 1).copied().unwrap_or(self.end_ms);

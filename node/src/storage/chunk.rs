@@ -215,10 +215,8 @@ pub fn build_batch(events: &[&StoredEvent]) -> RecordBatch {
         for (key, value) in &e.props {
             let typed = match props.get_mut(key.as_str()) {
                 Some(b) => Some(b),
-                None => match PropBuilder::for_value(value, rows) {
-                    Some(b) => Some(props.entry(key.as_str()).or_insert(b)),
-                    None => None,
-                },
+                None => PropBuilder::for_value(value, rows)
+                    .map(|b| props.entry(key.as_str()).or_insert(b)),
             };
             let stored = match typed {
                 Some(b) => {
@@ -340,7 +338,11 @@ mod tests {
             message_id: format!("m{i}"),
             distinct_id: format!("u{}", i % 3),
             person_id: i % 3,
-            event: if i % 2 == 0 { "a".into() } else { "b".into() },
+            event: if i.is_multiple_of(2) {
+                "a".into()
+            } else {
+                "b".into()
+            },
             timestamp_ms: 1_000 + i as i64,
             props,
             person_set: vec![],

@@ -270,7 +270,7 @@ impl PartitionCore {
                 ..PersonRow::default()
             });
             person.created_at_ms = person.created_at_ms.min(e.timestamp_ms);
-            if !person.distinct_ids.iter().any(|d| *d == e.distinct_id) {
+            if !person.distinct_ids.contains(&e.distinct_id) {
                 person.distinct_ids.push(e.distinct_id.clone());
             }
             for (k, v) in &e.person_set {
