@@ -281,43 +281,46 @@ impl Ingestor {
                 }
             }
         }
-        // 3. Type, resolve and route.
+        // 3. Type, resolve and route (moving the parsed events, not copying them).
         let partitions = self.node.partition_count();
         let mut routed: BTreeMap<u32, Vec<StoredEvent>> = BTreeMap::new();
+        let events = parsed.events;
         self.node.metadata.read(|m| {
             let empty = BTreeMap::new();
             let schema = m.schemas.get(&p).unwrap_or(&empty);
             let ids = m.identities.get(&p);
-            let mut person_cache: HashMap<&str, PersonId> = HashMap::new();
-            for e in &parsed.events {
-                let person =
-                    *person_cache
-                        .entry(e.distinct_id.as_str())
-                        .or_insert_with(|| match ids {
+            let mut person_cache: HashMap<String, PersonId> = HashMap::new();
+            for e in events {
+                let person = match person_cache.get(&e.distinct_id) {
+                    Some(p) => *p,
+                    None => {
+                        let person = match ids {
                             Some(ids) => ids.person_of(p, &e.distinct_id),
                             None => PersonId::of_distinct_id(p, &e.distinct_id),
-                        });
+                        };
+                        person_cache.insert(e.distinct_id.clone(), person);
+                        person
+                    }
+                };
                 let props = e
                     .properties
-                    .iter()
+                    .into_iter()
                     .map(|(k, v)| {
-                        let ty = schema.get(k).map(|s| s.ty).unwrap_or(PropType::String);
-                        (k.clone(), Coerced::new(v, ty))
+                        let ty = schema.get(&k).map(|s| s.ty).unwrap_or(PropType::String);
+                        let value = Coerced::new(v, ty);
+                        (k, value)
                     })
                     .collect();
-                routed
-                    .entry(person.partition(partitions).0)
-                    .or_default()
-                    .push(StoredEvent {
-                        message_id: e.message_id.clone(),
-                        distinct_id: e.distinct_id.clone(),
-                        person_id: person.0,
-                        event: e.event.clone(),
-                        timestamp_ms: e.timestamp_ms,
-                        props,
-                        person_set: e.person_set.clone(),
-                        person_set_once: e.person_set_once.clone(),
-                    });
+                routed.entry(person.partition(partitions).0).or_default().push(StoredEvent {
+                    message_id: e.message_id,
+                    distinct_id: e.distinct_id,
+                    person_id: person.0,
+                    event: e.event,
+                    timestamp_ms: e.timestamp_ms,
+                    props,
+                    person_set: e.person_set,
+                    person_set_once: e.person_set_once,
+                });
             }
         });
         // 4. Propose to every partition at once; answer after all of them applied.

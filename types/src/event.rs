@@ -137,18 +137,19 @@ pub enum Coerced {
 impl Coerced {
     /// Converts `value` to `ty`. Numeric strings become numbers only when the number renders
     /// back to the same text, so the string rendering of every stored value is exact.
-    pub fn new(value: &PropValue, ty: PropType) -> Coerced {
+    pub fn new(value: PropValue, ty: PropType) -> Coerced {
         match (ty, value) {
+            (PropType::String, PropValue::Str(s) | PropValue::Json(s)) => Coerced::Str(s),
             (PropType::String, v) => Coerced::Str(v.render()),
-            (PropType::Number, PropValue::Num(n)) => Coerced::Num(*n),
+            (PropType::Number, PropValue::Num(n)) => Coerced::Num(n),
             (PropType::Number, PropValue::Str(s)) => match s.trim().parse::<f64>() {
-                Ok(n) if render_number(n) == *s => Coerced::Num(n),
-                _ => Coerced::Mismatch(s.clone()),
+                Ok(n) if render_number(n) == s => Coerced::Num(n),
+                _ => Coerced::Mismatch(s),
             },
-            (PropType::Boolean, PropValue::Bool(b)) => Coerced::Bool(*b),
-            (PropType::DateTime, PropValue::Str(s)) => match parse_datetime_ms(s) {
+            (PropType::Boolean, PropValue::Bool(b)) => Coerced::Bool(b),
+            (PropType::DateTime, PropValue::Str(s)) => match parse_datetime_ms(&s) {
                 Some(ms) => Coerced::DateTimeMs(ms),
-                None => Coerced::Mismatch(s.clone()),
+                None => Coerced::Mismatch(s),
             },
             (_, v) => Coerced::Mismatch(v.render()),
         }
@@ -190,19 +191,19 @@ mod tests {
     #[test]
     fn numeric_strings_coerce_only_when_exact() {
         assert_eq!(
-            Coerced::new(&PropValue::Str("40".into()), PropType::Number),
+            Coerced::new(PropValue::Str("40".into()), PropType::Number),
             Coerced::Num(40.0)
         );
         assert_eq!(
-            Coerced::new(&PropValue::Str("40.0".into()), PropType::Number),
+            Coerced::new(PropValue::Str("40.0".into()), PropType::Number),
             Coerced::Mismatch("40.0".into())
         );
         assert_eq!(
-            Coerced::new(&PropValue::Str("abc".into()), PropType::Number),
+            Coerced::new(PropValue::Str("abc".into()), PropType::Number),
             Coerced::Mismatch("abc".into())
         );
         assert_eq!(
-            Coerced::new(&PropValue::Num(7.0), PropType::String),
+            Coerced::new(PropValue::Num(7.0), PropType::String),
             Coerced::Str("7".into())
         );
     }

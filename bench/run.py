@@ -1,0 +1,329 @@
+#!/usr/bin/env python3
+"""Optiprism benchmark: ingestion throughput, and trends queries against DuckDB and chDB.
+
+Usage (from the repository root):
+
+    cargo build --release --bin prism --bin prismctl
+    python3 bench/run.py --events 1000000 --events 10000000
+
+For each size it generates the same events (prismctl gen, fixed seed) as an Arrow file for the
+peers and as Segment batches for Optiprism; measures HTTP ingestion with batches of 1,000 (and of
+100 on up to 1M events) with durability on; loads the file into DuckDB (native table) and chDB
+(MergeTree ordered by event and time); runs each trends query on all three in the same run,
+checks that the answers agree, and writes bench/results.json and docs/benchmarks.md.
+"""
+
+import argparse, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/optiprism/target-release"))
+WRITE_KEY = "wk_benchmark_key"
+TOKEN = "pat_benchmark_token"
+VENV = Path(os.environ.get("OPTIPRISM_BENCH_VENV", Path.home() / ".cache/optiprism/bench-venv"))
+
+
+def ensure_venv():
+    """Re-executes this script inside a venv that has the peers installed."""
+    if Path(sys.prefix).resolve() == VENV.resolve():
+        return
+    if not (VENV / "bin/python").exists():
+        subprocess.check_call([sys.executable, "-m", "venv", str(VENV)])
+    subprocess.check_call([str(VENV / "bin/pip"), "install", "-q", "-r", str(ROOT / "bench/requirements.txt")])
+    os.execv(str(VENV / "bin/python"), [str(VENV / "bin/python"), __file__] + sys.argv[1:])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def binary(name):
+    path = TARGET / "release" / name
+    if not path.exists():
+        sys.exit(f"{path} is missing: build it with `cargo build --release --bin {name}` (CARGO_TARGET_DIR={TARGET})")
+    return str(path)
+
+
+class Node:
+    def __init__(self, data_dir):
+        self.http_port, self.flight_port = free_port(), free_port()
+        self.http = f"http://127.0.0.1:{self.http_port}"
+        self.flight = f"127.0.0.1:{self.flight_port}"
+        self.log = open(Path(data_dir).parent / "prism.log", "ab")
+        self.proc = subprocess.Popen(
+            [binary("prism"), "up", "--data-dir", str(data_dir), "--http", f"127.0.0.1:{self.http_port}",
+             "--flight", self.flight, "--write-key", WRITE_KEY, "--api-token", TOKEN, "--log", "warn"],
+            stdout=self.log, stderr=self.log)
+        import urllib.request
+        for _ in range(600):
+            try:
+                if urllib.request.urlopen(self.http + "/readyz", timeout=1).status == 200:
+                    return
+            except Exception:
+                time.sleep(0.1)
+        raise RuntimeError("prism did not become ready")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+
+
+def gen_args(events, seed):
+    return ["--events", str(events), "--seed", str(seed), "--days", "90", "--start", "2024-01-01"]
+
+
+def ingest(node, events, seed, batch, concurrency):
+    out = subprocess.check_output(
+        [binary("prismctl"), "gen", *gen_args(events, seed), "--target", node.http, "--write-key", WRITE_KEY,
+         "--batch-size", str(batch), "--concurrency", str(concurrency), "--json"], stderr=subprocess.DEVNULL)
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+# Each query: our JSON, and the same question in DuckDB and ClickHouse SQL. Every query returns
+# per-bucket values plus the range total (ROLLUP), as ours does.
+def queries():
+    rng = {"from": "2024-01-01", "to": "2024-03-30"}
+    return [
+        {
+            "name": "daily total (pageview)",
+            "ours": {"kind": "trends", "date_range": rng, "interval": "day", "series": [{"event": "pageview", "math": "total"}]},
+            "duckdb": """SELECT strftime(date_trunc('day', timezone('UTC', "timestamp")), '%Y-%m-%d') AS b, count(*) AS v
+                         FROM events WHERE event = 'pageview' AND "timestamp" >= TIMESTAMPTZ '2024-01-01 00:00:00+00'
+                           AND "timestamp" < TIMESTAMPTZ '2024-03-31 00:00:00+00' GROUP BY ROLLUP (b)""",
+            "clickhouse": """SELECT toString(toDate(timestamp, 'UTC')) AS b, count() AS v FROM events
+                             WHERE event = 'pageview' AND timestamp >= toDateTime64('2024-01-01 00:00:00', 3, 'UTC')
+                               AND timestamp < toDateTime64('2024-03-31 00:00:00', 3, 'UTC') GROUP BY b WITH ROLLUP""",
+        },
+        {
+            "name": "daily unique users (pageview)",
+            "ours": {"kind": "trends", "date_range": rng, "interval": "day", "series": [{"event": "pageview", "math": "unique_users"}]},
+            "duckdb": """SELECT strftime(date_trunc('day', timezone('UTC', "timestamp")), '%Y-%m-%d') AS b, count(DISTINCT distinct_id) AS v
+                         FROM events WHERE event = 'pageview' AND "timestamp" >= TIMESTAMPTZ '2024-01-01 00:00:00+00'
+                           AND "timestamp" < TIMESTAMPTZ '2024-03-31 00:00:00+00' GROUP BY ROLLUP (b)""",
+            "clickhouse": """SELECT toString(toDate(timestamp, 'UTC')) AS b, uniqExact(distinct_id) AS v FROM events
+                             WHERE event = 'pageview' AND timestamp >= toDateTime64('2024-01-01 00:00:00', 3, 'UTC')
+                               AND timestamp < toDateTime64('2024-03-31 00:00:00', 3, 'UTC') GROUP BY b WITH ROLLUP""",
+        },
+        {
+            "name": "daily total, New York time, filtered (click, $browser = Chrome)",
+            "ours": {"kind": "trends", "timezone": "America/New_York", "date_range": rng, "interval": "day",
+                     "series": [{"event": "click", "math": "total", "filters": [{"key": "$browser", "op": "eq", "value": "Chrome"}]}]},
+            "duckdb": """SELECT strftime(date_trunc('day', timezone('America/New_York', "timestamp")), '%Y-%m-%d') AS b, count(*) AS v
+                         FROM events WHERE event = 'click' AND "$browser" = 'Chrome'
+                           AND "timestamp" >= TIMESTAMPTZ '2024-01-01 05:00:00+00' AND "timestamp" < TIMESTAMPTZ '2024-03-31 04:00:00+00'
+                         GROUP BY ROLLUP (b)""",
+            "clickhouse": """SELECT toString(toDate(timestamp, 'America/New_York')) AS b, count() AS v FROM events
+                             WHERE event = 'click' AND `$browser` = 'Chrome'
+                               AND timestamp >= toDateTime64('2024-01-01 05:00:00', 3, 'UTC')
+                               AND timestamp < toDateTime64('2024-03-31 04:00:00', 3, 'UTC') GROUP BY b WITH ROLLUP""",
+        },
+        {
+            "name": "unique users by $browser (all events)",
+            "ours": {"kind": "trends", "date_range": rng, "interval": "month", "series": [{"math": "unique_users"}],
+                     "breakdown": {"property": "$browser", "limit": 25}},
+            "duckdb": """SELECT coalesce("$browser", '(none)') AS b, count(DISTINCT distinct_id) AS v FROM events
+                         WHERE "timestamp" >= TIMESTAMPTZ '2024-01-01 00:00:00+00' AND "timestamp" < TIMESTAMPTZ '2024-03-31 00:00:00+00'
+                         GROUP BY ROLLUP (b)""",
+            "clickhouse": """SELECT ifNull(`$browser`, '(none)') AS b, uniqExact(distinct_id) AS v FROM events
+                             WHERE timestamp >= toDateTime64('2024-01-01 00:00:00', 3, 'UTC')
+                               AND timestamp < toDateTime64('2024-03-31 00:00:00', 3, 'UTC') GROUP BY b WITH ROLLUP""",
+            "by_breakdown": True,
+        },
+        {
+            "name": "hourly total, one week (all events)",
+            "ours": {"kind": "trends", "date_range": {"from": "2024-02-05", "to": "2024-02-11"}, "interval": "hour",
+                     "series": [{"math": "total"}]},
+            "duckdb": """SELECT strftime(date_trunc('hour', timezone('UTC', "timestamp")), '%Y-%m-%dT%H:00:00+00:00') AS b, count(*) AS v
+                         FROM events WHERE "timestamp" >= TIMESTAMPTZ '2024-02-05 00:00:00+00'
+                           AND "timestamp" < TIMESTAMPTZ '2024-02-12 00:00:00+00' GROUP BY ROLLUP (b)""",
+            "clickhouse": """SELECT formatDateTime(toStartOfHour(timestamp, 'UTC'), '%Y-%m-%dT%H:00:00+00:00', 'UTC') AS b, count() AS v
+                             FROM events WHERE timestamp >= toDateTime64('2024-02-05 00:00:00', 3, 'UTC')
+                               AND timestamp < toDateTime64('2024-02-12 00:00:00', 3, 'UTC') GROUP BY b WITH ROLLUP""",
+        },
+    ]
+
+
+def ours_answer(client, options, q, by_breakdown):
+    import pyarrow.flight as fl
+    t = client.do_get(fl.Ticket(json.dumps(q).encode()), options).read_all().to_pylist()
+    out = {}
+    for r in t:
+        if by_breakdown:
+            if r["breakdown"] is not None and r["bucket"] is None:
+                out[r["breakdown"]] = r["value"]
+            elif r["breakdown"] is None and r["bucket"] is None:
+                out[None] = r["value"]
+        elif r["breakdown"] is None:
+            if r["bucket"] is None:
+                out[None] = r["value"]
+            elif r["value"]:
+                out[r["bucket"]] = r["value"]
+    return out
+
+
+def rows_answer(rows):
+    return {b: float(v) for b, v in rows if v}
+
+
+def timed(fn, runs):
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def bench_size(events, seed, runs, workdir):
+    import duckdb, chdb.session, pyarrow.feather, pyarrow.parquet, pyarrow.flight as fl
+    result = {"events": events}
+    arrow_path = workdir / f"events-{events}.arrow"
+    print(f"[{events:,}] generating the Arrow file for the peers", flush=True)
+    subprocess.check_call([binary("prismctl"), "gen", *gen_args(events, seed), "--out", str(arrow_path)], stderr=subprocess.DEVNULL)
+    table = pyarrow.feather.read_table(str(arrow_path))
+
+    # Ingestion, batches of 100 (on at most 1M events) on a node of its own.
+    small = min(events, 1_000_000)
+    data = workdir / f"prism-{events}-b100" / "data"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    node = Node(data)
+    print(f"[{events:,}] ingesting {small:,} events in batches of 100", flush=True)
+    result["ingest_batch_100"] = ingest(node, small, seed, 100, 32)
+    node.stop()
+    shutil.rmtree(data.parent, ignore_errors=True)
+
+    data = workdir / f"prism-{events}" / "data"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    node = Node(data)
+    print(f"[{events:,}] ingesting {events:,} events in batches of 1,000", flush=True)
+    result["ingest_batch_1000"] = ingest(node, events, seed, 1000, 16)
+    print(f"[{events:,}] ingestion: {result['ingest_batch_1000']['events_per_second']:,.0f} events/s (batches of 1,000)", flush=True)
+
+    duck = duckdb.connect()
+    duck.execute("SET TimeZone = 'UTC'")
+    duck.register("arrow_events", table)
+    duck.execute("CREATE TABLE events AS SELECT * FROM arrow_events")
+    duck.unregister("arrow_events")
+
+    parquet_path = workdir / f"events-{events}.parquet"
+    pyarrow.parquet.write_table(table, str(parquet_path))
+    ch = chdb.session.Session(str(workdir / f"chdb-{events}"))
+    ch.query("DROP TABLE IF EXISTS events")
+    ch.query("""CREATE TABLE events (uuid String, event LowCardinality(String), timestamp DateTime64(3, 'UTC'),
+                distinct_id String, `$session_id` Nullable(String), `$browser` LowCardinality(Nullable(String)),
+                `$os` LowCardinality(Nullable(String)), country LowCardinality(Nullable(String)),
+                plan LowCardinality(Nullable(String)), `$current_url` Nullable(String), search_term Nullable(String),
+                price Nullable(Float64), duration_ms Nullable(Float64), is_mobile Nullable(Bool))
+                ENGINE = MergeTree ORDER BY (event, timestamp)""")
+    ch.query(f"INSERT INTO events SELECT * FROM file('{parquet_path}', Parquet)")
+    del table
+
+    client = fl.FlightClient("grpc://" + node.flight)
+    options = fl.FlightCallOptions(headers=[(b"authorization", ("Bearer " + TOKEN).encode())])
+    result["queries"] = []
+    for q in queries():
+        by_b = q.get("by_breakdown", False)
+        ours_t, ours = timed(lambda: ours_answer(client, options, q["ours"], by_b), runs)
+        duck_t, duck_rows = timed(lambda: duck.execute(q["duckdb"]).fetchall(), runs)
+        ch_t, ch_rows = timed(lambda: [tuple(r.split("\t")) for r in str(ch.query(q["clickhouse"], "TSV")).strip().splitlines()], runs)
+        duck_a = rows_answer(duck_rows)
+        ch_a = {(None if b in ("", "\\N") else b): float(v) for b, v in ch_rows if float(v)}
+        agree = ours == duck_a == ch_a
+        if not agree:
+            diff = {k: (ours.get(k), duck_a.get(k), ch_a.get(k)) for k in set(ours) | set(duck_a) | set(ch_a)
+                    if not (ours.get(k) == duck_a.get(k) == ch_a.get(k))}
+            print(f"  answers differ for {q['name']}: {dict(list(diff.items())[:5])}", flush=True)
+        best = min(duck_t, ch_t)
+        row = {"name": q["name"], "optiprism_s": ours_t, "duckdb_s": duck_t, "chdb_s": ch_t,
+               "ratio_to_best_peer": ours_t / best, "answers_agree": agree}
+        print(f"  {q['name']}: optiprism {ours_t*1000:.1f} ms, duckdb {duck_t*1000:.1f} ms, chdb {ch_t*1000:.1f} ms,"
+              f" ratio {ours_t/best:.2f}, agree={agree}", flush=True)
+        result["queries"].append(row)
+    node.stop()
+    shutil.rmtree(data.parent, ignore_errors=True)
+    shutil.rmtree(workdir / f"chdb-{events}", ignore_errors=True)
+    arrow_path.unlink(missing_ok=True)
+    parquet_path.unlink(missing_ok=True)
+    return result
+
+
+def machine():
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import duckdb, chdb
+    return {"cpus": os.cpu_count(), "cpu": cpu, "duckdb": duckdb.__version__, "chdb": chdb.__version__}
+
+
+def write_markdown(results):
+    m = results["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Reproduce: `cargo build --release --bin prism --bin prismctl && python3 bench/run.py"
+        + "".join(f" --events {r['events']}" for r in results["sizes"]) + "`",
+        "(`bench/run.py` installs DuckDB and chDB from PyPI into its own venv). Everything runs on the",
+        f"same machine in the same run: {m['cpus']} cores ({m['cpu']}), DuckDB {m['duckdb']}, chDB {m['chdb']}.",
+        "Data: `prismctl gen` with seed 42 (power-law activity, ~50 event types, 90 days, sessions, typed",
+        "properties). Optiprism: one node (`prism up`, 8 partitions, replication factor 1), queried over",
+        "Arrow Flight with the JSON query as ticket (end-to-end time including the network round trip);",
+        "DuckDB: an in-memory native table; chDB: a MergeTree table ordered by (event, timestamp). Every peer",
+        "computes the same per-bucket values and the range total (`ROLLUP`), and the answers are",
+        "cross-checked. Times are medians of several runs after a warm-up.",
+        "",
+        "## Ingestion (HTTP, Segment batches, durable: acknowledged after commit and flush)",
+        "",
+        "| events | batch size | clients in flight | events/s | ack latency p50 | p99 |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["sizes"]:
+        for key in ("ingest_batch_100", "ingest_batch_1000"):
+            i = r[key]
+            lines.append(f"| {i['events']:,} | {i['batch_size']:,} | {i['concurrency']} | {i['events_per_second']:,.0f} |"
+                         f" {i['latency_ms_p50']:.1f} ms | {i['latency_ms_p99']:.1f} ms |")
+    lines += ["", "## Trends queries", ""]
+    for r in results["sizes"]:
+        lines += [f"### {r['events']:,} events", "",
+                  "| query | Optiprism | DuckDB | chDB | Optiprism / best peer | answers agree |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for q in r["queries"]:
+            lines.append(f"| {q['name']} | {q['optiprism_s']*1000:.1f} ms | {q['duckdb_s']*1000:.1f} ms | {q['chdb_s']*1000:.1f} ms |"
+                         f" {q['ratio_to_best_peer']:.2f} | {'yes' if q['answers_agree'] else 'NO'} |")
+        lines.append("")
+    if results.get("notes"):
+        lines += ["## Notes", ""] + results["notes"] + [""]
+    (ROOT / "docs/benchmarks.md").write_text("\n".join(lines))
+
+
+def main():
+    ensure_venv()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--events", type=int, action="append", help="event count (repeatable)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args()
+    sizes = args.events or [1_000_000]
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="optiprism-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = {"machine": machine(), "sizes": []}
+    notes_path = ROOT / "bench/notes.md"
+    if notes_path.exists():
+        results["notes"] = notes_path.read_text().strip().splitlines()
+    for n in sizes:
+        results["sizes"].append(bench_size(n, args.seed, args.runs, workdir))
+        (ROOT / "bench/results.json").write_text(json.dumps(results, indent=2))
+        write_markdown(results)
+    print("wrote bench/results.json and docs/benchmarks.md")
+
+
+if __name__ == "__main__":
+    main()
