@@ -311,16 +311,19 @@ impl Ingestor {
                         (k, value)
                     })
                     .collect();
-                routed.entry(person.partition(partitions).0).or_default().push(StoredEvent {
-                    message_id: e.message_id,
-                    distinct_id: e.distinct_id,
-                    person_id: person.0,
-                    event: e.event,
-                    timestamp_ms: e.timestamp_ms,
-                    props,
-                    person_set: e.person_set,
-                    person_set_once: e.person_set_once,
-                });
+                routed
+                    .entry(person.partition(partitions).0)
+                    .or_default()
+                    .push(StoredEvent {
+                        message_id: e.message_id,
+                        distinct_id: e.distinct_id,
+                        person_id: person.0,
+                        event: e.event,
+                        timestamp_ms: e.timestamp_ms,
+                        props,
+                        person_set: e.person_set,
+                        person_set_once: e.person_set_once,
+                    });
             }
         });
         // 4. Propose to every partition at once; answer after all of them applied.

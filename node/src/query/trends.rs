@@ -23,7 +23,7 @@ use datafusion::datasource::MemTable;
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::functions_aggregate::expr_fn::{array_agg, count};
 use datafusion::logical_expr::{Expr, ExprFunctionExt, case, lit};
-use datafusion::prelude::SessionContext;
+use datafusion::prelude::{DataFrame, SessionContext};
 use datafusion::scalar::ScalarValue;
 use optiprism_types::ProjectId;
 use optiprism_types::answer::{
@@ -99,9 +99,10 @@ fn ts_literal(ms: i64) -> Expr {
     ))
 }
 
-/// The filtered, projected rows of one series in one partition: columns `b` (bucket),
-/// optional `v` (breakdown value), and for unique math `p` (person) and `s` (shared person).
-async fn materialize(
+/// The filtered, projected rows of one series in one partition as a DataFusion frame: columns
+/// `b` (bucket), optional `v` (breakdown value), and for unique math `p` (person) and `s`
+/// (shared person). `None` when the partition holds no rows of the project.
+fn filtered_frame(
     ctx: &SessionContext,
     rows: &ProjectRows,
     q: &TrendsQuery,
@@ -109,7 +110,7 @@ async fn materialize(
     buckets: &Buckets,
     identities: &Arc<IdentityView>,
     now_ms: i64,
-) -> DfResult<Option<Arc<MemTable>>> {
+) -> DfResult<Option<DataFrame>> {
     if rows.batches.is_empty() {
         return Ok(None);
     }
@@ -162,10 +163,59 @@ async fn materialize(
                 .alias("s"),
         );
     }
-    let df = df.select(select)?;
-    let schema = Arc::new(df.schema().as_arrow().clone());
-    let batches = df.collect().await?;
-    Ok(Some(Arc::new(MemTable::try_new(schema, vec![batches])?)))
+    Ok(Some(df.select(select)?))
+}
+
+/// Unique math: the filtered rows, materialized once for the several aggregations.
+async fn materialize(frame: DataFrame) -> DfResult<Arc<MemTable>> {
+    let schema = Arc::new(frame.schema().as_arrow().clone());
+    let batches = frame.collect().await?;
+    Ok(Arc::new(MemTable::try_new(schema, vec![batches])?))
+}
+
+/// Total math: event counts per (bucket, breakdown value), aggregated where the data is. Every
+/// other grouping (per bucket, per value, folded values, the range) is a sum of these.
+async fn count_finest(
+    frame: DataFrame,
+    with_value: bool,
+) -> DfResult<Vec<((i32, Option<String>), u64)>> {
+    let mut group = vec![named("b")];
+    if with_value {
+        group.push(named("v"));
+    }
+    let batches = frame
+        .aggregate(group, vec![count(lit(1i64)).alias("n")])?
+        .collect()
+        .await?;
+    let mut out = Vec::new();
+    for batch in batches {
+        let b = batch
+            .column_by_name("b")
+            .expect("b")
+            .as_primitive::<Int32Type>()
+            .clone();
+        let v = batch
+            .column_by_name("v")
+            .map(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8))
+            .transpose()?;
+        let n = batch
+            .column_by_name("n")
+            .expect("n")
+            .as_primitive::<Int64Type>()
+            .clone();
+        for row in 0..batch.num_rows() {
+            let value = v.as_ref().map(|a| {
+                let a = a.as_string::<i32>();
+                if a.is_null(row) {
+                    NONE_LABEL.to_string()
+                } else {
+                    a.value(row).to_string()
+                }
+            });
+            out.push(((b.value(row), value), n.value(row) as u64));
+        }
+    }
+    Ok(out)
 }
 
 /// Aggregates a materialized table by the given keys into partials.
@@ -264,6 +314,162 @@ fn folded_label(top: &[String]) -> DfResult<Expr> {
         .otherwise(lit(OTHER_LABEL))
 }
 
+fn rank(values: impl Iterator<Item = (String, f64)>, limit: usize) -> (Vec<String>, bool) {
+    let mut ranked: Vec<(String, f64)> = values.collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let folded = ranked.len() > limit;
+    (
+        ranked.into_iter().take(limit).map(|(v, _)| v).collect(),
+        folded,
+    )
+}
+
+/// A series of total math: one aggregation per partition, everything else summed.
+async fn total_series(
+    q: &TrendsQuery,
+    i: usize,
+    frames: Vec<DataFrame>,
+    buckets: &Buckets,
+) -> DfResult<SeriesAnswer> {
+    let with_value = q.breakdown.is_some();
+    let parts =
+        futures::future::try_join_all(frames.into_iter().map(|f| count_finest(f, with_value)))
+            .await?;
+    let mut finest: HashMap<(i32, Option<String>), u64> = HashMap::new();
+    for (key, n) in parts.into_iter().flatten() {
+        *finest.entry(key).or_default() += n;
+    }
+    let mut values = vec![0.0; buckets.len()];
+    for ((b, _), n) in &finest {
+        values[*b as usize] += *n as f64;
+    }
+    let mut series = SeriesAnswer {
+        id: q.series_id(i),
+        total: values.iter().sum(),
+        values,
+        breakdown: Vec::new(),
+    };
+    if let Some(b) = &q.breakdown {
+        let mut per_value: HashMap<String, f64> = HashMap::new();
+        for ((_, v), n) in &finest {
+            *per_value.entry(v.clone().unwrap_or_default()).or_default() += *n as f64;
+        }
+        let (top, folded) = rank(per_value.into_iter(), b.limit);
+        let mut labels = top.clone();
+        if folded {
+            labels.push(OTHER_LABEL.to_string());
+        }
+        let mut rows: HashMap<&str, Vec<f64>> = labels
+            .iter()
+            .map(|l| (l.as_str(), vec![0.0; buckets.len()]))
+            .collect();
+        for ((bucket, v), n) in &finest {
+            let v = v.as_deref().unwrap_or_default();
+            let label = if top.iter().any(|t| t == v) {
+                v
+            } else {
+                OTHER_LABEL
+            };
+            if let Some(row) = rows.get_mut(label) {
+                row[*bucket as usize] += *n as f64;
+            }
+        }
+        for label in &labels {
+            let values = rows.remove(label.as_str()).unwrap_or_default();
+            series.breakdown.push(BreakdownAnswer {
+                value: label.clone(),
+                total: values.iter().sum(),
+                values,
+            });
+        }
+    }
+    Ok(series)
+}
+
+/// A series of unique-user math: distinct persons per group, merged exactly.
+async fn unique_series(
+    ctx: &SessionContext,
+    q: &TrendsQuery,
+    i: usize,
+    frames: Vec<DataFrame>,
+    buckets: &Buckets,
+) -> DfResult<SeriesAnswer> {
+    let math = Math::UniqueUsers;
+    let tables: Vec<Arc<MemTable>> =
+        futures::future::try_join_all(frames.into_iter().map(materialize)).await?;
+    let run_aggregate = |by_bucket: bool, label: Option<Expr>| {
+        let tables = &tables;
+        async move {
+            let parts = futures::future::try_join_all(
+                tables
+                    .iter()
+                    .map(|t| aggregate(ctx, t, by_bucket, label.clone(), true)),
+            )
+            .await?;
+            let mut merged: HashMap<GroupKey, Merged> = HashMap::new();
+            for (key, partial) in parts.into_iter().flatten() {
+                merged.entry(key).or_default().add(partial);
+            }
+            Ok::<_, DataFusionError>(merged)
+        }
+    };
+    let by_bucket = run_aggregate(true, None).await?;
+    let total = run_aggregate(false, None).await?;
+    let mut series = SeriesAnswer {
+        id: q.series_id(i),
+        values: (0..buckets.len())
+            .map(|b| {
+                by_bucket
+                    .get(&(Some(b as i32), None))
+                    .map(|m| m.value(math))
+                    .unwrap_or(0.0)
+            })
+            .collect(),
+        total: total
+            .get(&(None, None))
+            .map(|m| m.value(math))
+            .unwrap_or(0.0),
+        breakdown: Vec::new(),
+    };
+    if let Some(b) = &q.breakdown {
+        // Rank every value by distinct persons over the whole range, then fold the rest, so
+        // `(other)` counts each person once across the folded values.
+        let ranking = run_aggregate(false, Some(label_expr())).await?;
+        let (top, folded) = rank(
+            ranking
+                .iter()
+                .filter_map(|((_, v), m)| v.clone().map(|v| (v, m.value(math)))),
+            b.limit,
+        );
+        let label = folded_label(&top)?;
+        let by_bucket = run_aggregate(true, Some(label.clone())).await?;
+        let totals = run_aggregate(false, Some(label)).await?;
+        let mut labels = top;
+        if folded {
+            labels.push(OTHER_LABEL.to_string());
+        }
+        for label in labels {
+            let key = Some(label.clone());
+            series.breakdown.push(BreakdownAnswer {
+                values: (0..buckets.len())
+                    .map(|bk| {
+                        by_bucket
+                            .get(&(Some(bk as i32), key.clone()))
+                            .map(|m| m.value(math))
+                            .unwrap_or(0.0)
+                    })
+                    .collect(),
+                total: totals
+                    .get(&(None, key))
+                    .map(|m| m.value(math))
+                    .unwrap_or(0.0),
+                value: label,
+            });
+        }
+    }
+    Ok(series)
+}
+
 /// Runs a trends query.
 pub async fn run(
     engine: &QueryEngine,
@@ -287,94 +493,17 @@ pub async fn run(
             buckets.end_ms,
             events.as_deref(),
         );
-        let unique = s.math == Math::UniqueUsers;
-        // Phase 1: filter and project every partition concurrently.
-        let tables: Vec<Arc<MemTable>> = futures::future::try_join_all(
-            snapshots
-                .iter()
-                .map(|rows| materialize(&ctx, rows, q, i, &buckets, &identities, now_ms)),
-        )
-        .await?
-        .into_iter()
-        .flatten()
-        .collect();
-        let merge_groups = |parts: Vec<Vec<(GroupKey, Partial)>>| {
-            let mut merged: HashMap<GroupKey, Merged> = HashMap::new();
-            for (key, partial) in parts.into_iter().flatten() {
-                merged.entry(key).or_default().add(partial);
-            }
-            merged
+        let frames: Vec<DataFrame> = snapshots
+            .iter()
+            .map(|rows| filtered_frame(&ctx, rows, q, i, &buckets, &identities, now_ms))
+            .collect::<DfResult<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        let series = match s.math {
+            Math::UniqueUsers => unique_series(&ctx, q, i, frames, &buckets).await?,
+            _ => total_series(q, i, frames, &buckets).await?,
         };
-        let run_aggregate = |by_bucket: bool, label: Option<Expr>| {
-            let ctx = &ctx;
-            let tables = &tables;
-            async move {
-                let parts = futures::future::try_join_all(
-                    tables
-                        .iter()
-                        .map(|t| aggregate(ctx, t, by_bucket, label.clone(), unique)),
-                )
-                .await?;
-                Ok::<_, DataFusionError>(merge_groups(parts))
-            }
-        };
-        let unbroken_buckets = run_aggregate(true, None).await?;
-        let unbroken_total = run_aggregate(false, None).await?;
-        let mut series = SeriesAnswer {
-            id: q.series_id(i),
-            values: (0..buckets.len())
-                .map(|b| {
-                    unbroken_buckets
-                        .get(&(Some(b as i32), None))
-                        .map(|m| m.value(s.math))
-                        .unwrap_or(0.0)
-                })
-                .collect(),
-            total: unbroken_total
-                .get(&(None, None))
-                .map(|m| m.value(s.math))
-                .unwrap_or(0.0),
-            breakdown: Vec::new(),
-        };
-        if let Some(b) = &q.breakdown {
-            // Rank every value by the series' metric over the whole range.
-            let ranking = run_aggregate(false, Some(label_expr())).await?;
-            let mut ranked: Vec<(String, f64)> = ranking
-                .iter()
-                .filter_map(|((_, v), m)| v.clone().map(|v| (v, m.value(s.math))))
-                .collect();
-            ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-            let top: Vec<String> = ranked
-                .iter()
-                .take(b.limit)
-                .map(|(v, _)| v.clone())
-                .collect();
-            let folded = folded_label(&top)?;
-            let by_bucket = run_aggregate(true, Some(folded.clone())).await?;
-            let totals = run_aggregate(false, Some(folded)).await?;
-            let mut labels = top.clone();
-            if ranked.len() > top.len() {
-                labels.push(OTHER_LABEL.to_string());
-            }
-            for label in labels {
-                let key = Some(label.clone());
-                series.breakdown.push(BreakdownAnswer {
-                    values: (0..buckets.len())
-                        .map(|bk| {
-                            by_bucket
-                                .get(&(Some(bk as i32), key.clone()))
-                                .map(|m| m.value(s.math))
-                                .unwrap_or(0.0)
-                        })
-                        .collect(),
-                    total: totals
-                        .get(&(None, key))
-                        .map(|m| m.value(s.math))
-                        .unwrap_or(0.0),
-                    value: label,
-                });
-            }
-        }
         answer.series.push(series);
     }
     Ok(answer)

@@ -108,6 +108,29 @@ fn reference(log: &Log, limit: usize) -> (Vec<f64>, f64, Vec<(String, f64)>) {
     )
 }
 
+/// The reference for total math: event counts.
+fn reference_counts(log: &Log, limit: usize) -> (Vec<f64>, f64, Vec<(String, f64)>) {
+    let mut per_day = vec![0.0; 5];
+    let mut per_value: BTreeMap<String, f64> = BTreeMap::new();
+    for &(_, day, browser, _) in &log.events {
+        per_day[day as usize] += 1.0;
+        let label = browser
+            .map(|b| BROWSERS[b as usize].to_string())
+            .unwrap_or_else(|| "(none)".into());
+        *per_value.entry(label).or_default() += 1.0;
+    }
+    let mut ranked: Vec<(String, f64)> = per_value.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut breakdown: Vec<(String, f64)> = ranked.iter().take(limit).cloned().collect();
+    if ranked.len() > limit {
+        breakdown.push((
+            "(other)".into(),
+            ranked[limit..].iter().map(|(_, n)| n).sum(),
+        ));
+    }
+    (per_day.clone(), per_day.iter().sum(), breakdown)
+}
+
 #[test]
 fn unique_users_across_partitions_match_a_naive_reference() {
     let runtime = Arc::new(
@@ -197,7 +220,7 @@ fn unique_users_across_partitions_match_a_naive_reference() {
                 }
                 let query = json!({
                     "kind": "trends", "date_range": {"from": "2024-06-01", "to": "2024-06-05"},
-                    "series": [{"event": "view", "math": "unique_users"}],
+                    "series": [{"event": "view", "math": "unique_users"}, {"event": "view", "math": "total"}],
                     "breakdown": {"property": "browser", "limit": 2},
                 });
                 let Query::Trends(_) = parse_query(query.to_string().as_bytes()).unwrap();
@@ -228,6 +251,18 @@ fn unique_users_across_partitions_match_a_naive_reference() {
                 })
                 .collect();
             prop_assert_eq!(got, breakdown);
+            // Total math: counts per day, per value with the same top-2 + (other) folding.
+            let (count_days, count_total, count_breakdown) = reference_counts(&log, 2);
+            let got_days: Vec<f64> = result["series"]["B"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            prop_assert_eq!(got_days, count_days);
+            prop_assert_eq!(result["totals"]["B"].as_f64().unwrap(), count_total);
+            let got: Vec<(String, f64)> = result["breakdown"]["series"]["B"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| (b["value"].as_str().unwrap().to_string(), b["total"].as_f64().unwrap()))
+                .collect();
+            prop_assert_eq!(got, count_breakdown);
             Ok(())
         })
         .unwrap();
