@@ -96,7 +96,8 @@ async fn serve(config: NodeConfig, query_runtime: tokio::runtime::Handle) -> any
     let _ = std::io::stdout().flush();
     tracing::info!(node_id = node.config.node.id, "node ready");
     shutdown_signal().await;
-    tracing::info!("shutting down: stopping front ends");
+    tracing::info!("shutting down: draining, then stopping front ends");
+    node.begin_drain();
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
         let _ = http.await;

@@ -226,9 +226,15 @@ impl NodeShared {
         }
     }
 
+    /// Starts draining: `/readyz` turns unready and new writes get 503 with `Retry-After`, while
+    /// requests already in flight finish.
+    pub fn begin_drain(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
     /// Stops taking writes, seals, stops the groups and flushes storage.
     pub async fn shutdown(&self) {
-        self.shutting_down.store(true, Ordering::SeqCst);
+        self.begin_drain();
         self.seal_all();
         for g in &self.partitions {
             let _ = g.raft.shutdown().await;

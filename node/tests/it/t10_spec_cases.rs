@@ -107,6 +107,20 @@ fn time_zones_and_breakdowns_follow_the_spec_examples() {
     assert_json_numbers(&ny["series"]["A"], &json!([2, 1, 1]), "New York");
     let (_, utc) = node.query(&q("UTC"));
     assert_json_numbers(&utc["series"]["A"], &json!([2, 2, 0]), "UTC");
+    // Hourly buckets, labelled with their local offset.
+    let (_, hourly) = node.query(
+        &json!({"kind": "trends", "timezone": "America/New_York", "interval": "hour",
+        "date_range": {"from": "2024-03-01", "to": "2024-03-01"}, "series": [{"event": "tz"}]}),
+    );
+    let values = hourly["series"]["A"].as_array().unwrap();
+    assert_eq!(values.len(), 24);
+    assert_eq!(hourly["buckets"][4], "2024-03-01T04:00:00-05:00");
+    assert_eq!(
+        (values[4].as_f64(), values[21].as_f64()),
+        (Some(1.0), Some(1.0)),
+        "{hourly}"
+    );
+    assert_json_numbers(&hourly["totals"]["A"], &json!(2), "hourly total");
     // §2.5, example 2.D: top 2 browsers plus (other), for totals and unique users.
     let views = [
         ("u1", "Chrome"),

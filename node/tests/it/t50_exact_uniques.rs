@@ -268,3 +268,54 @@ fn unique_users_across_partitions_match_a_naive_reference() {
         .unwrap();
     runtime.block_on(node.shutdown());
 }
+
+#[test]
+fn a_draining_node_answers_503_with_retry_after() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::default();
+    config.node.data_dir = dir.path().to_path_buf();
+    config.cluster.partitions = 2;
+    config.bootstrap.write_key = Some(optiprism_testkit::WRITE_KEY.into());
+    let node = runtime
+        .block_on(server::start(config, runtime.handle().clone()))
+        .unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = optiprism_node::http::router(Arc::clone(&node));
+    runtime.spawn(async move { axum::serve(listener, app).await });
+    let client = reqwest::blocking::Client::new();
+    let batch = json!({"writeKey": optiprism_testkit::WRITE_KEY, "batch": [{"type": "track", "userId": "u", "event": "e", "messageId": "1"}]});
+    let ok = client
+        .post(format!("{url}/v1/batch"))
+        .json(&batch)
+        .send()
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    node.begin_drain();
+    let refused = client
+        .post(format!("{url}/v1/batch"))
+        .json(&batch)
+        .send()
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 503);
+    assert_eq!(refused.headers().get("retry-after").unwrap(), "1");
+    let body: serde_json::Value = refused.json().unwrap();
+    assert_eq!(body["error"]["code"], "unavailable");
+    assert_eq!(
+        client
+            .get(format!("{url}/readyz"))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16(),
+        503
+    );
+    runtime.block_on(node.shutdown());
+}
