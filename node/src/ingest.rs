@@ -15,7 +15,7 @@ use crate::config::IngestSection;
 use crate::metadata::{MetaCommand, MetaResponse, Project};
 use crate::server::{NodeShared, ProposeError};
 use crate::storage::chunk::StoredEvent;
-use crate::storage::partition::{IngestOutcome, PartitionCommand};
+use crate::storage::partition::IngestOutcome;
 use optiprism_types::PersonId;
 use optiprism_types::event::{Coerced, Event, PropType, PropValue};
 use serde::Serialize;
@@ -170,6 +170,42 @@ pub fn id_string(v: Option<&serde_json::Value>) -> Option<String> {
         serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
         serde_json::Value::Number(n) => Some(n.to_string()),
         _ => None,
+    }
+}
+
+/// A distinct or message id as SDKs send it: a string, or a number (rendered as text). Empty
+/// strings and JSON nulls read as absent.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Id(pub Option<String>);
+
+impl<'de> serde::Deserialize<'de> for Id {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Id;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or a number")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Id, E> {
+                Ok(Id((!v.is_empty()).then(|| v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Id, E> {
+                Ok(Id((!v.is_empty()).then_some(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Id, E> {
+                Ok(Id(Some(v.to_string())))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Id, E> {
+                Ok(Id(Some(v.to_string())))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Id, E> {
+                Ok(Id(Some(optiprism_types::event::render_number(v))))
+            }
+            fn visit_unit<E>(self) -> Result<Id, E> {
+                Ok(Id(None))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -330,11 +366,8 @@ impl Ingestor {
         let proposals = routed.into_iter().map(|(partition, events)| {
             let node = Arc::clone(&self.node);
             async move {
-                node.propose_partition(
-                    optiprism_types::PartitionId(partition),
-                    PartitionCommand::Ingest { project: p, events },
-                )
-                .await
+                node.propose_events(optiprism_types::PartitionId(partition), p, events)
+                    .await
             }
         });
         let outcomes: Vec<IngestOutcome> = futures::future::try_join_all(proposals).await?;

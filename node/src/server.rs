@@ -8,7 +8,10 @@
 use crate::config::{DEFAULT_PROJECT, NodeConfig};
 use crate::metadata::{MetaCommand, MetaResponse, MetadataCore, MetadataHandle, Project};
 use crate::query::QueryEngine;
-use crate::storage::partition::{IngestOutcome, PartitionCommand, PartitionCore};
+use crate::storage::chunk::StoredEvent;
+use crate::storage::partition::{
+    IngestOutcome, LocalProposals, PartitionCommand, PartitionCore, encode_events,
+};
 use anyhow::Context;
 use openraft::error::{ClientWriteError, RaftError};
 use optiprism_consensus::flusher::Flusher;
@@ -84,6 +87,11 @@ struct Group<S> {
     state_machine: StateMachineStore<S>,
 }
 
+struct PartitionGroup {
+    group: Group<PartitionCore>,
+    local: LocalProposals,
+}
+
 /// What every front end (HTTP, Flight) of the node shares.
 pub struct NodeShared {
     /// The validated configuration.
@@ -98,7 +106,11 @@ pub struct NodeShared {
     pub query_runtime: tokio::runtime::Handle,
     node_id: u64,
     meta: Group<MetadataCore>,
-    partitions: Vec<Group<PartitionCore>>,
+    partitions: Vec<PartitionGroup>,
+    /// Proposal tokens: a random epoch per process, then a counter, so tokens of a crashed
+    /// process replayed from the log never match this process's.
+    token_epoch: u64,
+    next_token: AtomicU64,
     shutting_down: AtomicBool,
     db: sled::Db,
 }
@@ -169,17 +181,29 @@ impl NodeShared {
         })
     }
 
-    /// Commits a partition command; returns once it is applied.
-    pub async fn propose_partition(
+    /// Commits events of a project to a partition; returns once they are applied.
+    pub async fn propose_events(
         &self,
         p: PartitionId,
-        command: PartitionCommand,
+        project: optiprism_types::ProjectId,
+        events: Vec<StoredEvent>,
     ) -> Result<IngestOutcome, ProposeError> {
-        let group = &self.partitions[p.0 as usize];
-        let bytes = self
+        let partition = &self.partitions[p.0 as usize];
+        let group = &partition.group;
+        let token = (u128::from(self.token_epoch) << 64)
+            | u128::from(self.next_token.fetch_add(1, Ordering::Relaxed));
+        let command = PartitionCommand::Ingest {
+            project,
+            token,
+            events: encode_events(&events),
+        };
+        partition.local.insert(token, events);
+        let result = self
             .propose(group.id, &group.raft, optiprism_consensus::encode(&command))
-            .await?;
-        optiprism_consensus::decode(&bytes).map_err(|e| ProposeError::Fatal {
+            .await;
+        // Applied proposals took their events; a failed one must not leave them behind.
+        partition.local.take(token);
+        optiprism_consensus::decode(&result?).map_err(|e| ProposeError::Fatal {
             group: group.id,
             message: format!("undecodable response: {e}"),
         })
@@ -189,7 +213,7 @@ impl NodeShared {
     pub fn is_ready(&self) -> bool {
         !self.is_shutting_down()
             && std::iter::once(&self.meta.raft)
-                .chain(self.partitions.iter().map(|g| &g.raft))
+                .chain(self.partitions.iter().map(|g| &g.group.raft))
                 .all(|r| r.metrics().borrow().current_leader.is_some())
     }
 
@@ -207,7 +231,7 @@ impl NodeShared {
         };
         push(self.meta.id, &self.meta.raft);
         for g in &self.partitions {
-            push(g.id, &g.raft);
+            push(g.group.id, &g.group.raft);
         }
         out
     }
@@ -220,8 +244,8 @@ impl NodeShared {
     /// Seals every partition now.
     pub fn seal_all(&self) {
         for g in &self.partitions {
-            if let Err(e) = g.state_machine.persist_now() {
-                tracing::error!(partition_id = %g.id, error = %e, "sealing failed");
+            if let Err(e) = g.group.state_machine.persist_now() {
+                tracing::error!(partition_id = %g.group.id, error = %e, "sealing failed");
             }
         }
     }
@@ -237,7 +261,7 @@ impl NodeShared {
         self.begin_drain();
         self.seal_all();
         for g in &self.partitions {
-            let _ = g.raft.shutdown().await;
+            let _ = g.group.raft.shutdown().await;
         }
         let _ = self.meta.raft.shutdown().await;
         if let Err(e) = self.db.flush_async().await {
@@ -335,6 +359,7 @@ pub async fn start(
         let core = PartitionCore::open(&db, PartitionId(p), config.storage.seal_rows)
             .map_err(|e| anyhow::anyhow!("cannot open partition {p}: {e}"))?;
         partition_data.push(core.data());
+        let local = core.local_proposals();
         let group = GroupId::partition(PartitionId(p));
         let (raft, state_machine, _) = start_group(
             node_id,
@@ -347,10 +372,13 @@ pub async fn start(
         )
         .await?;
         router.register(node_id, group, raft.clone());
-        partition_groups.push(Group {
-            id: group,
-            raft,
-            state_machine,
+        partition_groups.push(PartitionGroup {
+            group: Group {
+                id: group,
+                raft,
+                state_machine,
+            },
+            local,
         });
     }
     let advertise =
@@ -360,7 +388,7 @@ pub async fn start(
         http: advertise(&config.node.http_listen, &config.node.http_advertise),
         flight: advertise(&config.node.flight_listen, &config.node.flight_advertise),
     };
-    for raft in std::iter::once(&meta.raft).chain(partition_groups.iter().map(|g| &g.raft)) {
+    for raft in std::iter::once(&meta.raft).chain(partition_groups.iter().map(|g| &g.group.raft)) {
         if !raft.is_initialized().await? {
             raft.initialize(BTreeMap::from([(node_id, me.clone())]))
                 .await
@@ -369,7 +397,7 @@ pub async fn start(
     }
     wait_for_leader(&meta.raft, node_id, meta.id).await?;
     for g in &partition_groups {
-        wait_for_leader(&g.raft, node_id, g.id).await?;
+        wait_for_leader(&g.group.raft, node_id, g.group.id).await?;
     }
     let node = Arc::new(NodeShared {
         query: QueryEngine::new(partition_data, metadata.clone()),
@@ -379,6 +407,8 @@ pub async fn start(
         node_id,
         meta,
         partitions: partition_groups,
+        token_epoch: rand::random(),
+        next_token: AtomicU64::new(0),
         shutting_down: AtomicBool::new(false),
         db,
         config,

@@ -54,6 +54,103 @@ impl PropValue {
     }
 }
 
+/// A JSON object of properties read straight into a list (JSON nulls dropped), without building
+/// a `serde_json::Value` map first: ingestion reads millions of these.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Properties(pub Vec<(String, PropValue)>);
+
+struct OptionalPropValue(Option<PropValue>);
+
+impl<'de> Deserialize<'de> for OptionalPropValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = OptionalPropValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(OptionalPropValue(Some(PropValue::Bool(v))))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(OptionalPropValue(Some(PropValue::Num(v as f64))))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(OptionalPropValue(Some(PropValue::Num(v as f64))))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(OptionalPropValue(Some(PropValue::Num(v))))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(OptionalPropValue(Some(PropValue::Str(v.to_string()))))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(OptionalPropValue(Some(PropValue::Str(v))))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(OptionalPropValue(None))
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok(OptionalPropValue(None))
+            }
+            fn visit_some<D: serde::Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> Result<Self::Value, D::Error> {
+                OptionalPropValue::deserialize(d)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let v = serde_json::Value::deserialize(
+                    serde::de::value::MapAccessDeserializer::new(map),
+                )?;
+                Ok(OptionalPropValue(Some(PropValue::Json(v.to_string()))))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let v = serde_json::Value::deserialize(
+                    serde::de::value::SeqAccessDeserializer::new(seq),
+                )?;
+                Ok(OptionalPropValue(Some(PropValue::Json(v.to_string()))))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Properties {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Properties;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Properties::default())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(key) = map.next_key::<String>()? {
+                    let OptionalPropValue(v) = map.next_value()?;
+                    if let Some(v) = v {
+                        out.push((key, v));
+                    }
+                }
+                Ok(Properties(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Renders a number the way JavaScript and JSON do: integers without a fractional part.
 pub fn render_number(n: f64) -> String {
     if n.is_finite() && n.fract() == 0.0 && n.abs() < 9.007_199_254_740_992e15 {
@@ -206,6 +303,22 @@ mod tests {
             Coerced::new(PropValue::Num(7.0), PropType::String),
             Coerced::Str("7".into())
         );
+    }
+
+    #[test]
+    fn properties_deserialize_without_nulls() {
+        let p: Properties =
+            serde_json::from_str(r#"{"a":"x","b":null,"c":2,"d":true,"e":{"f":[1]}}"#).unwrap();
+        assert_eq!(
+            p.0,
+            vec![
+                ("a".to_string(), PropValue::Str("x".into())),
+                ("c".to_string(), PropValue::Num(2.0)),
+                ("d".to_string(), PropValue::Bool(true)),
+                ("e".to_string(), PropValue::Json(r#"{"f":[1]}"#.into())),
+            ]
+        );
+        assert!(serde_json::from_str::<Properties>("[1]").is_err());
     }
 
     #[test]

@@ -7,12 +7,12 @@
 //! and `uuid` deduplicates.
 
 use crate::ingest::{
-    ErrorList, IngestError, ParseContext, Parsed, content_id, id_string, parse_timestamp,
-    properties,
+    ErrorList, Id, IngestError, ParseContext, Parsed, content_id, parse_timestamp,
 };
-use optiprism_types::event::Event;
+use optiprism_types::event::{Event, PropValue, Properties};
 use serde_json::Value;
 use serde_json::value::RawValue;
+use std::borrow::Cow;
 
 #[derive(serde::Deserialize)]
 struct Top {
@@ -94,76 +94,120 @@ pub fn parse(body: &[u8], ctx: &ParseContext) -> Result<Parsed, IngestError> {
     Ok(parsed)
 }
 
+#[derive(serde::Deserialize)]
+struct PostHogEvent<'a> {
+    #[serde(default, borrow)]
+    event: Option<Cow<'a, str>>,
+    #[serde(default)]
+    distinct_id: Id,
+    #[serde(default)]
+    properties: Option<Properties>,
+    #[serde(rename = "$set", default)]
+    set: Option<Properties>,
+    #[serde(rename = "$set_once", default)]
+    set_once: Option<Properties>,
+    #[serde(default)]
+    timestamp: Option<Value>,
+    #[serde(default)]
+    offset: Option<i64>,
+    #[serde(default)]
+    sent_at: Option<Value>,
+    #[serde(default)]
+    uuid: Id,
+    #[serde(default)]
+    api_key: Option<String>,
+    #[serde(default)]
+    token: Option<String>,
+}
+
+/// Person properties nested in event properties (`$set` as a JSON object).
+fn nested(value: PropValue, field: &str) -> Result<Vec<(String, PropValue)>, String> {
+    match value {
+        PropValue::Json(text) => serde_json::from_str::<Properties>(&text)
+            .map(|p| p.0)
+            .map_err(|_| format!("`{field}` must be an object")),
+        _ => Err(format!("`{field}` must be an object")),
+    }
+}
+
 fn event(
     raw: &str,
     batch_sent_at: Option<i64>,
     ctx: &ParseContext,
     parsed: &mut Parsed,
 ) -> Result<(), String> {
-    let v: Value = serde_json::from_str(raw).map_err(|e| format!("not valid JSON: {e}"))?;
-    let Value::Object(mut m) = v else {
-        return Err("an event must be a JSON object".into());
-    };
-    let mut props_value = m.remove("properties").unwrap_or(Value::Null);
-    if parsed.write_key.is_none() {
-        parsed.write_key = m
-            .get("api_key")
-            .or_else(|| m.get("token"))
-            .or_else(|| props_value.get("token"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
+    let e: PostHogEvent<'_> =
+        serde_json::from_str(raw).map_err(|e| format!("invalid event: {e}"))?;
+    let mut set = e.set.unwrap_or_default().0;
+    let mut set_once = e.set_once.unwrap_or_default().0;
+    let mut distinct_id = e.distinct_id.0;
+    let mut key = e.api_key.or(e.token);
+    let mut anon = None;
+    let mut alias = None;
+    let mut props = Vec::new();
+    for (k, v) in e.properties.unwrap_or_default().0 {
+        match k.as_str() {
+            "$set" => set.extend(nested(v, "properties.$set")?),
+            "$set_once" => set_once.extend(nested(v, "properties.$set_once")?),
+            "token" => {
+                if let PropValue::Str(t) = v {
+                    key.get_or_insert(t);
+                }
+            }
+            "distinct_id" | "$distinct_id" => {
+                if distinct_id.is_none() {
+                    distinct_id = Some(v.render()).filter(|s| !s.is_empty());
+                }
+            }
+            _ => {
+                if k == "$anon_distinct_id" {
+                    anon = Some(v.render());
+                } else if k == "alias" {
+                    alias = Some(v.render());
+                }
+                props.push((k, v));
+            }
+        }
     }
-    let name = m
-        .get("event")
-        .and_then(Value::as_str)
+    if parsed.write_key.is_none() {
+        parsed.write_key = key;
+    }
+    let name = e
+        .event
         .filter(|s| !s.is_empty())
         .ok_or("missing `event`")?
-        .to_string();
-    let distinct_id = id_string(m.get("distinct_id"))
-        .or_else(|| id_string(props_value.get("distinct_id")))
-        .or_else(|| id_string(props_value.get("$distinct_id")))
-        .ok_or("missing `distinct_id`")?;
-    let mut set = properties(m.get("$set"), "$set")?;
-    let mut set_once = properties(m.get("$set_once"), "$set_once")?;
-    if let Value::Object(p) = &mut props_value {
-        set.extend(properties(p.remove("$set").as_ref(), "properties.$set")?);
-        set_once.extend(properties(
-            p.remove("$set_once").as_ref(),
-            "properties.$set_once",
-        )?);
-        p.remove("token");
-        p.remove("distinct_id");
-    }
-    let props = properties(Some(&props_value), "properties")?;
+        .into_owned();
+    let distinct_id = distinct_id.ok_or("missing `distinct_id`")?;
     match name.as_str() {
         "$identify" => {
-            if let Some(anon) = id_string(props_value.get("$anon_distinct_id")) {
+            if let Some(anon) = anon.filter(|a| !a.is_empty()) {
                 parsed.merges.push((anon, distinct_id.clone()));
             }
         }
         "$create_alias" => {
-            if let Some(alias) = id_string(props_value.get("alias")) {
+            if let Some(alias) = alias.filter(|a| !a.is_empty()) {
                 parsed.merges.push((alias, distinct_id.clone()));
             }
         }
         _ => {}
     }
-    let mut timestamp = m
-        .get("timestamp")
+    let mut timestamp = e
+        .timestamp
+        .as_ref()
         .map(parse_timestamp)
         .transpose()?
         .flatten();
-    if timestamp.is_none()
-        && let Some(offset) = m.get("offset").and_then(Value::as_i64)
-    {
-        timestamp = Some(ctx.received_ms - offset);
+    if timestamp.is_none() {
+        if let Some(offset) = e.offset {
+            timestamp = Some(ctx.received_ms - offset);
+        }
     }
-    let sent_at = match m.get("sent_at") {
+    let sent_at = match &e.sent_at {
         Some(s) => parse_timestamp(s)?,
         None => batch_sent_at,
     };
     let timestamp_ms = ctx.event_time(timestamp, sent_at)?;
-    let message_id = match id_string(m.get("uuid")) {
+    let message_id = match e.uuid.0 {
         Some(id) => id,
         None => content_id(&distinct_id, &name, timestamp_ms, raw),
     };

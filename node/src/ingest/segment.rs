@@ -8,12 +8,12 @@
 //! `messageId` deduplicates.
 
 use crate::ingest::{
-    ErrorList, IngestError, ParseContext, Parsed, content_id, id_string, parse_timestamp,
-    properties,
+    ErrorList, Id, IngestError, ParseContext, Parsed, content_id, parse_timestamp,
 };
-use optiprism_types::event::{Event, PropValue};
+use optiprism_types::event::{Event, PropValue, Properties};
 use serde_json::Value;
 use serde_json::value::RawValue;
+use std::borrow::Cow;
 
 /// The message type a path implies when the body has no `type`.
 pub fn type_of_path(path: &str) -> Option<&'static str> {
@@ -96,6 +96,46 @@ pub fn parse(
     Ok(parsed)
 }
 
+#[derive(serde::Deserialize)]
+struct Context {
+    #[serde(default)]
+    traits: Option<Properties>,
+}
+
+#[derive(serde::Deserialize)]
+struct Message<'a> {
+    #[serde(rename = "type", default, borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(rename = "userId", default)]
+    user_id: Id,
+    #[serde(rename = "anonymousId", default)]
+    anonymous_id: Id,
+    #[serde(default, borrow)]
+    event: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(default)]
+    properties: Option<Properties>,
+    #[serde(default)]
+    traits: Option<Properties>,
+    #[serde(default)]
+    context: Option<Context>,
+    #[serde(default)]
+    timestamp: Option<Value>,
+    #[serde(rename = "originalTimestamp", default)]
+    original_timestamp: Option<Value>,
+    #[serde(rename = "sentAt", default)]
+    sent_at: Option<Value>,
+    #[serde(rename = "messageId", default)]
+    message_id: Id,
+    #[serde(rename = "previousId", default)]
+    previous_id: Id,
+    #[serde(rename = "groupId", default)]
+    group_id: Id,
+    #[serde(rename = "writeKey", default)]
+    write_key: Option<String>,
+}
+
 fn message(
     raw: &str,
     single_type: Option<&str>,
@@ -103,40 +143,30 @@ fn message(
     ctx: &ParseContext,
     parsed: &mut Parsed,
 ) -> Result<(), String> {
-    let v: Value = serde_json::from_str(raw).map_err(|e| format!("not valid JSON: {e}"))?;
-    let Value::Object(m) = v else {
-        return Err("a message must be a JSON object".into());
-    };
+    let m: Message<'_> = serde_json::from_str(raw).map_err(|e| format!("invalid message: {e}"))?;
     if parsed.write_key.is_none() {
-        parsed.write_key = m
-            .get("writeKey")
-            .and_then(Value::as_str)
-            .map(str::to_string);
+        parsed.write_key = m.write_key;
     }
-    let kind = match m.get("type").and_then(Value::as_str) {
-        Some(t) => t.to_string(),
-        None => single_type.ok_or("missing `type`")?.to_string(),
+    let kind = match m.kind.as_deref() {
+        Some(t) => t,
+        None => single_type.ok_or("missing `type`")?,
     };
-    let user_id = id_string(m.get("userId"));
-    let anonymous_id = id_string(m.get("anonymousId"));
+    let user_id = m.user_id.0;
+    let anonymous_id = m.anonymous_id.0;
     let distinct_id = user_id
         .clone()
         .or_else(|| anonymous_id.clone())
         .ok_or("missing `userId` or `anonymousId`")?;
-    let mut props = properties(m.get("properties"), "properties")?;
-    let traits = properties(
-        m.get("traits")
-            .or_else(|| m.get("context").and_then(|c| c.get("traits"))),
-        "traits",
-    )?;
-    let (event, person_set) = match kind.as_str() {
+    let mut props = m.properties.unwrap_or_default().0;
+    let traits = m
+        .traits
+        .or_else(|| m.context.and_then(|c| c.traits))
+        .unwrap_or_default()
+        .0;
+    let (event, person_set) = match kind {
         "track" => {
-            let name = m
-                .get("event")
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-                .ok_or("missing `event`")?;
-            (name.to_string(), Vec::new())
+            let name = m.event.filter(|s| !s.is_empty()).ok_or("missing `event`")?;
+            (name.into_owned(), Vec::new())
         }
         "identify" => {
             if let (Some(anon), Some(user)) = (&anonymous_id, &user_id) {
@@ -145,16 +175,13 @@ fn message(
             ("$identify".to_string(), traits)
         }
         "page" | "screen" => {
-            if let Some(name) = m.get("name").and_then(Value::as_str) {
-                props.push((
-                    (if kind == "page" {
-                        "name"
-                    } else {
-                        "$screen_name"
-                    })
-                    .to_string(),
-                    PropValue::Str(name.into()),
-                ));
+            if let Some(name) = m.name {
+                let key = if kind == "page" {
+                    "name"
+                } else {
+                    "$screen_name"
+                };
+                props.push((key.to_string(), PropValue::Str(name.into_owned())));
             }
             (
                 if kind == "page" {
@@ -167,33 +194,34 @@ fn message(
             )
         }
         "group" => {
-            if let Some(group) = id_string(m.get("groupId")) {
+            if let Some(group) = m.group_id.0 {
                 props.push(("$group_key".into(), PropValue::Str(group)));
             }
             ("$groupidentify".to_string(), Vec::new())
         }
         "alias" => {
-            let previous = id_string(m.get("previousId")).ok_or("missing `previousId`")?;
+            let previous = m.previous_id.0.ok_or("missing `previousId`")?;
             let user = user_id.clone().ok_or("missing `userId`")?;
             parsed.merges.push((previous, user));
             ("$create_alias".to_string(), Vec::new())
         }
         other => return Err(format!("unknown message type `{other}`")),
     };
-    let timestamp = match m.get("timestamp").filter(|v| !v.is_null()) {
+    let timestamp = match m.timestamp.as_ref().filter(|v| !v.is_null()) {
         Some(t) => parse_timestamp(t)?,
         None => m
-            .get("originalTimestamp")
+            .original_timestamp
+            .as_ref()
             .map(parse_timestamp)
             .transpose()?
             .flatten(),
     };
-    let sent_at = match m.get("sentAt") {
+    let sent_at = match &m.sent_at {
         Some(s) => parse_timestamp(s)?,
         None => batch_sent_at,
     };
     let timestamp_ms = ctx.event_time(timestamp, sent_at)?;
-    let message_id = match id_string(m.get("messageId")) {
+    let message_id = match m.message_id.0 {
         Some(id) => id,
         None => content_id(&distinct_id, &event, timestamp_ms, raw),
     };

@@ -29,9 +29,42 @@ pub enum PartitionCommand {
     Ingest {
         /// The project.
         project: ProjectId,
-        /// The events, already typed.
-        events: Vec<StoredEvent>,
+        /// Identifies the proposal on the node that made it (see [`LocalProposals`]).
+        token: u128,
+        /// The typed events, [`encode_events`]-encoded (LZ4-compressed bincode).
+        #[serde(with = "serde_bytes")]
+        events: Vec<u8>,
     },
+}
+
+/// Encodes events for a command: bincode, LZ4-compressed (events repeat property keys and
+/// values, so the Raft log and sled write a third as many bytes).
+pub fn encode_events(events: &[StoredEvent]) -> Vec<u8> {
+    lz4_flex::compress_prepend_size(&optiprism_consensus::encode(&events))
+}
+
+/// Decodes what [`encode_events`] wrote.
+pub fn decode_events(bytes: &[u8]) -> Result<Vec<StoredEvent>, CoreError> {
+    let raw = lz4_flex::decompress_size_prepended(bytes)?;
+    Ok(optiprism_consensus::decode(&raw)?)
+}
+
+/// Events this node proposed, already decoded, keyed by the proposal's token: applying its own
+/// proposals, the node takes them from here instead of decoding the log entry again. Replicas
+/// (and replay after a restart) decode the entry; both give the same events.
+#[derive(Debug, Clone, Default)]
+pub struct LocalProposals(Arc<Mutex<HashMap<u128, Vec<StoredEvent>>>>);
+
+impl LocalProposals {
+    /// Registers the events of a proposal about to be made.
+    pub fn insert(&self, token: u128, events: Vec<StoredEvent>) {
+        self.0.lock().insert(token, events);
+    }
+
+    /// Takes them back (at apply, or when the proposal failed).
+    pub fn take(&self, token: u128) -> Option<Vec<StoredEvent>> {
+        self.0.lock().remove(&token)
+    }
 }
 
 /// The answer to [`PartitionCommand::Ingest`].
@@ -72,9 +105,17 @@ impl Hasher for FoldHasher {
     fn write_u128(&mut self, v: u128) {
         self.0 = (v as u64) ^ ((v >> 64) as u64);
     }
+    fn write_u64(&mut self, v: u64) {
+        self.0 ^= v;
+    }
+    fn write_u32(&mut self, v: u32) {
+        // Project ids are small: spread them so they do not cancel the person's low bits.
+        self.0 ^= u64::from(v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 type KeySet = HashSet<u128, BuildHasherDefault<FoldHasher>>;
+type PersonMap = HashMap<(ProjectId, PersonId), PersonRow, BuildHasherDefault<FoldHasher>>;
 
 #[derive(Debug, Default)]
 struct Pending {
@@ -106,7 +147,7 @@ impl Pending {
 pub struct PartitionData {
     chunks: BTreeMap<ProjectId, Vec<Arc<Chunk>>>,
     pending: BTreeMap<ProjectId, Pending>,
-    persons: HashMap<(ProjectId, PersonId), PersonRow>,
+    persons: PersonMap,
     seen: KeySet,
 }
 
@@ -186,6 +227,7 @@ pub struct PartitionCore {
     unsealed: usize,
     seal_rows: usize,
     marker: Option<Vec<u8>>,
+    local: LocalProposals,
 }
 
 fn chunk_key(prefix: u8, project: ProjectId, id: u64) -> Vec<u8> {
@@ -242,12 +284,18 @@ impl PartitionCore {
             unsealed: 0,
             seal_rows,
             marker,
+            local: LocalProposals::default(),
         })
     }
 
     /// The data queries read.
     pub fn data(&self) -> Arc<RwLock<PartitionData>> {
         Arc::clone(&self.data)
+    }
+
+    /// Decoded events of this node's own proposals.
+    pub fn local_proposals(&self) -> LocalProposals {
+        self.local.clone()
     }
 
     /// The partition.
@@ -340,8 +388,20 @@ fn add_seen(seen: &mut KeySet, project: ProjectId, batch: &RecordBatch) {
 
 impl StateMachineCore for PartitionCore {
     fn apply(&mut self, _index: u64, command: &[u8]) -> Vec<u8> {
-        let outcome = match optiprism_consensus::decode::<PartitionCommand>(command) {
-            Ok(PartitionCommand::Ingest { project, events }) => self.ingest(project, events),
+        let decoded = optiprism_consensus::decode::<PartitionCommand>(command)
+            .map_err(CoreError::from)
+            .and_then(
+                |PartitionCommand::Ingest {
+                     project,
+                     token,
+                     events,
+                 }| match self.local.take(token) {
+                    Some(events) => Ok((project, events)),
+                    None => decode_events(&events).map(|events| (project, events)),
+                },
+            );
+        let outcome = match decoded {
+            Ok((project, events)) => self.ingest(project, events),
             // A command this version cannot read changes nothing, on every replica alike.
             Err(e) => {
                 tracing::error!(partition_id = %self.partition, error = %e, "undecodable partition command skipped");
