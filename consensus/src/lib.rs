@@ -118,6 +118,12 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
         .expect("bincode encoding of in-memory values cannot fail")
 }
 
+/// Encodes a serde value onto the end of `out` (which the caller may have sized).
+pub fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) {
+    bincode::serde::encode_into_std_write(value, out, bincode_config())
+        .expect("bincode encoding of in-memory values into a Vec cannot fail");
+}
+
 /// Decodes a serde value encoded by [`encode`].
 pub fn decode<T: serde::de::DeserializeOwned>(
     bytes: &[u8],

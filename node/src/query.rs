@@ -67,25 +67,28 @@ pub struct InsightAnswer {
 pub struct QueryEngine {
     partitions: Vec<Arc<RwLock<PartitionData>>>,
     metadata: MetadataHandle,
+    threads: usize,
 }
 
 impl QueryEngine {
-    /// An engine over these partitions.
+    /// An engine over these partitions, running plans on `threads` threads.
     pub fn new(
         partitions: Vec<Arc<RwLock<PartitionData>>>,
         metadata: MetadataHandle,
+        threads: usize,
     ) -> QueryEngine {
         QueryEngine {
             partitions,
             metadata,
+            threads: threads.max(1),
         }
     }
 
-    /// A DataFusion session: one target partition per plan, because parallelism comes from
-    /// running one plan per Raft partition concurrently.
+    /// A DataFusion session. Plans read one DataFusion partition per Raft partition and
+    /// aggregate each partially before the final merge, on the query runtime's threads.
     pub fn session(&self) -> SessionContext {
         let config = SessionConfig::new()
-            .with_target_partitions(1)
+            .with_target_partitions(self.threads)
             .with_batch_size(8192)
             .with_information_schema(true);
         SessionContext::new_with_config(config)

@@ -400,7 +400,7 @@ pub async fn start(
         wait_for_leader(&g.group.raft, node_id, g.group.id).await?;
     }
     let node = Arc::new(NodeShared {
-        query: QueryEngine::new(partition_data, metadata.clone()),
+        query: QueryEngine::new(partition_data, metadata.clone(), config.query.threads),
         metadata,
         metrics: Metrics::default(),
         query_runtime,

@@ -1,4 +1,5 @@
-//! One partition's rows as a DataFusion input: the columns a query needs, with a uniform schema.
+//! A project's rows as one DataFusion input: the columns a query needs, with a uniform schema,
+//! and one DataFusion partition per Raft partition.
 //!
 //! Chunks of a project differ in their property columns (a key that no event of the chunk had
 //! is absent). A query names the columns it reads; each batch is projected onto them, absent
@@ -11,7 +12,7 @@ use arrow::array::{ArrayRef, RecordBatch, new_null_array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use std::sync::Arc;
 
-/// The columns of a property key present in a partition.
+/// The columns of a property key present in the rows.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PropertyColumns {
     /// The typed column and its type.
@@ -20,45 +21,52 @@ pub struct PropertyColumns {
     pub text: Option<String>,
 }
 
-/// Finds the field named `name` in any batch.
-fn find_field(rows: &ProjectRows, name: &str) -> Option<Field> {
-    rows.batches
+/// Finds the field named `name` in any batch of any partition.
+fn find_field(parts: &[ProjectRows], name: &str) -> Option<Field> {
+    parts
         .iter()
+        .flat_map(|p| &p.batches)
         .find_map(|b| b.schema().field_with_name(name).ok().cloned())
 }
 
 /// The columns of property `key` in these rows.
-pub fn property_columns(rows: &ProjectRows, key: &str) -> PropertyColumns {
+pub fn property_columns(parts: &[ProjectRows], key: &str) -> PropertyColumns {
     let typed_name = property_column(key);
     let text_name = property_text_column(key);
     PropertyColumns {
-        typed: find_field(rows, &typed_name).map(|f| (typed_name, f.data_type().clone())),
-        text: find_field(rows, &text_name).map(|_| text_name),
+        typed: find_field(parts, &typed_name).map(|f| (typed_name, f.data_type().clone())),
+        text: find_field(parts, &text_name).map(|_| text_name),
     }
 }
 
-/// Projects every batch onto `names` (columns that exist somewhere in `rows`).
-pub fn project(rows: &ProjectRows, names: &[String]) -> (SchemaRef, Vec<RecordBatch>) {
+/// Projects every batch onto `names` (columns that exist somewhere in `parts`); one list of
+/// batches per partition.
+pub fn project(parts: &[ProjectRows], names: &[String]) -> (SchemaRef, Vec<Vec<RecordBatch>>) {
     let fields: Vec<Field> = names
         .iter()
-        .filter_map(|n| find_field(rows, n).map(|f| f.with_nullable(true)))
+        .filter_map(|n| find_field(parts, n).map(|f| f.with_nullable(true)))
         .collect();
     let schema = Arc::new(Schema::new(fields));
-    let batches = rows
-        .batches
+    let partitions = parts
         .iter()
-        .map(|b| {
-            let columns: Vec<ArrayRef> = schema
-                .fields()
+        .map(|part| {
+            part.batches
                 .iter()
-                .map(|f| {
-                    b.column_by_name(f.name())
-                        .cloned()
-                        .unwrap_or_else(|| new_null_array(f.data_type(), b.num_rows()))
+                .map(|b| {
+                    let columns: Vec<ArrayRef> = schema
+                        .fields()
+                        .iter()
+                        .map(|f| {
+                            b.column_by_name(f.name())
+                                .cloned()
+                                .unwrap_or_else(|| new_null_array(f.data_type(), b.num_rows()))
+                        })
+                        .collect();
+                    RecordBatch::try_new(Arc::clone(&schema), columns)
+                        .expect("columns follow the schema")
                 })
-                .collect();
-            RecordBatch::try_new(Arc::clone(&schema), columns).expect("columns follow the schema")
+                .collect()
         })
         .collect();
-    (schema, batches)
+    (schema, partitions)
 }

@@ -1,28 +1,27 @@
-//! Trends (§2): per-partition DataFusion plans, merged exactly.
+//! Trends (§2) on DataFusion, exact.
 //!
-//! Each partition runs its part next to its data: prune chunks by time and event name, filter
-//! and project with DataFusion (bucket of the event, breakdown value, resolved person), then
-//! aggregate. Counts merge by addition. Unique persons merge exactly: a person who was never
-//! part of an identity merge has all its events in one partition, so partitions count them
-//! locally and the counts add up; persons involved in merges may span partitions, so partitions
-//! return their ids and the coordinator takes the union. Nothing is ever averaged or summed
-//! across partitions that could double count.
+//! One plan per series runs over the node's partitions, one DataFusion partition per Raft
+//! partition: chunks are pruned by time and event name, DataFusion filters, computes each
+//! event's bucket, breakdown value and resolved person, and aggregates where the data is
+//! (partial aggregates per partition, merged by the final aggregate).
 //!
-//! With a breakdown, a first pass ranks values by the series' own metric over the range; the
-//! second pass folds values beyond the limit into `(other)`, so `(other)` unique users are
-//! distinct across the folded values, not a sum.
+//! Total math aggregates counts by (bucket, value); every other grouping (per bucket, per value,
+//! folded values, the range) is a sum of those. Unique-user math aggregates the distinct
+//! (bucket, value, person) triples, and the counts are taken from sets of persons, so a range
+//! total is distinct over the range and `(other)` counts each person once across the values it
+//! folds — never a sum of per-bucket or per-partition uniques.
 
 use crate::query::QueryEngine;
 use crate::query::filter::{ColumnLookup, all_of, named, rendered};
 use crate::query::frame::{PropertyColumns, project, property_columns};
 use crate::query::udf::{BucketIndex, IdentityUdf, IdentityView};
 use crate::storage::partition::ProjectRows;
-use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{Int32Type, Int64Type, UInt64Type};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Int32Type, Int64Type, UInt64Type};
 use datafusion::datasource::MemTable;
-use datafusion::error::{DataFusionError, Result as DfResult};
-use datafusion::functions_aggregate::expr_fn::{array_agg, count};
-use datafusion::logical_expr::{Expr, ExprFunctionExt, case, lit};
+use datafusion::error::Result as DfResult;
+use datafusion::functions_aggregate::expr_fn::count;
+use datafusion::logical_expr::{Expr, lit};
 use datafusion::prelude::{DataFrame, SessionContext};
 use datafusion::scalar::ScalarValue;
 use optiprism_types::ProjectId;
@@ -32,51 +31,16 @@ use optiprism_types::answer::{
 use optiprism_types::query::{Math, TrendsQuery};
 use optiprism_types::time::Buckets;
 use std::collections::{HashMap, HashSet};
-use std::ops::Not;
 use std::sync::Arc;
 
-/// Group key: bucket (None = range total) and breakdown label (None = unbroken).
-type GroupKey = (Option<i32>, Option<String>);
-
-/// A partition's partial aggregate of one group.
-#[derive(Debug, Clone, Default)]
-struct Partial {
-    events: u64,
-    local_persons: u64,
-    shared_persons: Vec<u64>,
-}
-
-/// Merged partials.
-#[derive(Debug, Default)]
-struct Merged {
-    events: u64,
-    local_persons: u64,
-    shared_persons: HashSet<u64>,
-}
-
-impl Merged {
-    fn add(&mut self, p: Partial) {
-        self.events += p.events;
-        self.local_persons += p.local_persons;
-        self.shared_persons.extend(p.shared_persons);
-    }
-
-    fn value(&self, math: Math) -> f64 {
-        match math {
-            Math::UniqueUsers => (self.local_persons + self.shared_persons.len() as u64) as f64,
-            _ => self.events as f64,
-        }
-    }
-}
-
 struct Lookup<'a> {
-    rows: &'a ProjectRows,
+    parts: &'a [ProjectRows],
     now_ms: i64,
 }
 
 impl ColumnLookup for Lookup<'_> {
     fn property(&self, key: &str) -> PropertyColumns {
-        property_columns(self.rows, key)
+        property_columns(self.parts, key)
     }
     fn now_ms(&self) -> i64 {
         self.now_ms
@@ -99,23 +63,31 @@ fn ts_literal(ms: i64) -> Expr {
     ))
 }
 
-/// The filtered, projected rows of one series in one partition as a DataFusion frame: columns
-/// `b` (bucket), optional `v` (breakdown value), and for unique math `p` (person) and `s`
-/// (shared person). `None` when the partition holds no rows of the project.
+/// The breakdown value of an event. Dictionary-encoded strings stay dictionaries, so grouping
+/// compares small integer keys instead of strings.
+fn breakdown_value(cols: &PropertyColumns) -> Expr {
+    match (&cols.typed, &cols.text) {
+        (Some((name, DataType::Dictionary(_, _))), None) => named(name),
+        _ => rendered(cols),
+    }
+}
+
+/// The filtered, projected rows of one series: columns `b` (bucket), optional `v` (breakdown
+/// value), and for unique math `p` (resolved person). `None` when no partition has rows.
 fn filtered_frame(
     ctx: &SessionContext,
-    rows: &ProjectRows,
+    parts: &[ProjectRows],
     q: &TrendsQuery,
     series: usize,
     buckets: &Buckets,
     identities: &Arc<IdentityView>,
     now_ms: i64,
 ) -> DfResult<Option<DataFrame>> {
-    if rows.batches.is_empty() {
+    if parts.iter().all(|p| p.batches.is_empty()) {
         return Ok(None);
     }
     let s = &q.series[series];
-    let lookup = Lookup { rows, now_ms };
+    let lookup = Lookup { parts, now_ms };
     let mut keys = Vec::new();
     referenced_keys(&s.filters, &mut keys);
     referenced_keys(&q.filters, &mut keys);
@@ -130,8 +102,10 @@ fn filtered_frame(
     }
     names.sort();
     names.dedup();
-    let (schema, batches) = project(rows, &names);
-    let table = MemTable::try_new(schema, vec![batches])?;
+    let (schema, partitions) = project(parts, &names);
+    let partitions: Vec<Vec<RecordBatch>> =
+        partitions.into_iter().filter(|p| !p.is_empty()).collect();
+    let table = MemTable::try_new(schema, partitions)?;
     let mut df = ctx.read_table(Arc::new(table))?;
     let mut predicate = named("timestamp")
         .gt_eq(ts_literal(buckets.start_ms()))
@@ -149,7 +123,7 @@ fn filtered_frame(
     let bucket_udf = BucketIndex::udf(buckets.starts_ms.clone(), buckets.end_ms);
     let mut select = vec![bucket_udf.call(vec![named("timestamp")]).alias("b")];
     if let Some(b) = &q.breakdown {
-        select.push(rendered(&lookup.property(&b.property)).alias("v"));
+        select.push(breakdown_value(&lookup.property(&b.property)).alias("v"));
     }
     if s.math == Math::UniqueUsers {
         select.push(
@@ -157,161 +131,28 @@ fn filtered_frame(
                 .call(vec![named("person_id")])
                 .alias("p"),
         );
-        select.push(
-            IdentityUdf::is_shared(Arc::clone(identities))
-                .call(vec![named("person_id")])
-                .alias("s"),
-        );
     }
     Ok(Some(df.select(select)?))
 }
 
-/// Unique math: the filtered rows, materialized once for the several aggregations.
-async fn materialize(frame: DataFrame) -> DfResult<Arc<MemTable>> {
-    let schema = Arc::new(frame.schema().as_arrow().clone());
-    let batches = frame.collect().await?;
-    Ok(Arc::new(MemTable::try_new(schema, vec![batches])?))
-}
-
-/// Total math: event counts per (bucket, breakdown value), aggregated where the data is. Every
-/// other grouping (per bucket, per value, folded values, the range) is a sum of these.
-async fn count_finest(
-    frame: DataFrame,
-    with_value: bool,
-) -> DfResult<Vec<((i32, Option<String>), u64)>> {
-    let mut group = vec![named("b")];
-    if with_value {
-        group.push(named("v"));
-    }
-    let batches = frame
-        .aggregate(group, vec![count(lit(1i64)).alias("n")])?
-        .collect()
-        .await?;
-    let mut out = Vec::new();
-    for batch in batches {
-        let b = batch
-            .column_by_name("b")
-            .expect("b")
-            .as_primitive::<Int32Type>()
-            .clone();
-        let v = batch
-            .column_by_name("v")
-            .map(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8))
-            .transpose()?;
-        let n = batch
-            .column_by_name("n")
-            .expect("n")
-            .as_primitive::<Int64Type>()
-            .clone();
-        for row in 0..batch.num_rows() {
-            let value = v.as_ref().map(|a| {
-                let a = a.as_string::<i32>();
-                if a.is_null(row) {
+/// Column `v` of an aggregate's output as labels (`(none)` for not set).
+fn labels(batch: &RecordBatch) -> DfResult<Option<Vec<String>>> {
+    let Some(v) = batch.column_by_name("v") else {
+        return Ok(None);
+    };
+    let v: ArrayRef = arrow::compute::cast(v, &DataType::Utf8)?;
+    let v = v.as_string::<i32>();
+    Ok(Some(
+        (0..v.len())
+            .map(|i| {
+                if v.is_null(i) {
                     NONE_LABEL.to_string()
                 } else {
-                    a.value(row).to_string()
+                    v.value(i).to_string()
                 }
-            });
-            out.push(((b.value(row), value), n.value(row) as u64));
-        }
-    }
-    Ok(out)
-}
-
-/// Aggregates a materialized table by the given keys into partials.
-async fn aggregate(
-    ctx: &SessionContext,
-    table: &Arc<MemTable>,
-    by_bucket: bool,
-    label: Option<Expr>,
-    unique: bool,
-) -> DfResult<Vec<(GroupKey, Partial)>> {
-    let df = ctx.read_table(Arc::clone(table) as Arc<dyn datafusion::catalog::TableProvider>)?;
-    let mut group = Vec::new();
-    if by_bucket {
-        group.push(named("b").alias("gb"));
-    }
-    if let Some(l) = label.clone() {
-        group.push(l.alias("gv"));
-    }
-    let mut aggs = vec![count(lit(1i64)).alias("n")];
-    if unique {
-        aggs.push(
-            count(named("p"))
-                .distinct()
-                .filter(named("s").not())
-                .build()?
-                .alias("lu"),
-        );
-        aggs.push(
-            array_agg(named("p"))
-                .distinct()
-                .filter(named("s"))
-                .build()?
-                .alias("su"),
-        );
-    }
-    let batches: Vec<RecordBatch> = df.aggregate(group, aggs)?.collect().await?;
-    let mut out = Vec::new();
-    for batch in batches {
-        let gb = batch
-            .column_by_name("gb")
-            .map(|c| c.as_primitive::<Int32Type>().clone());
-        let gv = batch
-            .column_by_name("gv")
-            .map(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8))
-            .transpose()?;
-        let n = batch
-            .column_by_name("n")
-            .expect("n")
-            .as_primitive::<Int64Type>()
-            .clone();
-        let lu = batch
-            .column_by_name("lu")
-            .map(|c| c.as_primitive::<Int64Type>().clone());
-        let su = batch
-            .column_by_name("su")
-            .map(|c| c.as_list::<i32>().clone());
-        for row in 0..batch.num_rows() {
-            let bucket = gb.as_ref().map(|a| a.value(row));
-            let value = gv.as_ref().map(|a| {
-                let a = a.as_string::<i32>();
-                if a.is_null(row) {
-                    NONE_LABEL.to_string()
-                } else {
-                    a.value(row).to_string()
-                }
-            });
-            let shared = match &su {
-                Some(list) if !list.is_null(row) => list
-                    .value(row)
-                    .as_primitive::<UInt64Type>()
-                    .iter()
-                    .flatten()
-                    .collect(),
-                _ => Vec::new(),
-            };
-            let partial = Partial {
-                events: n.value(row) as u64,
-                local_persons: lu.as_ref().map(|a| a.value(row) as u64).unwrap_or(0),
-                shared_persons: shared,
-            };
-            out.push(((bucket, value), partial));
-        }
-    }
-    Ok(out)
-}
-
-fn label_expr() -> Expr {
-    // Nulls (property not set) are the "(none)" value, ranked like any other.
-    datafusion::functions::expr_fn::coalesce(vec![named("v"), lit(NONE_LABEL)])
-}
-
-fn folded_label(top: &[String]) -> DfResult<Expr> {
-    let keep: Vec<Expr> = top.iter().map(|v| lit(v.clone())).collect();
-    case(label_expr().in_list(keep, false))
-        .when(lit(true), label_expr())
-        .otherwise(lit(OTHER_LABEL))
+            })
+            .collect(),
+    ))
 }
 
 fn rank(values: impl Iterator<Item = (String, f64)>, limit: usize) -> (Vec<String>, bool) {
@@ -324,20 +165,57 @@ fn rank(values: impl Iterator<Item = (String, f64)>, limit: usize) -> (Vec<Strin
     )
 }
 
-/// A series of total math: one aggregation per partition, everything else summed.
+/// The labels a breakdown shows, in order: the top values, then `(other)` if any were folded.
+fn shown(top: &[String], folded: bool) -> Vec<String> {
+    let mut labels = top.to_vec();
+    if folded {
+        labels.push(OTHER_LABEL.to_string());
+    }
+    labels
+}
+
+fn fold<'a>(top: &[String], value: &'a str) -> &'a str {
+    if top.iter().any(|t| t == value) {
+        value
+    } else {
+        OTHER_LABEL
+    }
+}
+
+/// A series of total math: counts by (bucket, value), everything else summed from them.
 async fn total_series(
     q: &TrendsQuery,
     i: usize,
-    frames: Vec<DataFrame>,
+    frame: Option<DataFrame>,
     buckets: &Buckets,
 ) -> DfResult<SeriesAnswer> {
-    let with_value = q.breakdown.is_some();
-    let parts =
-        futures::future::try_join_all(frames.into_iter().map(|f| count_finest(f, with_value)))
-            .await?;
     let mut finest: HashMap<(i32, Option<String>), u64> = HashMap::new();
-    for (key, n) in parts.into_iter().flatten() {
-        *finest.entry(key).or_default() += n;
+    if let Some(frame) = frame {
+        let mut group = vec![named("b")];
+        if q.breakdown.is_some() {
+            group.push(named("v"));
+        }
+        for batch in frame
+            .aggregate(group, vec![count(lit(1i64)).alias("n")])?
+            .collect()
+            .await?
+        {
+            let b = batch
+                .column_by_name("b")
+                .expect("b")
+                .as_primitive::<Int32Type>()
+                .clone();
+            let n = batch
+                .column_by_name("n")
+                .expect("n")
+                .as_primitive::<Int64Type>()
+                .clone();
+            let v = labels(&batch)?;
+            for row in 0..batch.num_rows() {
+                let value = v.as_ref().map(|v| v[row].clone());
+                *finest.entry((b.value(row), value)).or_default() += n.value(row) as u64;
+            }
+        }
     }
     let mut values = vec![0.0; buckets.len()];
     for ((b, _), n) in &finest {
@@ -350,27 +228,23 @@ async fn total_series(
         breakdown: Vec::new(),
     };
     if let Some(b) = &q.breakdown {
-        let mut per_value: HashMap<String, f64> = HashMap::new();
+        let mut per_value: HashMap<&str, f64> = HashMap::new();
         for ((_, v), n) in &finest {
-            *per_value.entry(v.clone().unwrap_or_default()).or_default() += *n as f64;
+            *per_value
+                .entry(v.as_deref().unwrap_or_default())
+                .or_default() += *n as f64;
         }
-        let (top, folded) = rank(per_value.into_iter(), b.limit);
-        let mut labels = top.clone();
-        if folded {
-            labels.push(OTHER_LABEL.to_string());
-        }
+        let (top, folded) = rank(
+            per_value.into_iter().map(|(v, n)| (v.to_string(), n)),
+            b.limit,
+        );
+        let labels = shown(&top, folded);
         let mut rows: HashMap<&str, Vec<f64>> = labels
             .iter()
             .map(|l| (l.as_str(), vec![0.0; buckets.len()]))
             .collect();
         for ((bucket, v), n) in &finest {
-            let v = v.as_deref().unwrap_or_default();
-            let label = if top.iter().any(|t| t == v) {
-                v
-            } else {
-                OTHER_LABEL
-            };
-            if let Some(row) = rows.get_mut(label) {
+            if let Some(row) = rows.get_mut(fold(&top, v.as_deref().unwrap_or_default())) {
                 row[*bucket as usize] += *n as f64;
             }
         }
@@ -386,84 +260,91 @@ async fn total_series(
     Ok(series)
 }
 
-/// A series of unique-user math: distinct persons per group, merged exactly.
+/// A series of unique-user math: distinct (bucket, value, person) triples from DataFusion, then
+/// sets of persons per group.
 async fn unique_series(
-    ctx: &SessionContext,
     q: &TrendsQuery,
     i: usize,
-    frames: Vec<DataFrame>,
+    frame: Option<DataFrame>,
     buckets: &Buckets,
 ) -> DfResult<SeriesAnswer> {
-    let math = Math::UniqueUsers;
-    let tables: Vec<Arc<MemTable>> =
-        futures::future::try_join_all(frames.into_iter().map(materialize)).await?;
-    let run_aggregate = |by_bucket: bool, label: Option<Expr>| {
-        let tables = &tables;
-        async move {
-            let parts = futures::future::try_join_all(
-                tables
-                    .iter()
-                    .map(|t| aggregate(ctx, t, by_bucket, label.clone(), true)),
-            )
-            .await?;
-            let mut merged: HashMap<GroupKey, Merged> = HashMap::new();
-            for (key, partial) in parts.into_iter().flatten() {
-                merged.entry(key).or_default().add(partial);
-            }
-            Ok::<_, DataFusionError>(merged)
+    let mut triples: Vec<(i32, Option<String>, u64)> = Vec::new();
+    if let Some(frame) = frame {
+        let mut group = vec![named("b"), named("p")];
+        if q.breakdown.is_some() {
+            group.push(named("v"));
         }
-    };
-    let by_bucket = run_aggregate(true, None).await?;
-    let total = run_aggregate(false, None).await?;
+        for batch in frame.aggregate(group, vec![])?.collect().await? {
+            let b = batch
+                .column_by_name("b")
+                .expect("b")
+                .as_primitive::<Int32Type>()
+                .clone();
+            let p = batch
+                .column_by_name("p")
+                .expect("p")
+                .as_primitive::<UInt64Type>()
+                .clone();
+            let v = labels(&batch)?;
+            for row in 0..batch.num_rows() {
+                triples.push((
+                    b.value(row),
+                    v.as_ref().map(|v| v[row].clone()),
+                    p.value(row),
+                ));
+            }
+        }
+    }
+    let mut per_bucket: Vec<HashSet<u64>> = vec![HashSet::new(); buckets.len()];
+    let mut all: HashSet<u64> = HashSet::new();
+    for (b, _, p) in &triples {
+        per_bucket[*b as usize].insert(*p);
+        all.insert(*p);
+    }
     let mut series = SeriesAnswer {
         id: q.series_id(i),
-        values: (0..buckets.len())
-            .map(|b| {
-                by_bucket
-                    .get(&(Some(b as i32), None))
-                    .map(|m| m.value(math))
-                    .unwrap_or(0.0)
-            })
-            .collect(),
-        total: total
-            .get(&(None, None))
-            .map(|m| m.value(math))
-            .unwrap_or(0.0),
+        values: per_bucket.iter().map(|s| s.len() as f64).collect(),
+        total: all.len() as f64,
         breakdown: Vec::new(),
     };
     if let Some(b) = &q.breakdown {
-        // Rank every value by distinct persons over the whole range, then fold the rest, so
-        // `(other)` counts each person once across the folded values.
-        let ranking = run_aggregate(false, Some(label_expr())).await?;
+        let mut per_value: HashMap<&str, HashSet<u64>> = HashMap::new();
+        for (_, v, p) in &triples {
+            per_value
+                .entry(v.as_deref().unwrap_or_default())
+                .or_default()
+                .insert(*p);
+        }
         let (top, folded) = rank(
-            ranking
+            per_value
                 .iter()
-                .filter_map(|((_, v), m)| v.clone().map(|v| (v, m.value(math)))),
+                .map(|(v, s)| (v.to_string(), s.len() as f64)),
             b.limit,
         );
-        let label = folded_label(&top)?;
-        let by_bucket = run_aggregate(true, Some(label.clone())).await?;
-        let totals = run_aggregate(false, Some(label)).await?;
-        let mut labels = top;
-        if folded {
-            labels.push(OTHER_LABEL.to_string());
+        let labels = shown(&top, folded);
+        let mut cells: HashMap<&str, (Vec<HashSet<u64>>, HashSet<u64>)> = labels
+            .iter()
+            .map(|l| {
+                (
+                    l.as_str(),
+                    (vec![HashSet::new(); buckets.len()], HashSet::new()),
+                )
+            })
+            .collect();
+        for (bucket, v, p) in &triples {
+            if let Some((by_bucket, total)) =
+                cells.get_mut(fold(&top, v.as_deref().unwrap_or_default()))
+            {
+                by_bucket[*bucket as usize].insert(*p);
+                total.insert(*p);
+            }
         }
-        for label in labels {
-            let key = Some(label.clone());
+        for label in &labels {
+            let (by_bucket, total) = cells.remove(label.as_str()).unwrap_or_default();
             series.breakdown.push(BreakdownAnswer {
-                values: (0..buckets.len())
-                    .map(|bk| {
-                        by_bucket
-                            .get(&(Some(bk as i32), key.clone()))
-                            .map(|m| m.value(math))
-                            .unwrap_or(0.0)
-                    })
-                    .collect(),
-                total: totals
-                    .get(&(None, key))
-                    .map(|m| m.value(math))
-                    .unwrap_or(0.0),
-                value: label,
+                value: label.clone(),
+                values: by_bucket.iter().map(|s| s.len() as f64).collect(),
+                total: total.len() as f64,
             });
         }
     }
@@ -487,22 +368,16 @@ pub async fn run(
     };
     for (i, s) in q.series.iter().enumerate() {
         let events = s.event.as_ref().map(|e| vec![e.clone()]);
-        let snapshots = engine.rows(
+        let parts = engine.rows(
             project,
             buckets.start_ms(),
             buckets.end_ms,
             events.as_deref(),
         );
-        let frames: Vec<DataFrame> = snapshots
-            .iter()
-            .map(|rows| filtered_frame(&ctx, rows, q, i, &buckets, &identities, now_ms))
-            .collect::<DfResult<Vec<_>>>()?
-            .into_iter()
-            .flatten()
-            .collect();
+        let frame = filtered_frame(&ctx, &parts, q, i, &buckets, &identities, now_ms)?;
         let series = match s.math {
-            Math::UniqueUsers => unique_series(&ctx, q, i, frames, &buckets).await?,
-            _ => total_series(q, i, frames, &buckets).await?,
+            Math::UniqueUsers => unique_series(q, i, frame, &buckets).await?,
+            _ => total_series(q, i, frame, &buckets).await?,
         };
         answer.series.push(series);
     }

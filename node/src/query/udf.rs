@@ -1,15 +1,14 @@
 //! Scalar functions the planner uses: time buckets, value rendering, identity resolution.
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, Int32Builder, Int64Builder,
-    StringBuilder, UInt64Array,
+    Array, ArrayRef, AsArray, Int32Builder, Int64Builder, StringBuilder, UInt64Array,
 };
 use arrow::datatypes::{DataType, Float64Type, TimeUnit, TimestampMillisecondType};
 use datafusion::common::{Result, exec_err};
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
 };
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -188,9 +187,6 @@ impl ScalarUDFImpl for ParseDatetime {
 pub struct IdentityView {
     /// Stamped person → current person.
     pub merged: HashMap<u64, u64>,
-    /// Every person involved in a merge: their events may sit in several partitions, so their
-    /// unique counts are merged across partitions by id rather than counted locally.
-    pub shared: HashSet<u64>,
 }
 
 impl IdentityView {
@@ -200,8 +196,6 @@ impl IdentityView {
         if let Some(ids) = ids {
             for (from, to) in &ids.merged {
                 view.merged.insert(from.0, to.0);
-                view.shared.insert(from.0);
-                view.shared.insert(to.0);
             }
         }
         view
@@ -213,42 +207,30 @@ impl IdentityView {
     }
 }
 
-/// `resolve_person(person_id)` or `is_shared_person(person_id)` over one [`IdentityView`].
+/// `resolve_person(person_id)`: the current person of the person an event was stamped with.
 #[derive(Debug)]
 pub struct IdentityUdf {
     view: Arc<IdentityView>,
-    shared_test: bool,
     signature: Signature,
 }
 
 impl PartialEq for IdentityUdf {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.view, &other.view) && self.shared_test == other.shared_test
+        Arc::ptr_eq(&self.view, &other.view)
     }
 }
 impl Eq for IdentityUdf {}
 impl Hash for IdentityUdf {
     fn hash<H: Hasher>(&self, state: &mut H) {
         (Arc::as_ptr(&self.view) as usize).hash(state);
-        self.shared_test.hash(state);
     }
 }
 
 impl IdentityUdf {
-    /// `resolve_person`.
+    /// `resolve_person` over `view`.
     pub fn resolve(view: Arc<IdentityView>) -> ScalarUDF {
         ScalarUDF::new_from_impl(IdentityUdf {
             view,
-            shared_test: false,
-            signature: Signature::exact(vec![DataType::UInt64], Volatility::Immutable),
-        })
-    }
-
-    /// `is_shared_person`.
-    pub fn is_shared(view: Arc<IdentityView>) -> ScalarUDF {
-        ScalarUDF::new_from_impl(IdentityUdf {
-            view,
-            shared_test: true,
             signature: Signature::exact(vec![DataType::UInt64], Volatility::Immutable),
         })
     }
@@ -256,45 +238,24 @@ impl IdentityUdf {
 
 impl ScalarUDFImpl for IdentityUdf {
     fn name(&self) -> &str {
-        if self.shared_test {
-            "is_shared_person"
-        } else {
-            "resolve_person"
-        }
+        "resolve_person"
     }
     fn signature(&self) -> &Signature {
         &self.signature
     }
     fn return_type(&self, _: &[DataType]) -> Result<DataType> {
-        Ok(if self.shared_test {
-            DataType::Boolean
-        } else {
-            DataType::UInt64
-        })
+        Ok(DataType::UInt64)
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let array = args.args[0].to_array(args.number_rows)?;
-        let ids = array.as_primitive::<arrow::datatypes::UInt64Type>();
-        if self.shared_test {
-            if self.view.shared.is_empty() {
-                return Ok(ColumnarValue::Array(Arc::new(BooleanArray::from(
-                    vec![false; ids.len()],
-                ))));
-            }
-            let mut out = BooleanBuilder::with_capacity(ids.len());
-            for v in ids.iter() {
-                out.append_option(v.map(|p| self.view.shared.contains(&p)));
-            }
-            Ok(ColumnarValue::Array(Arc::new(out.finish())))
-        } else {
-            if self.view.merged.is_empty() {
-                return Ok(ColumnarValue::Array(array));
-            }
-            let out: UInt64Array = ids
-                .iter()
-                .map(|v| v.map(|p| self.view.resolve(p)))
-                .collect();
-            Ok(ColumnarValue::Array(Arc::new(out)))
+        if self.view.merged.is_empty() {
+            return Ok(ColumnarValue::Array(array));
         }
+        let ids = array.as_primitive::<arrow::datatypes::UInt64Type>();
+        let out: UInt64Array = ids
+            .iter()
+            .map(|v| v.map(|p| self.view.resolve(p)))
+            .collect();
+        Ok(ColumnarValue::Array(Arc::new(out)))
     }
 }
