@@ -197,10 +197,10 @@ fn event(
         .map(parse_timestamp)
         .transpose()?
         .flatten();
-    if timestamp.is_none() {
-        if let Some(offset) = e.offset {
-            timestamp = Some(ctx.received_ms - offset);
-        }
+    if timestamp.is_none()
+        && let Some(offset) = e.offset
+    {
+        timestamp = Some(ctx.received_ms - offset);
     }
     let sent_at = match &e.sent_at {
         Some(s) => parse_timestamp(s)?,
