@@ -23,7 +23,6 @@ use datafusion::error::Result as DfResult;
 use datafusion::functions_aggregate::expr_fn::count;
 use datafusion::logical_expr::{Expr, lit};
 use datafusion::prelude::{DataFrame, SessionContext};
-use datafusion::scalar::ScalarValue;
 use optiprism_types::ProjectId;
 use optiprism_types::answer::{
     BreakdownAnswer, NONE_LABEL, OTHER_LABEL, SeriesAnswer, TrendsAnswer,
@@ -54,13 +53,6 @@ fn referenced_keys(filters: &[optiprism_types::query::Filter], out: &mut Vec<Str
         }
         referenced_keys(&f.filters, out);
     }
-}
-
-fn ts_literal(ms: i64) -> Expr {
-    lit(ScalarValue::TimestampMillisecond(
-        Some(ms),
-        Some("UTC".into()),
-    ))
 }
 
 /// The breakdown value of an event. Dictionary-encoded strings stay dictionaries, so grouping
@@ -107,19 +99,17 @@ fn filtered_frame(
         partitions.into_iter().filter(|p| !p.is_empty()).collect();
     let table = MemTable::try_new(schema, partitions)?;
     let mut df = ctx.read_table(Arc::new(table))?;
-    let mut predicate = named("timestamp")
-        .gt_eq(ts_literal(buckets.start_ms()))
-        .and(named("timestamp").lt(ts_literal(buckets.end_ms)));
+    // No time predicate: the bucket function is null outside the range, and one null test
+    // after it is cheaper than two timestamp comparisons on every row before it.
+    let mut predicates = Vec::new();
     if let Some(event) = &s.event {
-        predicate = predicate.and(named("event").eq(lit(event.clone())));
+        predicates.push(named("event").eq(lit(event.clone())));
     }
-    if let Some(f) = all_of(&s.filters, &lookup) {
-        predicate = predicate.and(f);
+    predicates.extend(all_of(&s.filters, &lookup));
+    predicates.extend(all_of(&q.filters, &lookup));
+    if let Some(predicate) = predicates.into_iter().reduce(Expr::and) {
+        df = df.filter(predicate)?;
     }
-    if let Some(f) = all_of(&q.filters, &lookup) {
-        predicate = predicate.and(f);
-    }
-    df = df.filter(predicate)?;
     let bucket_udf = BucketIndex::udf(buckets.starts_ms.clone(), buckets.end_ms);
     let mut select = vec![bucket_udf.call(vec![named("timestamp")]).alias("b")];
     if let Some(b) = &q.breakdown {
@@ -132,7 +122,7 @@ fn filtered_frame(
                 .alias("p"),
         );
     }
-    Ok(Some(df.select(select)?))
+    Ok(Some(df.select(select)?.filter(named("b").is_not_null())?))
 }
 
 /// Column `v` of an aggregate's output as labels (`(none)` for not set).

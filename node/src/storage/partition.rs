@@ -169,7 +169,7 @@ pub struct ProjectRows {
 
 impl PartitionData {
     /// The rows of `project` that may hold events in `[start_ms, end_ms)` named one of `events`
-    /// (`None`: any event).
+    /// (`None`: any event). Sealed chunks contribute zero-copy slices holding just those events.
     pub fn rows(
         &self,
         project: ProjectId,
@@ -178,19 +178,24 @@ impl PartitionData {
         events: Option<&[String]>,
     ) -> ProjectRows {
         let mut out = ProjectRows::default();
+        let mut push = |batch: RecordBatch| {
+            out.rows += batch.num_rows();
+            out.batches.push(batch);
+        };
         if let Some(chunks) = self.chunks.get(&project) {
-            for c in chunks {
-                let wanted =
-                    events.is_none_or(|names| names.iter().any(|n| c.meta.may_contain_event(n)));
-                if c.meta.overlaps(start_ms, end_ms) && wanted {
-                    out.rows += c.batch.num_rows();
-                    out.batches.push(c.batch.clone());
+            for c in chunks.iter().filter(|c| c.meta.overlaps(start_ms, end_ms)) {
+                match events {
+                    None => push(c.batch.clone()),
+                    Some(names) => {
+                        for (offset, len) in names.iter().filter_map(|n| c.meta.rows_of(n)) {
+                            push(c.batch.slice(offset, len));
+                        }
+                    }
                 }
             }
         }
         if let Some(batch) = self.pending.get(&project).and_then(Pending::batch) {
-            out.rows += batch.num_rows();
-            out.batches.push(batch);
+            push(batch);
         }
         out
     }

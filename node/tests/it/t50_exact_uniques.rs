@@ -218,6 +218,10 @@ fn unique_users_across_partitions_match_a_naive_reference() {
                             .unwrap();
                     }
                 }
+                // Half the cases read sealed chunks (event slices), half unsealed rows.
+                if case_no % 2 == 0 {
+                    node.seal_all();
+                }
                 let query = json!({
                     "kind": "trends", "date_range": {"from": "2024-06-01", "to": "2024-06-05"},
                     "series": [{"event": "view", "math": "unique_users"}, {"event": "view", "math": "total"}],
