@@ -76,8 +76,12 @@ async fn serve(config: NodeConfig, query_runtime: tokio::runtime::Handle) -> any
     let http = {
         let app = http::router(Arc::clone(&node));
         let stop = wait_stop(stop_rx.clone());
+        // TCP_NODELAY: acknowledgements are small and latency-sensitive.
+        let listener = axum::serve::ListenerExt::tap_io(http_listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move {
-            axum::serve(http_listener, app)
+            axum::serve(listener, app)
                 .with_graceful_shutdown(stop)
                 .await
         })

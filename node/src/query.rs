@@ -67,7 +67,7 @@ pub struct InsightAnswer {
 pub struct QueryEngine {
     partitions: Vec<Arc<RwLock<PartitionData>>>,
     metadata: MetadataHandle,
-    threads: usize,
+    state: datafusion::execution::SessionState,
 }
 
 impl QueryEngine {
@@ -77,21 +77,29 @@ impl QueryEngine {
         metadata: MetadataHandle,
         threads: usize,
     ) -> QueryEngine {
+        let config = SessionConfig::new()
+            .with_target_partitions(threads.max(1))
+            .with_batch_size(8192)
+            .with_information_schema(true);
+        let state = SessionContext::new_with_config(config).state();
         QueryEngine {
             partitions,
             metadata,
-            threads: threads.max(1),
+            state,
         }
     }
 
     /// A DataFusion session. Plans read one DataFusion partition per Raft partition and
-    /// aggregate each partially before the final merge, on the query runtime's threads.
+    /// aggregate each partially before the final merge, on the query runtime's threads. The
+    /// session state (configuration, function registry) is built once and cloned per query.
+    /// The clone shares the catalog: use it for plans that register no tables.
     pub fn session(&self) -> SessionContext {
-        let config = SessionConfig::new()
-            .with_target_partitions(self.threads)
-            .with_batch_size(8192)
-            .with_information_schema(true);
-        SessionContext::new_with_config(config)
+        SessionContext::new_with_state(self.state.clone())
+    }
+
+    /// A session with a catalog of its own, for SQL over registered tables.
+    pub fn sql_session(&self) -> SessionContext {
+        SessionContext::new_with_config(self.state.config().clone())
     }
 
     /// Every partition's rows of `project` that may hold events in `[start_ms, end_ms)`.

@@ -166,7 +166,7 @@ fn persons_table(engine: &QueryEngine, project: &Project) -> Result<MemTable, Qu
 
 /// A SQL session over a project's tables.
 pub fn session(engine: &QueryEngine, project: &Project) -> Result<SessionContext, QueryFailure> {
-    let ctx = engine.session();
+    let ctx = engine.sql_session();
     ctx.register_table("events", Arc::new(events_table(engine, project)?))?;
     ctx.register_table("persons", Arc::new(persons_table(engine, project)?))?;
     Ok(ctx)
