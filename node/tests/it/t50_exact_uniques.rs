@@ -219,7 +219,7 @@ fn unique_users_across_partitions_match_a_naive_reference() {
                     }
                 }
                 // Half the cases read sealed chunks (event slices), half unsealed rows.
-                if case_no % 2 == 0 {
+                if case_no.is_multiple_of(2) {
                     node.seal_all();
                 }
                 let query = json!({
