@@ -30,7 +30,29 @@ use optiprism_types::answer::{
 use optiprism_types::query::{Math, TrendsQuery};
 use optiprism_types::time::Buckets;
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
+
+/// Person ids are already uniform 64-bit hashes: use them as their own hash (SipHash over
+/// millions of ids was the largest cost of unique counts).
+#[derive(Debug, Default)]
+struct PersonHasher(u64);
+
+impl Hasher for PersonHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type PersonSet = HashSet<u64, BuildHasherDefault<PersonHasher>>;
 
 struct Lookup<'a> {
     parts: &'a [ProjectRows],
@@ -285,20 +307,33 @@ async fn unique_series(
             }
         }
     }
-    let mut per_bucket: Vec<HashSet<u64>> = vec![HashSet::new(); buckets.len()];
-    let mut all: HashSet<u64> = HashSet::new();
-    for (b, _, p) in &triples {
-        per_bucket[*b as usize].insert(*p);
-        all.insert(*p);
+    let mut values = vec![0.0; buckets.len()];
+    let mut all = PersonSet::default();
+    if q.breakdown.is_some() {
+        // A person may come with several values in one bucket: count each once.
+        let mut per_bucket: Vec<PersonSet> =
+            (0..buckets.len()).map(|_| PersonSet::default()).collect();
+        for (b, _, p) in &triples {
+            per_bucket[*b as usize].insert(*p);
+            all.insert(*p);
+        }
+        values = per_bucket.iter().map(|s| s.len() as f64).collect();
+    } else {
+        // Without a value the triples are distinct (bucket, person) pairs already.
+        all.reserve(triples.len() / 4);
+        for (b, _, p) in &triples {
+            values[*b as usize] += 1.0;
+            all.insert(*p);
+        }
     }
     let mut series = SeriesAnswer {
         id: q.series_id(i),
-        values: per_bucket.iter().map(|s| s.len() as f64).collect(),
+        values,
         total: all.len() as f64,
         breakdown: Vec::new(),
     };
     if let Some(b) = &q.breakdown {
-        let mut per_value: HashMap<&str, HashSet<u64>> = HashMap::new();
+        let mut per_value: HashMap<&str, PersonSet> = HashMap::new();
         for (_, v, p) in &triples {
             per_value
                 .entry(v.as_deref().unwrap_or_default())
@@ -312,13 +347,11 @@ async fn unique_series(
             b.limit,
         );
         let labels = shown(&top, folded);
-        let mut cells: HashMap<&str, (Vec<HashSet<u64>>, HashSet<u64>)> = labels
+        let mut cells: HashMap<&str, (Vec<PersonSet>, PersonSet)> = labels
             .iter()
             .map(|l| {
-                (
-                    l.as_str(),
-                    (vec![HashSet::new(); buckets.len()], HashSet::new()),
-                )
+                let by_bucket = (0..buckets.len()).map(|_| PersonSet::default()).collect();
+                (l.as_str(), (by_bucket, PersonSet::default()))
             })
             .collect();
         for (bucket, v, p) in &triples {
