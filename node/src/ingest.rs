@@ -17,7 +17,7 @@ use crate::server::{NodeShared, ProposeError};
 use crate::storage::chunk::StoredEvent;
 use crate::storage::partition::IngestOutcome;
 use optiprism_types::PersonId;
-use optiprism_types::event::{Coerced, Event, PropType, PropValue};
+use optiprism_types::event::{Coerced, Event, PropType};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -164,15 +164,6 @@ pub fn parse_timestamp(v: &serde_json::Value) -> Result<Option<i64>, String> {
     }
 }
 
-/// A distinct id from JSON: strings, and numbers as their text.
-pub fn id_string(v: Option<&serde_json::Value>) -> Option<String> {
-    match v? {
-        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
 /// A distinct or message id as SDKs send it: a string, or a number (rendered as text). Empty
 /// strings and JSON nulls read as absent.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -206,21 +197,6 @@ impl<'de> serde::Deserialize<'de> for Id {
             }
         }
         d.deserialize_any(V)
-    }
-}
-
-/// A properties object as a list (nulls dropped); `Err` if it is not an object.
-pub fn properties(
-    v: Option<&serde_json::Value>,
-    field: &str,
-) -> Result<Vec<(String, PropValue)>, String> {
-    match v {
-        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
-        Some(serde_json::Value::Object(map)) => Ok(map
-            .iter()
-            .filter_map(|(k, v)| PropValue::from_json(v).map(|p| (k.clone(), p)))
-            .collect()),
-        Some(_) => Err(format!("`{field}` must be an object")),
     }
 }
 

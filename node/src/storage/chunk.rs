@@ -26,8 +26,8 @@ use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, TimeUnit};
 use arrow_ipc::CompressionType;
 use arrow_ipc::reader::StreamReader;
 use arrow_ipc::writer::{IpcWriteOptions, StreamWriter};
+use optiprism_types::ProjectId;
 use optiprism_types::event::{Coerced, PropValue};
-use optiprism_types::{PersonId, ProjectId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -332,11 +332,6 @@ pub fn decode(bytes: &[u8]) -> Result<RecordBatch, arrow::error::ArrowError> {
     let schema: SchemaRef = reader.schema();
     let batches: Vec<RecordBatch> = reader.collect::<Result<_, _>>()?;
     arrow::compute::concat_batches(&schema, &batches)
-}
-
-/// The person that owns rows of a chunk, for pruning by person.
-pub fn person_range(meta: &ChunkMeta) -> (PersonId, PersonId) {
-    (PersonId(meta.min_person), PersonId(meta.max_person))
 }
 
 #[cfg(test)]
