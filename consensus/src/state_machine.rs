@@ -117,6 +117,15 @@ impl<S: StateMachineCore> StateMachineStore<S> {
         self.inner.lock().applied.last_applied.map(|l| l.index)
     }
 
+    /// Makes `stored` the current snapshot, durably (what `get_current_snapshot` returns).
+    async fn store_current(&self, stored: &StoredSnapshot) -> Result<(), StorageError> {
+        self.snapshots
+            .insert(CURRENT_SNAPSHOT, encode(stored))
+            .map_err(sm_err)?;
+        self.snapshots.flush_async().await.map_err(sm_err)?;
+        Ok(())
+    }
+
     /// Persists everything applied so far (used by periodic sealing and ordered shutdown).
     pub fn persist_now(&self) -> Result<(), CoreError> {
         let mut inner = self.inner.lock();
@@ -181,21 +190,19 @@ impl<S: StateMachineCore> RaftStateMachine<TypeConfig> for StateMachineStore<S> 
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
-        let mut inner = self.inner.lock();
-        inner
-            .core
-            .install(&data, &encode(&applied))
-            .map_err(sm_err)?;
-        inner.applied = applied;
-        let stored = StoredSnapshot {
+        {
+            let mut inner = self.inner.lock();
+            inner
+                .core
+                .install(&data, &encode(&applied))
+                .map_err(sm_err)?;
+            inner.applied = applied;
+        }
+        self.store_current(&StoredSnapshot {
             meta: meta.clone(),
             data,
-        };
-        self.snapshots
-            .insert(CURRENT_SNAPSHOT, encode(&stored))
-            .map_err(sm_err)?;
-        self.snapshots.flush().map_err(sm_err)?;
-        Ok(())
+        })
+        .await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
@@ -236,10 +243,7 @@ impl<S: StateMachineCore> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<
             meta: meta.clone(),
             data,
         };
-        self.snapshots
-            .insert(CURRENT_SNAPSHOT, encode(&stored))
-            .map_err(sm_err)?;
-        self.snapshots.flush_async().await.map_err(sm_err)?;
+        self.store_current(&stored).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(stored.data)),

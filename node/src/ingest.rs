@@ -381,3 +381,12 @@ impl ErrorList {
         }
     }
 }
+
+/// A parse context at a fixed receive time with default limits, for parser tests.
+#[cfg(test)]
+pub(crate) fn test_context() -> ParseContext {
+    ParseContext {
+        received_ms: 1_700_000_000_000,
+        limits: IngestSection::default(),
+    }
+}

@@ -242,10 +242,7 @@ mod tests {
     use super::*;
 
     fn ctx() -> ParseContext {
-        ParseContext {
-            received_ms: 1_700_000_000_000,
-            limits: crate::config::IngestSection::default(),
-        }
+        crate::ingest::test_context()
     }
 
     #[test]
