@@ -29,7 +29,6 @@ type EntryCache = Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>;
 /// The log store of one group.
 #[derive(Debug, Clone)]
 pub struct SledLogStore {
-    group: GroupId,
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
@@ -45,28 +44,12 @@ impl SledLogStore {
     /// Opens (or creates) the log of `group` in `db`.
     pub fn open(db: &sled::Db, group: GroupId, flusher: Flusher) -> crate::Result<SledLogStore> {
         Ok(SledLogStore {
-            group,
             log: db.open_tree(format!("g{}.log", group.0))?,
             meta: db.open_tree(format!("g{}.meta", group.0))?,
             db: db.clone(),
             flusher,
             cache: Arc::default(),
         })
-    }
-
-    /// The group this log belongs to.
-    pub fn group(&self) -> GroupId {
-        self.group
-    }
-
-    /// Number of entries currently stored (after purges).
-    pub fn len(&self) -> usize {
-        self.log.len()
-    }
-
-    /// True when no entry is stored.
-    pub fn is_empty(&self) -> bool {
-        self.log.is_empty()
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(

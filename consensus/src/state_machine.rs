@@ -112,11 +112,6 @@ impl<S: StateMachineCore> StateMachineStore<S> {
         f(&mut self.inner.lock().core)
     }
 
-    /// The last applied log index, as applied in memory (not necessarily persisted).
-    pub fn last_applied_index(&self) -> Option<u64> {
-        self.inner.lock().applied.last_applied.map(|l| l.index)
-    }
-
     /// Makes `stored` the current snapshot, durably (what `get_current_snapshot` returns).
     async fn store_current(&self, stored: &StoredSnapshot) -> Result<(), StorageError> {
         self.snapshots

@@ -228,11 +228,6 @@ impl Generator {
         }
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &GenConfig {
-        &self.config
-    }
-
     fn day_quota(&self, day: u32) -> u64 {
         let days = u64::from(self.config.days.max(1));
         let base = self.config.events / days;

@@ -32,6 +32,16 @@ fn column(name: &str) -> Expr {
     Expr::Column(datafusion::common::Column::from_name(name))
 }
 
+/// The typed column's value, else the mismatched text's; `none` when the rows have neither.
+fn typed_or_text(typed: Option<Expr>, text: Option<Expr>, none: ScalarValue) -> Expr {
+    match (typed, text) {
+        (Some(t), Some(x)) => coalesce(vec![t, x]),
+        (Some(t), None) => t,
+        (None, Some(x)) => x,
+        (None, None) => lit(none),
+    }
+}
+
 /// The string rendering of a property (null when not set).
 pub fn rendered(cols: &PropertyColumns) -> Expr {
     let typed = cols.typed.as_ref().map(|(name, ty)| match ty {
@@ -40,12 +50,7 @@ pub fn rendered(cols: &PropertyColumns) -> Expr {
         _ => RenderValue::udf().call(vec![column(name)]),
     });
     let text = cols.text.as_ref().map(|n| column(n));
-    match (typed, text) {
-        (Some(t), Some(x)) => coalesce(vec![t, x]),
-        (Some(t), None) => t,
-        (None, Some(x)) => x,
-        (None, None) => lit(ScalarValue::Utf8(None)),
-    }
+    typed_or_text(typed, text, ScalarValue::Utf8(None))
 }
 
 /// The numeric value of a property (null when not set or not numeric).
@@ -62,12 +67,7 @@ fn numeric(cols: &PropertyColumns) -> Expr {
         .text
         .as_ref()
         .map(|n| try_cast(column(n), DataType::Float64));
-    match (typed, text) {
-        (Some(t), Some(x)) => coalesce(vec![t, x]),
-        (Some(t), None) => t,
-        (None, Some(x)) => x,
-        (None, None) => lit(ScalarValue::Float64(None)),
-    }
+    typed_or_text(typed, text, ScalarValue::Float64(None))
 }
 
 /// The instant of a property in epoch ms (datetime properties, or ISO strings).
@@ -83,12 +83,7 @@ fn instant_ms(cols: &PropertyColumns) -> Expr {
         .text
         .as_ref()
         .map(|n| ParseDatetime::udf().call(vec![column(n)]));
-    match (typed, text) {
-        (Some(t), Some(x)) => coalesce(vec![t, x]),
-        (Some(t), None) => t,
-        (None, Some(x)) => x,
-        (None, None) => lit(ScalarValue::Int64(None)),
-    }
+    typed_or_text(typed, text, ScalarValue::Int64(None))
 }
 
 fn is_set(cols: &PropertyColumns) -> Expr {

@@ -208,18 +208,6 @@ impl PartitionData {
             .map(|((_, id), row)| (*id, row.clone()))
             .collect()
     }
-
-    /// Events stored (sealed and unsealed) of all projects.
-    pub fn event_count(&self) -> u64 {
-        let sealed: u64 = self.chunks.values().flatten().map(|c| c.meta.rows).sum();
-        let pending: usize = self.pending.values().map(|p| p.events.len()).sum();
-        sealed + pending as u64
-    }
-
-    /// Chunks sealed so far.
-    pub fn chunk_count(&self) -> usize {
-        self.chunks.values().map(Vec::len).sum()
-    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -308,11 +296,6 @@ impl PartitionCore {
     /// Decoded events of this node's own proposals.
     pub fn local_proposals(&self) -> LocalProposals {
         self.local.clone()
-    }
-
-    /// The partition.
-    pub fn partition(&self) -> PartitionId {
-        self.partition
     }
 
     fn ingest(&mut self, project: ProjectId, events: Vec<StoredEvent>) -> IngestOutcome {
