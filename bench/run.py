@@ -309,12 +309,20 @@ def main():
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite docs/benchmarks.md from bench/results.json and bench/notes.md without measuring")
     args = p.parse_args()
+    notes_path = ROOT / "bench/notes.md"
+    if args.report_only:
+        results = json.loads((ROOT / "bench/results.json").read_text())
+        results["notes"] = notes_path.read_text().strip().splitlines() if notes_path.exists() else []
+        write_markdown(results)
+        print("wrote docs/benchmarks.md")
+        return
     sizes = args.events or [1_000_000]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="optiprism-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine(), "sizes": []}
-    notes_path = ROOT / "bench/notes.md"
     if notes_path.exists():
         results["notes"] = notes_path.read_text().strip().splitlines()
     for n in sizes:

@@ -8,10 +8,9 @@
 use crate::config::{DEFAULT_PROJECT, NodeConfig};
 use crate::metadata::{MetaCommand, MetaResponse, MetadataCore, MetadataHandle, Project};
 use crate::query::QueryEngine;
+use crate::storage::batcher::{Batcher, Tokens};
 use crate::storage::chunk::StoredEvent;
-use crate::storage::partition::{
-    IngestOutcome, LocalProposals, PartitionCommand, PartitionCore, encode_events,
-};
+use crate::storage::partition::{IngestOutcome, PartitionCore};
 use anyhow::Context;
 use openraft::error::{ClientWriteError, RaftError};
 use optiprism_consensus::flusher::Flusher;
@@ -25,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// A proposal that did not commit.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProposeError {
     /// The group has no leader on this node right now (election under way).
     #[error("no leader for {group} right now; retry shortly")]
@@ -89,7 +88,30 @@ struct Group<S> {
 
 struct PartitionGroup {
     group: Group<PartitionCore>,
-    local: LocalProposals,
+    batcher: Batcher,
+}
+
+/// Proposes `bytes` to `raft`, mapping openraft's errors to what callers act on.
+pub async fn propose_to(
+    group: GroupId,
+    raft: &Raft,
+    bytes: Vec<u8>,
+) -> Result<Vec<u8>, ProposeError> {
+    match raft.client_write(Command(bytes)).await {
+        Ok(response) => Ok(response.data.0),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+            Err(ProposeError::NoLeader { group })
+        }
+        Err(RaftError::APIError(e)) => Err(ProposeError::Fatal {
+            group,
+            message: e.to_string(),
+        }),
+        Err(RaftError::Fatal(openraft::error::Fatal::Stopped)) => Err(ProposeError::ShuttingDown),
+        Err(RaftError::Fatal(e)) => Err(ProposeError::Fatal {
+            group,
+            message: e.to_string(),
+        }),
+    }
 }
 
 /// What every front end (HTTP, Flight) of the node shares.
@@ -107,10 +129,6 @@ pub struct NodeShared {
     node_id: u64,
     meta: Group<MetadataCore>,
     partitions: Vec<PartitionGroup>,
-    /// Proposal tokens: a random epoch per process, then a counter, so tokens of a crashed
-    /// process replayed from the log never match this process's.
-    token_epoch: u64,
-    next_token: AtomicU64,
     shutting_down: AtomicBool,
     db: sled::Db,
 }
@@ -144,23 +162,7 @@ impl NodeShared {
         if self.is_shutting_down() {
             return Err(ProposeError::ShuttingDown);
         }
-        match raft.client_write(Command(bytes)).await {
-            Ok(response) => Ok(response.data.0),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                Err(ProposeError::NoLeader { group })
-            }
-            Err(RaftError::APIError(e)) => Err(ProposeError::Fatal {
-                group,
-                message: e.to_string(),
-            }),
-            Err(RaftError::Fatal(openraft::error::Fatal::Stopped)) => {
-                Err(ProposeError::ShuttingDown)
-            }
-            Err(RaftError::Fatal(e)) => Err(ProposeError::Fatal {
-                group,
-                message: e.to_string(),
-            }),
-        }
+        propose_to(group, raft, bytes).await
     }
 
     /// Commits a metadata command; returns once it is applied.
@@ -188,25 +190,14 @@ impl NodeShared {
         project: optiprism_types::ProjectId,
         events: Vec<StoredEvent>,
     ) -> Result<IngestOutcome, ProposeError> {
+        if self.is_shutting_down() {
+            return Err(ProposeError::ShuttingDown);
+        }
         let partition = &self.partitions[p.0 as usize];
-        let group = &partition.group;
-        let token = (u128::from(self.token_epoch) << 64)
-            | u128::from(self.next_token.fetch_add(1, Ordering::Relaxed));
-        let command = PartitionCommand::Ingest {
-            project,
-            token,
-            events: encode_events(&events),
-        };
-        partition.local.insert(token, events);
-        let result = self
-            .propose(group.id, &group.raft, optiprism_consensus::encode(&command))
-            .await;
-        // Applied proposals took their events; a failed one must not leave them behind.
-        partition.local.take(token);
-        optiprism_consensus::decode(&result?).map_err(|e| ProposeError::Fatal {
-            group: group.id,
-            message: format!("undecodable response: {e}"),
-        })
+        partition
+            .batcher
+            .ingest(partition.group.id, project, events)
+            .await
     }
 
     /// Whether every group has a leader and the node is not shutting down.
@@ -353,6 +344,7 @@ pub async fn start(
         raft,
         state_machine,
     };
+    let tokens = Arc::new(Tokens::new());
     let mut partition_groups = Vec::new();
     let mut partition_data = Vec::new();
     for p in 0..partitions {
@@ -373,12 +365,12 @@ pub async fn start(
         .await?;
         router.register(node_id, group, raft.clone());
         partition_groups.push(PartitionGroup {
+            batcher: Batcher::start(group, raft.clone(), local, Arc::clone(&tokens)),
             group: Group {
                 id: group,
                 raft,
                 state_machine,
             },
-            local,
         });
     }
     let advertise =
@@ -407,8 +399,6 @@ pub async fn start(
         node_id,
         meta,
         partitions: partition_groups,
-        token_epoch: rand::random(),
-        next_token: AtomicU64::new(0),
         shutting_down: AtomicBool::new(false),
         db,
         config,

@@ -1,4 +1,6 @@
-//! Event storage: columnar chunks in sled, and the partition state machine that writes them.
+//! Event storage: columnar chunks in sled, the partition state machine that writes them, and
+//! the group commit that feeds it.
 
+pub mod batcher;
 pub mod chunk;
 pub mod partition;

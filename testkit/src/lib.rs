@@ -26,6 +26,15 @@ pub fn prism_binary() -> PathBuf {
     dir.join("prism")
 }
 
+/// The directory of the crate whose tests are running. Read when the test runs, not when it
+/// was compiled: a shared target directory may hold a test binary built from another clone
+/// (CI builds each run in a fresh one), whose compile-time path no longer exists.
+pub fn crate_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .expect("cargo sets CARGO_MANIFEST_DIR when it runs tests")
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

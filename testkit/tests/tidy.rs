@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
+    let entries = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    for entry in entries {
         let path = entry.unwrap().path();
         if path.is_dir() {
             rust_files(&path, out);
@@ -15,7 +16,8 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 fn workspace_sources() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let crate_dir = optiprism_testkit::crate_dir();
+    let root = crate_dir.parent().unwrap();
     let mut files = Vec::new();
     for krate in [
         "types",

@@ -59,10 +59,8 @@ impl PersonId {
 
 /// A stable 128-bit hash of an event's message id, the key of deduplication.
 pub fn message_key(project: ProjectId, message_id: &str) -> u128 {
-    let mut buf = Vec::with_capacity(4 + message_id.len());
-    buf.extend_from_slice(&project.0.to_le_bytes());
-    buf.extend_from_slice(message_id.as_bytes());
-    xxhash_rust::xxh3::xxh3_128(&buf)
+    // The project seeds the hash: no buffer to join them in, on a path taken per event.
+    xxhash_rust::xxh3::xxh3_128_with_seed(message_id.as_bytes(), u64::from(project.0))
 }
 
 #[cfg(test)]

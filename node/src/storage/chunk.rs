@@ -144,16 +144,14 @@ enum PropBuilder {
 }
 
 impl PropBuilder {
-    fn for_value(v: &Coerced, rows: usize) -> Option<PropBuilder> {
+    fn for_value(v: &Coerced) -> Option<PropBuilder> {
         Some(match v {
-            Coerced::Str(_) => {
-                PropBuilder::Str(StringDictionaryBuilder::with_capacity(rows, 64, 1024))
+            Coerced::Str(_) => PropBuilder::Str(StringDictionaryBuilder::new()),
+            Coerced::Num(_) => PropBuilder::Num(Float64Builder::new()),
+            Coerced::Bool(_) => PropBuilder::Bool(BooleanBuilder::new()),
+            Coerced::DateTimeMs(_) => {
+                PropBuilder::Time(TimestampMillisecondBuilder::new().with_timezone("UTC"))
             }
-            Coerced::Num(_) => PropBuilder::Num(Float64Builder::with_capacity(rows)),
-            Coerced::Bool(_) => PropBuilder::Bool(BooleanBuilder::with_capacity(rows)),
-            Coerced::DateTimeMs(_) => PropBuilder::Time(
-                TimestampMillisecondBuilder::with_capacity(rows).with_timezone("UTC"),
-            ),
             Coerced::Mismatch(_) => return None,
         })
     }
@@ -189,39 +187,78 @@ impl PropBuilder {
         true
     }
 
-    fn finish(&mut self) -> (DataType, ArrayRef) {
+    fn finish_cloned(&self) -> (DataType, ArrayRef) {
         match self {
-            PropBuilder::Str(b) => (dictionary_type(), Arc::new(b.finish())),
-            PropBuilder::Num(b) => (DataType::Float64, Arc::new(b.finish())),
-            PropBuilder::Bool(b) => (DataType::Boolean, Arc::new(b.finish())),
-            PropBuilder::Time(b) => (timestamp_type(), Arc::new(b.finish())),
+            PropBuilder::Str(b) => (dictionary_type(), Arc::new(b.finish_cloned())),
+            PropBuilder::Num(b) => (DataType::Float64, Arc::new(b.finish_cloned())),
+            PropBuilder::Bool(b) => (DataType::Boolean, Arc::new(b.finish_cloned())),
+            PropBuilder::Time(b) => (timestamp_type(), Arc::new(b.finish_cloned())),
         }
     }
 }
 
-/// Builds the Arrow batch of `events` (in the given order).
-pub fn build_batch(events: &[&StoredEvent]) -> RecordBatch {
-    let rows = events.len();
-    let mut uuid = StringBuilder::with_capacity(rows, rows * 36);
-    let mut event = StringDictionaryBuilder::<Int32Type>::with_capacity(rows, 64, 1024);
-    let mut timestamp = TimestampMillisecondBuilder::with_capacity(rows).with_timezone("UTC");
-    let mut distinct =
-        StringDictionaryBuilder::<Int32Type>::with_capacity(rows, rows / 8 + 1, rows * 4);
-    let mut person = UInt64Builder::with_capacity(rows);
+/// Arrow builders that events are appended to as they are applied, so unsealed rows are held
+/// columnar (a tenth of the memory of the events themselves) and sealing only sorts them.
+pub struct ChunkBuilder {
+    rows: usize,
+    uuid: StringBuilder,
+    event: StringDictionaryBuilder<Int32Type>,
+    timestamp: TimestampMillisecondBuilder,
+    distinct: StringDictionaryBuilder<Int32Type>,
+    person: UInt64Builder,
     // BTreeMap: column order is the same whatever order properties arrived in.
-    let mut props: BTreeMap<&str, PropBuilder> = BTreeMap::new();
-    let mut texts: BTreeMap<&str, StringBuilder> = BTreeMap::new();
-    for (row, e) in events.iter().enumerate() {
-        uuid.append_value(&e.message_id);
-        event.append_value(&e.event);
-        timestamp.append_value(e.timestamp_ms);
-        distinct.append_value(&e.distinct_id);
-        person.append_value(e.person_id);
+    props: BTreeMap<String, PropBuilder>,
+    texts: BTreeMap<String, StringBuilder>,
+}
+
+impl std::fmt::Debug for ChunkBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkBuilder")
+            .field("rows", &self.rows)
+            .field("properties", &self.props.len())
+            .finish()
+    }
+}
+
+impl Default for ChunkBuilder {
+    fn default() -> ChunkBuilder {
+        ChunkBuilder {
+            rows: 0,
+            uuid: StringBuilder::new(),
+            event: StringDictionaryBuilder::new(),
+            timestamp: TimestampMillisecondBuilder::new().with_timezone("UTC"),
+            distinct: StringDictionaryBuilder::new(),
+            person: UInt64Builder::new(),
+            props: BTreeMap::new(),
+            texts: BTreeMap::new(),
+        }
+    }
+}
+
+impl ChunkBuilder {
+    /// Rows appended since the last [`ChunkBuilder::finish`].
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    /// Whether no rows are held.
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Appends one event as a row.
+    pub fn append(&mut self, e: &StoredEvent) {
+        let row = self.rows;
+        self.uuid.append_value(&e.message_id);
+        self.event.append_value(&e.event);
+        self.timestamp.append_value(e.timestamp_ms);
+        self.distinct.append_value(&e.distinct_id);
+        self.person.append_value(e.person_id);
         for (key, value) in &e.props {
-            let typed = match props.get_mut(key.as_str()) {
+            let typed = match self.props.get_mut(key.as_str()) {
                 Some(b) => Some(b),
-                None => PropBuilder::for_value(value, rows)
-                    .map(|b| props.entry(key.as_str()).or_insert(b)),
+                None => PropBuilder::for_value(value)
+                    .map(|b| self.props.entry(key.clone()).or_insert(b)),
             };
             let stored = match typed {
                 Some(b) => {
@@ -235,35 +272,63 @@ pub fn build_batch(events: &[&StoredEvent]) -> RecordBatch {
                     Coerced::Mismatch(s) => s.clone(),
                     other => render_coerced(other),
                 };
-                let b = texts
-                    .entry(key.as_str())
-                    .or_insert_with(|| StringBuilder::with_capacity(rows, 0));
+                let b = match self.texts.get_mut(key.as_str()) {
+                    Some(b) => b,
+                    None => self.texts.entry(key.clone()).or_default(),
+                };
                 (b.len()..row).for_each(|_| b.append_null());
                 b.append_value(text);
             }
         }
+        self.rows += 1;
     }
-    let mut fields = fixed_fields();
-    let mut columns: Vec<ArrayRef> = vec![
-        Arc::new(uuid.finish()),
-        Arc::new(event.finish()),
-        Arc::new(timestamp.finish()),
-        Arc::new(distinct.finish()),
-        Arc::new(person.finish()),
-    ];
-    for (key, mut b) in props {
-        b.pad_to(rows);
-        let (ty, array) = b.finish();
-        fields.push(Field::new(property_column(key), ty, true));
-        columns.push(array);
+
+    /// The rows so far as a batch, in the order they were appended; the builder keeps them.
+    pub fn snapshot(&self) -> RecordBatch {
+        let rows = self.rows;
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(self.uuid.finish_cloned()),
+            Arc::new(self.event.finish_cloned()),
+            Arc::new(self.timestamp.finish_cloned()),
+            Arc::new(self.distinct.finish_cloned()),
+            Arc::new(self.person.finish_cloned()),
+        ];
+        let mut fields = fixed_fields();
+        for (key, b) in &self.props {
+            let (ty, array) = b.finish_cloned();
+            fields.push(Field::new(property_column(key), ty, true));
+            columns.push(pad_with_nulls(array, rows));
+        }
+        for (key, b) in &self.texts {
+            fields.push(Field::new(property_text_column(key), DataType::Utf8, true));
+            columns.push(pad_with_nulls(Arc::new(b.finish_cloned()), rows));
+        }
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+            .expect("columns match their fields")
     }
-    for (key, mut b) in texts {
-        (b.len()..rows).for_each(|_| b.append_null());
-        fields.push(Field::new(property_text_column(key), DataType::Utf8, true));
-        columns.push(Arc::new(b.finish()));
+
+    /// The rows as a batch, in the order they were appended; the builder is left empty.
+    pub fn finish(&mut self) -> RecordBatch {
+        let batch = self.snapshot();
+        *self = ChunkBuilder::default();
+        batch
     }
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
-        .expect("columns match their fields")
+}
+
+/// `array` extended with nulls to `rows` (rows after a property's last value have none).
+fn pad_with_nulls(array: ArrayRef, rows: usize) -> ArrayRef {
+    if array.len() >= rows {
+        return array;
+    }
+    let nulls = arrow::array::new_null_array(array.data_type(), rows - array.len());
+    arrow::compute::concat(&[array.as_ref(), nulls.as_ref()]).expect("same data type")
+}
+
+/// Builds the Arrow batch of `events` (in the given order).
+pub fn build_batch(events: &[&StoredEvent]) -> RecordBatch {
+    let mut builder = ChunkBuilder::default();
+    events.iter().for_each(|e| builder.append(e));
+    builder.finish()
 }
 
 fn render_coerced(v: &Coerced) -> String {
@@ -277,34 +342,56 @@ fn render_coerced(v: &Coerced) -> String {
     }
 }
 
-/// Seals `events` of `project` into a chunk: sorted by (event, person, time), encoded and
-/// compressed.
-pub fn seal(
-    project: ProjectId,
-    id: u64,
-    events: &[StoredEvent],
-) -> (ChunkMeta, Vec<u8>, RecordBatch) {
-    let mut sorted: Vec<&StoredEvent> = events.iter().collect();
-    sorted.sort_by(|a, b| {
-        (&a.event, a.person_id, a.timestamp_ms).cmp(&(&b.event, b.person_id, b.timestamp_ms))
-    });
-    let batch = build_batch(&sorted);
+/// Seals `rows` (a [`ChunkBuilder`]'s batch) of `project` into a chunk: sorted by (event,
+/// person, time), ties in arrival order, encoded and compressed.
+pub fn seal(project: ProjectId, id: u64, rows: &RecordBatch) -> (ChunkMeta, Vec<u8>, RecordBatch) {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{TimestampMillisecondType, UInt64Type};
+    let events = rows.column(1).as_dictionary::<Int32Type>();
+    let names = events.values().as_string::<i32>();
+    // Rank each dictionary entry by its name, so rows sort by integers, not strings.
+    let mut by_name: Vec<usize> = (0..names.len()).collect();
+    by_name.sort_by_key(|&i| names.value(i));
+    let mut rank = vec![0u32; names.len()];
+    for (r, &i) in by_name.iter().enumerate() {
+        rank[i] = r as u32;
+    }
+    let persons = rows.column(4).as_primitive::<UInt64Type>().values();
+    let times = rows
+        .column(2)
+        .as_primitive::<TimestampMillisecondType>()
+        .values();
+    let mut order: Vec<(u32, u64, i64, u32)> = events
+        .keys()
+        .values()
+        .iter()
+        .enumerate()
+        .map(|(row, &key)| (rank[key as usize], persons[row], times[row], row as u32))
+        .collect();
+    order.sort_unstable();
+    let indices = arrow::array::UInt32Array::from_iter_values(order.iter().map(|o| o.3));
+    let batch = arrow::compute::take_record_batch(rows, &indices).expect("indices are in range");
     let mut event_rows: Vec<(String, u64, u64)> = Vec::new();
-    for (row, e) in sorted.iter().enumerate() {
+    let mut last_rank = None;
+    for (row, (r, ..)) in order.iter().enumerate() {
         match event_rows.last_mut() {
-            Some((name, _, len)) if *name == e.event => *len += 1,
-            _ => event_rows.push((e.event.clone(), row as u64, 1)),
+            Some((_, _, len)) if last_rank == Some(*r) => *len += 1,
+            _ => {
+                let name = names.value(by_name[*r as usize]).to_string();
+                event_rows.push((name, row as u64, 1));
+                last_rank = Some(*r);
+            }
         }
     }
     let bytes = encode(&batch);
     let meta = ChunkMeta {
         project,
         id,
-        rows: sorted.len() as u64,
-        min_ts: sorted.iter().map(|e| e.timestamp_ms).min().unwrap_or(0),
-        max_ts: sorted.iter().map(|e| e.timestamp_ms).max().unwrap_or(0),
-        min_person: sorted.iter().map(|e| e.person_id).min().unwrap_or(0),
-        max_person: sorted.iter().map(|e| e.person_id).max().unwrap_or(0),
+        rows: batch.num_rows() as u64,
+        min_ts: times.iter().copied().min().unwrap_or(0),
+        max_ts: times.iter().copied().max().unwrap_or(0),
+        min_person: persons.iter().copied().min().unwrap_or(0),
+        max_person: persons.iter().copied().max().unwrap_or(0),
         event_rows,
         bytes: bytes.len() as u64,
     };
@@ -359,7 +446,7 @@ mod tests {
 
     #[test]
     fn sparse_and_mismatched_properties_land_in_their_columns() {
-        let events = vec![
+        let events = [
             event(
                 0,
                 vec![
@@ -370,7 +457,11 @@ mod tests {
             event(1, vec![("price".into(), Coerced::Mismatch("abc".into()))]),
             event(2, vec![]),
         ];
-        let (meta, bytes, batch) = seal(ProjectId(1), 7, &events);
+        let (meta, bytes, batch) = seal(
+            ProjectId(1),
+            7,
+            &build_batch(&events.iter().collect::<Vec<_>>()),
+        );
         assert_eq!(meta.rows, 3);
         assert_eq!(
             meta.event_rows,
@@ -399,7 +490,7 @@ mod tests {
                 if let Some(s) = s { props.push(("s".to_string(), Coerced::Str(s.clone()))); }
                 StoredEvent { person_id: *p, ..event(i as u64, props) }
             }).collect();
-            let (meta, bytes, batch) = seal(ProjectId(3), 1, &events);
+            let (meta, bytes, batch) = seal(ProjectId(3), 1, &build_batch(&events.iter().collect::<Vec<_>>()));
             prop_assert_eq!(meta.rows as usize, events.len());
             prop_assert_eq!(decode(&bytes).unwrap(), batch.clone());
             // Every value comes back; within each event's rows, in (person, time) order.

@@ -10,7 +10,7 @@
 //! sled layout (tree `p{partition}.data`): `c/{project}{chunk}` chunk bodies, `m/{project}{chunk}`
 //! chunk metadata, `p/{project}{person}` persons, `marker` the applied marker.
 
-use crate::storage::chunk::{self, Chunk, ChunkMeta, StoredEvent};
+use crate::storage::chunk::{self, Chunk, ChunkBuilder, ChunkMeta, StoredEvent};
 use arrow::array::RecordBatch;
 use optiprism_consensus::state_machine::{CoreError, StateMachineCore};
 use optiprism_types::event::PropValue;
@@ -31,6 +31,9 @@ pub enum PartitionCommand {
         project: ProjectId,
         /// Identifies the proposal on the node that made it (see [`LocalProposals`]).
         token: u128,
+        /// The events of each request, in order: `events` is their concatenation, and the
+        /// response has one [`IngestOutcome`] per part.
+        parts: Vec<u32>,
         /// The typed events, [`encode_events`]-encoded (LZ4-compressed bincode).
         #[serde(with = "serde_bytes")]
         events: Vec<u8>,
@@ -40,15 +43,33 @@ pub enum PartitionCommand {
 /// Encodes events for a command: bincode, LZ4-compressed (events repeat property keys and
 /// values, so the Raft log and sled write a third as many bytes).
 pub fn encode_events(events: &[StoredEvent]) -> Vec<u8> {
-    // Sized up front: growing the buffer while encoding cost more than the encoding itself.
-    let estimate: usize = events
-        .iter()
-        .map(|e| 64 + e.message_id.len() + e.distinct_id.len() + e.event.len() + e.props.len() * 32)
-        .sum();
-    let mut raw = Vec::with_capacity(estimate);
-    optiprism_consensus::encode_into(&events, &mut raw);
-    lz4_flex::compress_prepend_size(&raw)
+    thread_local! {
+        // Reused across calls: a fresh buffer of this size per batch cost more in page faults
+        // (the allocator hands back newly mapped, zeroed pages) than the encoding itself.
+        static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const {
+            std::cell::RefCell::new((Vec::new(), Vec::new()))
+        };
+    }
+    SCRATCH.with_borrow_mut(|(raw, compressed)| {
+        raw.clear();
+        optiprism_consensus::encode_into(&events, raw);
+        compressed.clear();
+        compressed.resize(4 + lz4_flex::block::get_maximum_output_size(raw.len()), 0);
+        compressed[..4].copy_from_slice(&(raw.len() as u32).to_le_bytes());
+        let len = lz4_flex::block::compress_into(raw, &mut compressed[4..])
+            .expect("the output buffer has the maximum compressed size");
+        let out = compressed[..4 + len].to_vec();
+        // Keep the scratch from pinning the memory of one unusually large batch.
+        if raw.capacity() > SCRATCH_KEEP_BYTES {
+            *raw = Vec::new();
+            *compressed = Vec::new();
+        }
+        out
+    })
 }
+
+/// The largest scratch buffer [`encode_events`] keeps between calls.
+const SCRATCH_KEEP_BYTES: usize = 8 << 20;
 
 /// Decodes what [`encode_events`] wrote.
 pub fn decode_events(bytes: &[u8]) -> Result<Vec<StoredEvent>, CoreError> {
@@ -122,27 +143,28 @@ impl Hasher for FoldHasher {
 }
 
 type KeySet = HashSet<u128, BuildHasherDefault<FoldHasher>>;
+type PersonKeySet = HashSet<(ProjectId, PersonId), BuildHasherDefault<FoldHasher>>;
 type PersonMap = HashMap<(ProjectId, PersonId), PersonRow, BuildHasherDefault<FoldHasher>>;
 
 #[derive(Debug, Default)]
 struct Pending {
-    events: Vec<StoredEvent>,
-    /// The Arrow batch of `events`, rebuilt when queries find it stale.
+    /// Applied, unsealed rows.
+    rows: ChunkBuilder,
+    /// The Arrow batch of `rows`, rebuilt when queries find it stale.
     batch: Mutex<Option<(usize, RecordBatch)>>,
 }
 
 impl Pending {
     fn batch(&self) -> Option<RecordBatch> {
-        if self.events.is_empty() {
+        if self.rows.is_empty() {
             return None;
         }
         let mut cached = self.batch.lock();
         match &*cached {
-            Some((len, batch)) if *len == self.events.len() => Some(batch.clone()),
+            Some((len, batch)) if *len == self.rows.len() => Some(batch.clone()),
             _ => {
-                let refs: Vec<&StoredEvent> = self.events.iter().collect();
-                let batch = chunk::build_batch(&refs);
-                *cached = Some((self.events.len(), batch.clone()));
+                let batch = self.rows.snapshot();
+                *cached = Some((self.rows.len(), batch.clone()));
                 Some(batch)
             }
         }
@@ -222,7 +244,7 @@ pub struct PartitionCore {
     partition: PartitionId,
     tree: sled::Tree,
     data: Arc<RwLock<PartitionData>>,
-    dirty_persons: HashSet<(ProjectId, PersonId)>,
+    dirty_persons: PersonKeySet,
     next_chunk: u64,
     unsealed: usize,
     seal_rows: usize,
@@ -279,7 +301,7 @@ impl PartitionCore {
             partition,
             tree,
             data: Arc::new(RwLock::new(data)),
-            dirty_persons: HashSet::new(),
+            dirty_persons: PersonKeySet::default(),
             next_chunk,
             unsealed: 0,
             seal_rows,
@@ -298,15 +320,18 @@ impl PartitionCore {
         self.local.clone()
     }
 
-    fn ingest(&mut self, project: ProjectId, events: Vec<StoredEvent>) -> IngestOutcome {
+    fn ingest(&mut self, project: ProjectId, mut events: Vec<StoredEvent>) -> IngestOutcome {
         let mut outcome = IngestOutcome::default();
         let mut data = self.data.write();
         let data = &mut *data;
-        for e in events {
-            if !data.seen.insert(message_key(project, &e.message_id)) {
-                outcome.duplicates += 1;
-                continue;
-            }
+        let seen = &mut data.seen;
+        // Duplicates leave the batch; the rest is appended to the unsealed rows.
+        events.retain(|e| {
+            let fresh = seen.insert(message_key(project, &e.message_id));
+            outcome.duplicates += u32::from(!fresh);
+            fresh
+        });
+        for e in &events {
             let key = (project, PersonId(e.person_id));
             let person = data.persons.entry(key).or_insert_with(|| PersonRow {
                 created_at_ms: e.timestamp_ms,
@@ -326,8 +351,11 @@ impl PartitionCore {
                     .or_insert_with(|| v.clone());
             }
             self.dirty_persons.insert(key);
-            data.pending.entry(project).or_default().events.push(e);
-            outcome.accepted += 1;
+        }
+        outcome.accepted = events.len() as u32;
+        if !events.is_empty() {
+            let pending = data.pending.entry(project).or_default();
+            events.iter().for_each(|e| pending.rows.append(e));
         }
         self.unsealed += outcome.accepted as usize;
         outcome
@@ -339,12 +367,12 @@ impl PartitionCore {
         let mut batch = sled::Batch::default();
         let mut sealed = Vec::new();
         for (project, pending) in &data.pending {
-            if pending.events.is_empty() {
+            if pending.rows.is_empty() {
                 continue;
             }
             let id = self.next_chunk;
             self.next_chunk += 1;
-            let (meta, bytes, arrow_batch) = chunk::seal(*project, id, &pending.events);
+            let (meta, bytes, arrow_batch) = chunk::seal(*project, id, &pending.rows.snapshot());
             batch.insert(chunk_key(b'c', *project, id), bytes);
             batch.insert(
                 chunk_key(b'm', *project, id),
@@ -389,21 +417,39 @@ impl StateMachineCore for PartitionCore {
                 |PartitionCommand::Ingest {
                      project,
                      token,
+                     parts,
                      events,
-                 }| match self.local.take(token) {
-                    Some(events) => Ok((project, events)),
-                    None => decode_events(&events).map(|events| (project, events)),
+                 }| {
+                    let events = match self.local.take(token) {
+                        Some(events) => events,
+                        None => decode_events(&events)?,
+                    };
+                    let total: u64 = parts.iter().map(|&n| u64::from(n)).sum();
+                    if total != events.len() as u64 {
+                        return Err(format!(
+                            "parts name {total} events, the command holds {}",
+                            events.len()
+                        )
+                        .into());
+                    }
+                    Ok((project, parts, events))
                 },
             );
-        let outcome = match decoded {
-            Ok((project, events)) => self.ingest(project, events),
+        let outcomes = match decoded {
+            Ok((project, parts, events)) => {
+                let mut events = events.into_iter();
+                parts
+                    .iter()
+                    .map(|&n| self.ingest(project, events.by_ref().take(n as usize).collect()))
+                    .collect()
+            }
             // A command this version cannot read changes nothing, on every replica alike.
             Err(e) => {
                 tracing::error!(partition_id = %self.partition, error = %e, "undecodable partition command skipped");
-                IngestOutcome::default()
+                Vec::<IngestOutcome>::new()
             }
         };
-        optiprism_consensus::encode(&outcome)
+        optiprism_consensus::encode(&outcomes)
     }
 
     fn persisted_marker(&self) -> Option<Vec<u8>> {
@@ -472,5 +518,82 @@ impl StateMachineCore for PartitionCore {
         self.unsealed = 0;
         self.marker = Some(marker.to_vec());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(message_id: &str, person: u64) -> StoredEvent {
+        StoredEvent {
+            message_id: message_id.into(),
+            distinct_id: format!("d{person}"),
+            person_id: person,
+            event: "e".into(),
+            timestamp_ms: 1_000,
+            props: vec![],
+            person_set: vec![],
+            person_set_once: vec![],
+        }
+    }
+
+    fn command(token: u128, parts: &[&[StoredEvent]]) -> Vec<u8> {
+        let events: Vec<StoredEvent> = parts.iter().flat_map(|p| p.iter().cloned()).collect();
+        optiprism_consensus::encode(&PartitionCommand::Ingest {
+            project: ProjectId(1),
+            token,
+            parts: parts.iter().map(|p| p.len() as u32).collect(),
+            events: encode_events(&events),
+        })
+    }
+
+    fn outcomes(bytes: &[u8]) -> Vec<(u32, u32)> {
+        optiprism_consensus::decode::<Vec<IngestOutcome>>(bytes)
+            .unwrap()
+            .into_iter()
+            .map(|o| (o.accepted, o.duplicates))
+            .collect()
+    }
+
+    #[test]
+    fn each_part_of_a_merged_proposal_gets_its_own_counts_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut core = PartitionCore::open(&db, PartitionId(0), 1 << 20).unwrap();
+        // The second request repeats one id of the first, and one of its own.
+        let first = [event("a", 1), event("b", 2)];
+        let second = [event("b", 2), event("c", 3), event("c", 3)];
+        let applied = core.apply(1, &command(7, &[&first, &second]));
+        assert_eq!(outcomes(&applied), [(2, 0), (1, 2)]);
+        // Decoded from the log (a replica) or taken from this node's own proposal: the same.
+        let events: Vec<StoredEvent> = [event("d", 4), event("a", 1)].into();
+        core.local_proposals().insert(8, events.clone());
+        let local = core.apply(2, &command(8, &[&events]));
+        let decoded = core.apply(3, &command(9, &[&[event("e", 5), event("d", 4)]]));
+        assert_eq!(outcomes(&local), [(1, 1)]);
+        assert_eq!(outcomes(&decoded), [(1, 1)]);
+        assert_eq!(
+            core.data().read().rows(ProjectId(1), 0, 2_000, None).rows,
+            5
+        );
+    }
+
+    #[test]
+    fn a_command_whose_parts_do_not_add_up_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut core = PartitionCore::open(&db, PartitionId(0), 1 << 20).unwrap();
+        let bad = optiprism_consensus::encode(&PartitionCommand::Ingest {
+            project: ProjectId(1),
+            token: 1,
+            parts: vec![3],
+            events: encode_events(&[event("a", 1)]),
+        });
+        assert!(outcomes(&core.apply(1, &bad)).is_empty());
+        assert_eq!(
+            core.data().read().rows(ProjectId(1), 0, 2_000, None).rows,
+            0
+        );
     }
 }

@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 
 /// The spec's cases file (`../shared/spec/cases/analytics.json` next to the repository).
 pub(crate) fn spec_cases() -> Vec<Value> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/spec/cases/analytics.json");
+    let path = optiprism_testkit::crate_dir().join("../../shared/spec/cases/analytics.json");
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let all: Value = serde_json::from_str(&text).expect("cases are JSON");

@@ -90,7 +90,7 @@ fn bad_configuration_stops_start_up_with_the_key_named() {
         assert_eq!(stderr.trim().lines().count(), 1, "one-line error: {stderr}");
     }
     // The repository's commented example parses and validates.
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cluster.toml");
+    let example = optiprism_testkit::crate_dir().join("../cluster.toml");
     let out = std::process::Command::new(optiprism_testkit::prism_binary())
         .args(["check-config", "--config"])
         .arg(&example)
