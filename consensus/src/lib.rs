@@ -7,7 +7,8 @@
 //! What this crate knows: log storage with group commit ([`log_store`]), an adapter from
 //! openraft's state-machine traits to a small deterministic [`StateMachineCore`]
 //! ([`state_machine`]), the transport abstraction that carries RPCs of every group between
-//! nodes ([`network`]), and starting groups ([`group`]). What it does not know: events, persons,
+//! nodes ([`network`]) with its QUIC implementation ([`quic`]) and the cluster's certificates
+//! ([`tls`]), and starting groups ([`group`]). What it does not know: events, persons,
 //! projects. Those live with the state machines in the node crate.
 
 // openraft's error types (StorageError, RPCError) are large by design and fixed by its trait
@@ -19,7 +20,9 @@ pub mod flusher;
 pub mod group;
 pub mod log_store;
 pub mod network;
+pub mod quic;
 pub mod state_machine;
+pub mod tls;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -29,6 +32,7 @@ pub use error::{Error, Result};
 pub use group::{GroupConfig, start_group};
 pub use log_store::SledLogStore;
 pub use network::{LocalRouter, NetworkFactory, RaftTransport};
+pub use quic::QuicTransport;
 pub use state_machine::{StateMachineCore, StateMachineStore};
 
 /// A replicated command: opaque bytes that the group's state machine decodes.

@@ -23,6 +23,10 @@ pub type RpcError<E = openraft::error::Infallible> = RPCError<u64, NodeAddr, Raf
 /// Carries the RPCs of every group to other nodes.
 #[async_trait::async_trait]
 pub trait RaftTransport: Send + Sync + std::fmt::Debug + 'static {
+    /// Learns where `target` is reached, from the group's membership (called when openraft
+    /// makes a client for a peer). Transports that route by node id alone ignore it.
+    fn peer_address(&self, _target: u64, _addr: &NodeAddr) {}
+
     /// Sends AppendEntries of `group` to `target`.
     async fn append_entries(
         &self,
@@ -73,7 +77,8 @@ pub struct GroupClient {
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = GroupClient;
 
-    async fn new_client(&mut self, target: u64, _node: &NodeAddr) -> GroupClient {
+    async fn new_client(&mut self, target: u64, node: &NodeAddr) -> GroupClient {
+        self.transport.peer_address(target, node);
         GroupClient {
             group: self.group,
             target,

@@ -1,94 +1,10 @@
 //! Several groups on several in-process nodes: replication, leader loss, restart with replay.
 
-use crate::kv::KvCore;
-use optiprism_consensus::flusher::Flusher;
-use optiprism_consensus::{
-    Command, GroupConfig, GroupId, LocalRouter, NodeAddr, Raft, start_group,
-};
+use crate::cluster::{leader_of, start_node, write};
+use optiprism_consensus::{Command, GroupId, LocalRouter, NodeAddr};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-
-fn fast_config() -> GroupConfig {
-    GroupConfig {
-        // Loose enough that a loaded two-core CI machine does not trigger spurious elections.
-        heartbeat_interval: Duration::from_millis(100),
-        election_timeout_min: Duration::from_millis(800),
-        election_timeout_max: Duration::from_millis(1_600),
-        snapshot_every_entries: 20,
-        keep_entries_after_snapshot: 5,
-    }
-}
-
-struct Node {
-    _db: sled::Db,
-    groups: BTreeMap<GroupId, (Raft, optiprism_consensus::StateMachineStore<KvCore>)>,
-}
-
-async fn start_node(
-    id: u64,
-    dir: &std::path::Path,
-    router: &Arc<LocalRouter>,
-    groups: &[GroupId],
-) -> Node {
-    let db = sled::open(dir.join(format!("node-{id}"))).unwrap();
-    let flusher = Flusher::start(db.clone());
-    let mut map = BTreeMap::new();
-    for &g in groups {
-        let core = KvCore::open(db.open_tree(format!("kv-{}", g.0)).unwrap(), 3);
-        let (raft, sm, _) = start_group(
-            id,
-            g,
-            &db,
-            flusher.clone(),
-            core,
-            Arc::<LocalRouter>::clone(router),
-            &fast_config(),
-        )
-        .await
-        .unwrap();
-        router.register(id, g, raft.clone());
-        map.insert(g, (raft, sm));
-    }
-    Node {
-        _db: db,
-        groups: map,
-    }
-}
-
-/// Writes through whichever node leads `g`, retrying while leadership moves; returns the log
-/// index of the committed entry.
-async fn write(nodes: &BTreeMap<u64, Node>, g: GroupId, command: String) -> u64 {
-    for _ in 0..50 {
-        let leader = leader_of(nodes, g).await;
-        match leader
-            .client_write(Command(command.clone().into_bytes()))
-            .await
-        {
-            Ok(response) => return response.log_id.index,
-            Err(e) if e.forward_to_leader::<NodeAddr>().is_some() => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("write to {g} failed: {e}"),
-        }
-    }
-    panic!("no stable leader for {g}");
-}
-
-async fn leader_of(nodes: &BTreeMap<u64, Node>, g: GroupId) -> Raft {
-    for _ in 0..200 {
-        for node in nodes.values() {
-            let raft = &node.groups[&g].0;
-            if let Some(leader) = raft.current_leader().await
-                && let Some(n) = nodes.get(&leader)
-            {
-                return n.groups[&g].0.clone();
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no leader for {g}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_replicate_every_group_and_survive_a_leader_loss() {
@@ -97,7 +13,10 @@ async fn three_nodes_replicate_every_group_and_survive_a_leader_loss() {
     let groups = [GroupId::METADATA, GroupId(1), GroupId(2)];
     let mut nodes = BTreeMap::new();
     for id in 1..=3 {
-        nodes.insert(id, start_node(id, dir.path(), &router, &groups).await);
+        nodes.insert(
+            id,
+            start_node(id, dir.path(), Arc::clone(&router), &groups).await,
+        );
     }
     let members: BTreeMap<u64, NodeAddr> = (1..=3).map(|id| (id, NodeAddr::default())).collect();
     for g in groups {
@@ -152,7 +71,7 @@ async fn a_restarted_single_node_replays_unpersisted_entries_and_purges_its_log(
     let router = LocalRouter::new();
     let g = GroupId(1);
     {
-        let node = start_node(1, dir.path(), &router, &[g]).await;
+        let node = start_node(1, dir.path(), Arc::clone(&router), &[g]).await;
         let raft = node.groups[&g].0.clone();
         raft.initialize(BTreeMap::from([(1u64, NodeAddr::default())]))
             .await
@@ -178,7 +97,7 @@ async fn a_restarted_single_node_replays_unpersisted_entries_and_purges_its_log(
         raft.shutdown().await.unwrap();
         router.unregister_node(1);
     }
-    let node = start_node(1, dir.path(), &router, &[g]).await;
+    let node = start_node(1, dir.path(), Arc::clone(&router), &[g]).await;
     let (raft, sm) = &node.groups[&g];
     raft.wait(Some(Duration::from_secs(10)))
         .current_leader(1, "leader after restart")

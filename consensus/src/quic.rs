@@ -1,0 +1,389 @@
+//! Raft RPCs of every group between nodes over QUIC with mutual TLS.
+//!
+//! One QUIC connection per pair of nodes carries the RPCs of every group, each RPC on its own
+//! bidirectional stream: a heartbeat never waits behind a large append or a snapshot chunk, as
+//! it would on one TCP stream. A request is one bincode frame (its group and the RPC), the
+//! stream's end marks its end, and the answer comes back the same way on the same stream.
+//!
+//! Both sides authenticate: a node connecting to node `n` checks that the server's certificate
+//! is `n`'s (see [`crate::tls`]), and the server refuses a client without a certificate from
+//! the cluster CA. A lost connection is dropped and the next RPC to that peer reconnects;
+//! openraft retries what failed.
+
+use crate::network::{RaftTransport, RpcError};
+use crate::tls::{NodeIdentity, TlsError, node_name, node_of_certificate};
+use crate::{GroupId, NodeAddr, Raft, TypeConfig};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+
+/// The largest frame either side reads: an append of many large entries, or a snapshot chunk.
+const MAX_FRAME_BYTES: usize = 512 << 20;
+
+/// Why the transport could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The TLS configuration is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The listen address could not be bound.
+    #[error("cannot listen for Raft traffic on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Why one RPC failed on our side of the wire.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("no address known for node {0}")]
+    NoAddress(u64),
+    #[error("cannot resolve {addr}: {message}")]
+    Resolve { addr: String, message: String },
+    #[error("cannot connect to node {target} at {addr}: {message}")]
+    Connect {
+        target: u64,
+        addr: SocketAddr,
+        message: String,
+    },
+    #[error("connection to node {target} lost: {message}")]
+    Stream { target: u64, message: String },
+    #[error("node {target} answered with an undecodable frame: {message}")]
+    Decode { target: u64, message: String },
+    #[error("node {target} has no group {group}")]
+    NoGroup { target: u64, group: GroupId },
+    #[error("node {target} answered an RPC of another kind")]
+    WrongReply { target: u64 },
+}
+
+impl CallError {
+    /// Whether the peer could not be reached at all (rather than failing mid-RPC).
+    fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            CallError::NoAddress(_) | CallError::Resolve { .. } | CallError::Connect { .. }
+        )
+    }
+
+    fn into_rpc<E: std::error::Error>(self) -> RpcError<E> {
+        if self.is_unreachable() {
+            RPCError::Unreachable(Unreachable::new(&self))
+        } else {
+            RPCError::Network(NetworkError::new(&self))
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Request {
+    Append(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<u64>),
+    Snapshot(InstallSnapshotRequest<TypeConfig>),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Frame {
+    group: GroupId,
+    request: Request,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Reply {
+    Append(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
+    Vote(Result<VoteResponse<u64>, RaftError<u64>>),
+    Snapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
+    NoGroup,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
+
+/// The QUIC transport of one node: serves its groups to peers and carries its groups' RPCs to
+/// theirs.
+pub struct QuicTransport {
+    node_id: u64,
+    endpoint: quinn::Endpoint,
+    groups: RwLock<HashMap<GroupId, Raft>>,
+    peers: RwLock<HashMap<u64, String>>,
+    connections: parking_lot::Mutex<HashMap<u64, Slot>>,
+}
+
+impl std::fmt::Debug for QuicTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuicTransport")
+            .field("node_id", &self.node_id)
+            .field("local_addr", &self.endpoint.local_addr().ok())
+            .field("groups", &self.groups.read().len())
+            .finish()
+    }
+}
+
+impl QuicTransport {
+    /// Listens on `listen` as `identity`'s node and starts serving peers (on the current tokio
+    /// runtime). Groups become reachable once [`QuicTransport::register`]ed.
+    pub fn bind(
+        identity: &NodeIdentity,
+        listen: SocketAddr,
+    ) -> Result<Arc<QuicTransport>, TransportError> {
+        let mut endpoint =
+            quinn::Endpoint::server(identity.server_config()?, listen).map_err(|source| {
+                TransportError::Bind {
+                    addr: listen,
+                    source,
+                }
+            })?;
+        endpoint.set_default_client_config(identity.client_config()?);
+        let transport = Arc::new(QuicTransport {
+            node_id: identity.node_id,
+            endpoint: endpoint.clone(),
+            groups: RwLock::default(),
+            peers: RwLock::default(),
+            connections: parking_lot::Mutex::default(),
+        });
+        tokio::spawn(accept(endpoint, Arc::downgrade(&transport)));
+        Ok(transport)
+    }
+
+    /// The address peers reach this node at (the bound port when listening on port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint
+            .local_addr()
+            .expect("a bound endpoint has an address")
+    }
+
+    /// Serves `raft`, this node's group `group`, to peers.
+    pub fn register(&self, group: GroupId, raft: Raft) {
+        self.groups.write().insert(group, raft);
+    }
+
+    /// Stops serving group `group`.
+    pub fn unregister(&self, group: GroupId) {
+        self.groups.write().remove(&group);
+    }
+
+    /// Records where node `id` listens (`host:port`).
+    pub fn set_peer(&self, id: u64, addr: impl Into<String>) {
+        let addr = addr.into();
+        let changed = self.peers.write().insert(id, addr.clone()) != Some(addr);
+        if changed {
+            // A connection to the old address is of no use any more.
+            self.connections.lock().remove(&id);
+        }
+    }
+
+    /// Closes every connection and stops listening.
+    pub fn close(&self) {
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"shutting down");
+    }
+
+    async fn connection(&self, target: u64) -> Result<quinn::Connection, CallError> {
+        let slot = Arc::clone(self.connections.lock().entry(target).or_default());
+        let mut cached = slot.lock().await;
+        if let Some(c) = cached.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Ok(c.clone());
+        }
+        let addr = self
+            .peers
+            .read()
+            .get(&target)
+            .cloned()
+            .ok_or(CallError::NoAddress(target))?;
+        let resolved = tokio::net::lookup_host(&addr)
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|mut a| a.next().ok_or_else(|| "no address".to_string()))
+            .map_err(|message| CallError::Resolve {
+                addr: addr.clone(),
+                message,
+            })?;
+        let connect = |message: String| CallError::Connect {
+            target,
+            addr: resolved,
+            message,
+        };
+        let connection = self
+            .endpoint
+            .connect(resolved, &node_name(target))
+            .map_err(|e| connect(e.to_string()))?
+            .await
+            .map_err(|e| connect(e.to_string()))?;
+        tracing::debug!(node_id = self.node_id, peer = target, %resolved, "connected");
+        *cached = Some(connection.clone());
+        Ok(connection)
+    }
+
+    async fn call(&self, target: u64, frame: &Frame) -> Result<Reply, CallError> {
+        let connection = self.connection(target).await?;
+        let lost = |e: &dyn std::fmt::Display| CallError::Stream {
+            target,
+            message: e.to_string(),
+        };
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| lost(&e))?;
+        send.write_all(&crate::encode(frame))
+            .await
+            .map_err(|e| lost(&e))?;
+        send.finish().map_err(|e| lost(&e))?;
+        let bytes = recv
+            .read_to_end(MAX_FRAME_BYTES)
+            .await
+            .map_err(|e| lost(&e))?;
+        let reply: Reply = crate::decode(&bytes).map_err(|e| CallError::Decode {
+            target,
+            message: e.to_string(),
+        })?;
+        if let Reply::NoGroup = reply {
+            return Err(CallError::NoGroup {
+                target,
+                group: frame.group,
+            });
+        }
+        Ok(reply)
+    }
+}
+
+async fn accept(endpoint: quinn::Endpoint, transport: Weak<QuicTransport>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let Some(transport) = transport.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(connection) => serve(transport, connection).await,
+                // A peer without a certificate of the cluster CA ends here.
+                Err(e) => {
+                    tracing::warn!(node_id = transport.node_id, %remote, error = %e, "refused a connection")
+                }
+            }
+        });
+    }
+}
+
+/// The node id in the certificate a connected peer presented.
+fn peer_node(connection: &quinn::Connection) -> Option<u64> {
+    let certificates = connection
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    node_of_certificate(certificates.first()?)
+}
+
+async fn serve(transport: Arc<QuicTransport>, connection: quinn::Connection) {
+    let Some(peer) = peer_node(&connection) else {
+        tracing::warn!(node_id = transport.node_id, remote = %connection.remote_address(), "refused a peer whose certificate names no node");
+        connection.close(quinn::VarInt::from_u32(1), b"certificate names no node");
+        return;
+    };
+    tracing::debug!(node_id = transport.node_id, peer, "peer connected");
+    let transport = Arc::downgrade(&transport);
+    while let Ok((send, recv)) = connection.accept_bi().await {
+        let Some(transport) = transport.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Err(e) = answer(&transport, send, recv).await {
+                tracing::debug!(node_id = transport.node_id, peer, error = %e, "RPC from peer failed");
+            }
+        });
+    }
+}
+
+async fn answer(
+    transport: &QuicTransport,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), String> {
+    let bytes = recv
+        .read_to_end(MAX_FRAME_BYTES)
+        .await
+        .map_err(|e| e.to_string())?;
+    let frame: Frame = crate::decode(&bytes).map_err(|e| e.to_string())?;
+    let raft = transport.groups.read().get(&frame.group).cloned();
+    let reply = match raft {
+        None => Reply::NoGroup,
+        Some(raft) => match frame.request {
+            Request::Append(rpc) => Reply::Append(raft.append_entries(rpc).await),
+            Request::Vote(rpc) => Reply::Vote(raft.vote(rpc).await),
+            Request::Snapshot(rpc) => Reply::Snapshot(raft.install_snapshot(rpc).await),
+        },
+    };
+    send.write_all(&crate::encode(&reply))
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())
+}
+
+#[async_trait::async_trait]
+impl RaftTransport for QuicTransport {
+    fn peer_address(&self, target: u64, addr: &NodeAddr) {
+        if self.peers.read().get(&target) != Some(&addr.raft) {
+            self.set_peer(target, addr.raft.clone());
+        }
+    }
+
+    async fn append_entries(
+        &self,
+        target: u64,
+        group: GroupId,
+        rpc: AppendEntriesRequest<TypeConfig>,
+    ) -> Result<AppendEntriesResponse<u64>, RpcError> {
+        let frame = Frame {
+            group,
+            request: Request::Append(rpc),
+        };
+        match self.call(target, &frame).await {
+            Ok(Reply::Append(Ok(r))) => Ok(r),
+            Ok(Reply::Append(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(target, e))),
+            Ok(_) => Err(CallError::WrongReply { target }.into_rpc()),
+            Err(e) => Err(e.into_rpc()),
+        }
+    }
+
+    async fn vote(
+        &self,
+        target: u64,
+        group: GroupId,
+        rpc: VoteRequest<u64>,
+    ) -> Result<VoteResponse<u64>, RpcError> {
+        let frame = Frame {
+            group,
+            request: Request::Vote(rpc),
+        };
+        match self.call(target, &frame).await {
+            Ok(Reply::Vote(Ok(r))) => Ok(r),
+            Ok(Reply::Vote(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(target, e))),
+            Ok(_) => Err(CallError::WrongReply { target }.into_rpc()),
+            Err(e) => Err(e.into_rpc()),
+        }
+    }
+
+    async fn install_snapshot(
+        &self,
+        target: u64,
+        group: GroupId,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+    ) -> Result<InstallSnapshotResponse<u64>, RpcError<InstallSnapshotError>> {
+        let frame = Frame {
+            group,
+            request: Request::Snapshot(rpc),
+        };
+        match self.call(target, &frame).await {
+            Ok(Reply::Snapshot(Ok(r))) => Ok(r),
+            Ok(Reply::Snapshot(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(target, e))),
+            Ok(_) => Err(CallError::WrongReply { target }.into_rpc()),
+            Err(e) => Err(e.into_rpc()),
+        }
+    }
+}

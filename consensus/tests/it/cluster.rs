@@ -1,0 +1,112 @@
+//! In-process nodes of the multi-raft tests: start one over any transport, write through
+//! whichever node leads a group, find a group's leader.
+
+use crate::kv::KvCore;
+use optiprism_consensus::flusher::Flusher;
+use optiprism_consensus::{
+    Command, GroupConfig, GroupId, LocalRouter, NodeAddr, QuicTransport, Raft, RaftTransport,
+    start_group,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Makes a started group reachable through a transport.
+pub(crate) trait Serve: RaftTransport {
+    fn serve(&self, node: u64, group: GroupId, raft: Raft);
+}
+
+impl Serve for LocalRouter {
+    fn serve(&self, node: u64, group: GroupId, raft: Raft) {
+        self.register(node, group, raft);
+    }
+}
+
+impl Serve for QuicTransport {
+    fn serve(&self, _node: u64, group: GroupId, raft: Raft) {
+        self.register(group, raft);
+    }
+}
+
+fn fast_config() -> GroupConfig {
+    GroupConfig {
+        // Loose enough that a loaded two-core CI machine does not trigger spurious elections.
+        heartbeat_interval: Duration::from_millis(100),
+        election_timeout_min: Duration::from_millis(800),
+        election_timeout_max: Duration::from_millis(1_600),
+        snapshot_every_entries: 20,
+        keep_entries_after_snapshot: 5,
+    }
+}
+
+/// One in-process node: its sled database and its groups.
+pub(crate) struct Node {
+    _db: sled::Db,
+    pub(crate) groups: BTreeMap<GroupId, (Raft, optiprism_consensus::StateMachineStore<KvCore>)>,
+}
+
+/// Starts node `id` with `groups` over `transport`, which then serves them to peers.
+pub(crate) async fn start_node<T: Serve>(
+    id: u64,
+    dir: &std::path::Path,
+    transport: Arc<T>,
+    groups: &[GroupId],
+) -> Node {
+    let db = sled::open(dir.join(format!("node-{id}"))).unwrap();
+    let flusher = Flusher::start(db.clone());
+    let mut map = BTreeMap::new();
+    for &g in groups {
+        let core = KvCore::open(db.open_tree(format!("kv-{}", g.0)).unwrap(), 3);
+        let (raft, sm, _) = start_group(
+            id,
+            g,
+            &db,
+            flusher.clone(),
+            core,
+            Arc::clone(&transport) as Arc<dyn RaftTransport>,
+            &fast_config(),
+        )
+        .await
+        .unwrap();
+        transport.serve(id, g, raft.clone());
+        map.insert(g, (raft, sm));
+    }
+    Node {
+        _db: db,
+        groups: map,
+    }
+}
+
+/// Writes through whichever node leads `g`, retrying while leadership moves; returns the log
+/// index of the committed entry.
+pub(crate) async fn write(nodes: &BTreeMap<u64, Node>, g: GroupId, command: String) -> u64 {
+    for _ in 0..50 {
+        let leader = leader_of(nodes, g).await;
+        match leader
+            .client_write(Command(command.clone().into_bytes()))
+            .await
+        {
+            Ok(response) => return response.log_id.index,
+            Err(e) if e.forward_to_leader::<NodeAddr>().is_some() => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("write to {g} failed: {e}"),
+        }
+    }
+    panic!("no stable leader for {g}");
+}
+
+pub(crate) async fn leader_of(nodes: &BTreeMap<u64, Node>, g: GroupId) -> Raft {
+    for _ in 0..200 {
+        for node in nodes.values() {
+            let raft = &node.groups[&g].0;
+            if let Some(leader) = raft.current_leader().await
+                && let Some(n) = nodes.get(&leader)
+            {
+                return n.groups[&g].0.clone();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no leader for {g}");
+}
