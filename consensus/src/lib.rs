@@ -32,7 +32,7 @@ pub use error::{Error, Result};
 pub use group::{GroupConfig, start_group};
 pub use log_store::SledLogStore;
 pub use network::{LocalRouter, NetworkFactory, RaftTransport};
-pub use quic::QuicTransport;
+pub use quic::{LeaderError, QuicTransport};
 pub use state_machine::{StateMachineCore, StateMachineStore};
 
 /// A replicated command: opaque bytes that the group's state machine decodes.
@@ -110,6 +110,67 @@ pub type Raft = openraft::Raft<TypeConfig>;
 pub type LogId = openraft::LogId<u64>;
 /// Storage errors as openraft wants them.
 pub type StorageError = openraft::StorageError<u64>;
+
+/// Commits `command` to `group` on this node, which must lead it.
+pub async fn propose_local(
+    raft: &Raft,
+    node_id: u64,
+    group: GroupId,
+    command: Command,
+) -> std::result::Result<Response, LeaderError> {
+    use openraft::error::ClientWriteError;
+    raft.client_write(command)
+        .await
+        .map(|response| response.data)
+        .map_err(|e| {
+            leader_error(node_id, group, e, |api| match api {
+                ClientWriteError::ForwardToLeader(f) => Some(f.leader_id),
+                _ => None,
+            })
+        })
+}
+
+/// The log index a linearizable read of `group` must see applied, confirmed by this node as
+/// the group's leader (a heartbeat round shows no newer leader exists).
+pub async fn read_index_local(
+    raft: &Raft,
+    node_id: u64,
+    group: GroupId,
+) -> std::result::Result<u64, LeaderError> {
+    use openraft::error::CheckIsLeaderError;
+    raft.ensure_linearizable()
+        .await
+        .map(|log_id| log_id.map(|l| l.index).unwrap_or(0))
+        .map_err(|e| {
+            leader_error(node_id, group, e, |api| match api {
+                CheckIsLeaderError::ForwardToLeader(f) => Some(f.leader_id),
+                _ => None,
+            })
+        })
+}
+
+/// What callers act on in an openraft error: another node leads (`forward_to` finds the leader
+/// it names in the API error), the group stopped, or something failed.
+fn leader_error<E: std::error::Error>(
+    node: u64,
+    group: GroupId,
+    e: openraft::error::RaftError<u64, E>,
+    forward_to: impl Fn(&E) -> Option<Option<u64>>,
+) -> LeaderError {
+    use openraft::error::{Fatal, RaftError};
+    match e {
+        RaftError::APIError(api) => match forward_to(&api) {
+            Some(leader) => LeaderError::NotLeader {
+                node,
+                group,
+                leader,
+            },
+            None => LeaderError::Failed(api.to_string()),
+        },
+        RaftError::Fatal(Fatal::Stopped) => LeaderError::Stopped,
+        RaftError::Fatal(f) => LeaderError::Failed(f.to_string()),
+    }
+}
 
 /// The bincode configuration of everything this crate writes.
 pub(crate) fn bincode_config() -> bincode::config::Configuration {

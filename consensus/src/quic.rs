@@ -12,7 +12,7 @@
 
 use crate::network::{RaftTransport, RpcError};
 use crate::tls::{NodeIdentity, TlsError, node_name, node_of_certificate};
-use crate::{GroupId, NodeAddr, Raft, TypeConfig};
+use crate::{Command, GroupId, NodeAddr, Raft, Response, TypeConfig};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -91,6 +91,41 @@ enum Request {
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<u64>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A command proposed on another node, for this node's leader of the group to commit.
+    Propose(Command),
+    /// The log index a linearizable read of the group must wait for (asked of its leader).
+    ReadIndex,
+}
+
+/// Why a leader did not commit a forwarded command or confirm a read index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum LeaderError {
+    /// The node asked is not (or no longer) the group's leader.
+    #[error("node {node} is not the leader of {group} (leader: {leader:?})")]
+    NotLeader {
+        /// The node asked.
+        node: u64,
+        /// The group.
+        group: GroupId,
+        /// The leader it knows of, if any.
+        leader: Option<u64>,
+    },
+    /// The leader could not be reached.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The group is shutting down on the node asked.
+    #[error("the group is shutting down")]
+    Stopped,
+    /// The leader failed the request.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl LeaderError {
+    /// Whether trying again (at the leader named, or after an election) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, LeaderError::Failed(_))
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -104,6 +139,8 @@ enum Reply {
     Append(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
     Vote(Result<VoteResponse<u64>, RaftError<u64>>),
     Snapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
+    Propose(Result<Response, LeaderError>),
+    ReadIndex(Result<u64, LeaderError>),
     NoGroup,
 }
 
@@ -188,6 +225,41 @@ impl QuicTransport {
             .close(quinn::VarInt::from_u32(0), b"shutting down");
     }
 
+    /// Has `leader` commit `command` to `group`; returns the state machine's response.
+    pub async fn propose(
+        &self,
+        leader: u64,
+        group: GroupId,
+        command: Command,
+    ) -> Result<Response, LeaderError> {
+        let frame = Frame {
+            group,
+            request: Request::Propose(command),
+        };
+        match self.call(leader, &frame).await {
+            Ok(Reply::Propose(result)) => result,
+            Ok(_) => Err(LeaderError::Failed(
+                CallError::WrongReply { target: leader }.to_string(),
+            )),
+            Err(e) => Err(LeaderError::Unreachable(e.to_string())),
+        }
+    }
+
+    /// Asks `leader` for the index a linearizable read of `group` must see applied.
+    pub async fn read_index(&self, leader: u64, group: GroupId) -> Result<u64, LeaderError> {
+        let frame = Frame {
+            group,
+            request: Request::ReadIndex,
+        };
+        match self.call(leader, &frame).await {
+            Ok(Reply::ReadIndex(result)) => result,
+            Ok(_) => Err(LeaderError::Failed(
+                CallError::WrongReply { target: leader }.to_string(),
+            )),
+            Err(e) => Err(LeaderError::Unreachable(e.to_string())),
+        }
+    }
+
     async fn connection(&self, target: u64) -> Result<quinn::Connection, CallError> {
         let slot = Arc::clone(self.connections.lock().entry(target).or_default());
         let mut cached = slot.lock().await;
@@ -263,8 +335,12 @@ async fn accept(endpoint: quinn::Endpoint, transport: Weak<QuicTransport>) {
             match incoming.await {
                 Ok(connection) => serve(transport, connection).await,
                 // A peer without a certificate of the cluster CA ends here.
-                Err(e) => {
+                Err(e @ quinn::ConnectionError::TransportError(_)) => {
                     tracing::warn!(node_id = transport.node_id, %remote, error = %e, "refused a connection")
+                }
+                // The peer gave up on its own (it restarted, or dialled twice at once).
+                Err(e) => {
+                    tracing::debug!(node_id = transport.node_id, %remote, error = %e, "a connection attempt ended")
                 }
             }
         });
@@ -317,6 +393,12 @@ async fn answer(
             Request::Append(rpc) => Reply::Append(raft.append_entries(rpc).await),
             Request::Vote(rpc) => Reply::Vote(raft.vote(rpc).await),
             Request::Snapshot(rpc) => Reply::Snapshot(raft.install_snapshot(rpc).await),
+            Request::Propose(command) => Reply::Propose(
+                crate::propose_local(&raft, transport.node_id, frame.group, command).await,
+            ),
+            Request::ReadIndex => Reply::ReadIndex(
+                crate::read_index_local(&raft, transport.node_id, frame.group).await,
+            ),
         },
     };
     send.write_all(&crate::encode(&reply))

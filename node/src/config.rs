@@ -197,6 +197,10 @@ pub struct ClusterSection {
     pub replication_factor: u32,
     /// The nodes that form the cluster at initialization; empty means just this node.
     pub initial_members: Vec<MemberConfig>,
+    /// Where the cluster's certificate authority lives (certificate and key). The first node
+    /// to start creates it; every node issues its own certificate from it into
+    /// `{data-dir}/tls/` on first start. Unused by a single node.
+    pub ca_dir: PathBuf,
 }
 
 impl Default for ClusterSection {
@@ -205,6 +209,7 @@ impl Default for ClusterSection {
             partitions: 8,
             replication_factor: 1,
             initial_members: Vec::new(),
+            ca_dir: PathBuf::from("./data/cluster-ca"),
         }
     }
 }
@@ -432,6 +437,30 @@ impl NodeConfig {
         }
     }
 
+    /// Makes the file's `[node]` section this node's: `{id}` in `node.data-dir` becomes the
+    /// node id, and in a cluster the node listens where its `initial-members` entry says the
+    /// others reach it. Run before flags and environment apply, so they still win.
+    pub fn resolve_node(&mut self) {
+        let id = self.node.id;
+        if let Some(path) = self.node.data_dir.to_str()
+            && path.contains("{id}")
+        {
+            self.node.data_dir = PathBuf::from(path.replace("{id}", &id.to_string()));
+        }
+        if self.cluster.initial_members.len() > 1
+            && let Some(m) = self.cluster.initial_members.iter().find(|m| m.id == id)
+        {
+            self.node.raft_listen = m.raft.clone();
+            self.node.http_listen = m.http.clone();
+            self.node.flight_listen = m.flight.clone();
+        }
+    }
+
+    /// Whether this node is one of several initial members (rather than a cluster of one).
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.initial_members.len() > 1
+    }
+
     /// Checks every value; errors name the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node.id == 0 {
@@ -487,6 +516,18 @@ impl NodeConfig {
             parse_addr(&format!("{key}.raft"), &m.raft)?;
             parse_addr(&format!("{key}.http"), &m.http)?;
             parse_addr(&format!("{key}.flight"), &m.flight)?;
+        }
+        if c.initial_members.len() > 1 && c.replication_factor as usize != members {
+            return Err(invalid(
+                "cluster.replication-factor",
+                format!(
+                    "{} with {} initial members: this build replicates every partition on every member, so the factor must equal the member count",
+                    c.replication_factor, members
+                ),
+            ));
+        }
+        if c.initial_members.len() > 1 && c.ca_dir.as_os_str().is_empty() {
+            return Err(invalid("cluster.ca-dir", "must not be empty"));
         }
         if !c.initial_members.is_empty() && !ids.contains(&self.node.id) {
             return Err(invalid(

@@ -21,11 +21,16 @@ impl NodeFlightBackend {
         NodeFlightBackend { node }
     }
 
-    /// Runs `f` on the query runtime, away from Raft's.
+    /// Runs `f` on the query runtime, away from Raft's, once this node has caught up with what
+    /// the cluster acknowledged.
     async fn on_query_runtime<T: Send + 'static>(
         &self,
         f: impl Future<Output = Result<T, QueryFailure>> + Send + 'static,
     ) -> Result<T, BackendError> {
+        self.node
+            .read_barrier()
+            .await
+            .map_err(|e| BackendError::Unavailable(e.to_string()))?;
         match self.node.query_runtime.spawn(f).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(failure(e)),

@@ -276,6 +276,13 @@ async fn query_handler(
         );
     }
     let node = Arc::clone(&state.node);
+    if let Err(e) = node.read_barrier().await {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        );
+    }
     let run = node.query_runtime.spawn({
         let node = Arc::clone(&node);
         async move { node.query.insight(&project, &body).await }

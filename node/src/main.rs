@@ -121,7 +121,10 @@ fn main() -> ExitCode {
                 None => Ok(NodeConfig::default()),
             };
             base.map_err(anyhow::Error::from)
-                .map(|c| apply(c, &args.overrides))
+                .map(|mut c| {
+                    c.resolve_node();
+                    apply(c, &args.overrides)
+                })
                 .and_then(optiprism_node::run)
         }
         Command::Node(args) => {
@@ -132,6 +135,7 @@ fn main() -> ExitCode {
                     if let Some(id) = args.id {
                         c.node.id = id;
                     }
+                    c.resolve_node();
                     apply(c, &args.overrides)
                 })
                 .and_then(optiprism_node::run)

@@ -12,10 +12,11 @@ use crate::storage::batcher::{Batcher, Tokens};
 use crate::storage::chunk::StoredEvent;
 use crate::storage::partition::{IngestOutcome, PartitionCore};
 use anyhow::Context;
-use openraft::error::{ClientWriteError, RaftError};
 use optiprism_consensus::flusher::Flusher;
+use optiprism_consensus::tls::{ClusterCa, NodeIdentity};
 use optiprism_consensus::{
-    Command, GroupId, LocalRouter, NodeAddr, Raft, StateMachineStore, start_group,
+    Command, GroupId, LeaderError, LocalRouter, NodeAddr, QuicTransport, Raft, RaftTransport,
+    StateMachineStore, start_group,
 };
 use optiprism_types::PartitionId;
 use std::collections::BTreeMap;
@@ -46,6 +47,16 @@ pub enum ProposeError {
 }
 
 impl ProposeError {
+    fn from_leader(group: GroupId, e: LeaderError) -> ProposeError {
+        match e {
+            LeaderError::Stopped => ProposeError::ShuttingDown,
+            LeaderError::Failed(message) => ProposeError::Fatal { group, message },
+            LeaderError::NotLeader { .. } | LeaderError::Unreachable(_) => {
+                ProposeError::NoLeader { group }
+            }
+        }
+    }
+
     /// Whether the same proposal may succeed later.
     pub fn is_retryable(&self) -> bool {
         matches!(
@@ -91,30 +102,39 @@ struct PartitionGroup {
     batcher: Batcher,
 }
 
-/// Proposes `bytes` to `raft`, mapping openraft's errors to what callers act on.
-pub async fn propose_to(
-    group: GroupId,
-    raft: &Raft,
-    bytes: Vec<u8>,
-) -> Result<Vec<u8>, ProposeError> {
-    match raft.client_write(Command(bytes)).await {
-        Ok(response) => Ok(response.data.0),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-            Err(ProposeError::NoLeader { group })
-        }
-        Err(RaftError::APIError(e)) => Err(ProposeError::Fatal {
-            group,
-            message: e.to_string(),
-        }),
-        Err(RaftError::Fatal(openraft::error::Fatal::Stopped)) => Err(ProposeError::ShuttingDown),
-        Err(RaftError::Fatal(e)) => Err(ProposeError::Fatal {
-            group,
-            message: e.to_string(),
-        }),
+/// Commits commands to groups: on this node when it leads the group, otherwise forwarded over
+/// QUIC to the group's leader (in a cluster).
+#[derive(Debug, Clone)]
+pub struct Proposer {
+    node_id: u64,
+    quic: Option<Arc<QuicTransport>>,
+}
+
+impl Proposer {
+    /// Commits `bytes` to `group`; returns the state machine's response. A leader that changes
+    /// meanwhile makes this fail as retryable.
+    pub async fn propose(
+        &self,
+        group: GroupId,
+        raft: &Raft,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<u8>, ProposeError> {
+        let leader = raft.metrics().borrow().current_leader;
+        let result = match (&self.quic, leader) {
+            (Some(quic), Some(leader)) if leader != self.node_id => {
+                quic.propose(leader, group, Command(bytes)).await
+            }
+            _ => {
+                optiprism_consensus::propose_local(raft, self.node_id, group, Command(bytes)).await
+            }
+        };
+        result
+            .map(|response| response.0)
+            .map_err(|e| ProposeError::from_leader(group, e))
     }
 }
 
-/// What every front end (HTTP, Flight) of the node shares.
+/// What every front end (HTTP, Flight) of the node shares./// What every front end (HTTP, Flight) of the node shares.
 pub struct NodeShared {
     /// The validated configuration.
     pub config: NodeConfig,
@@ -127,6 +147,8 @@ pub struct NodeShared {
     /// The runtime queries run on.
     pub query_runtime: tokio::runtime::Handle,
     node_id: u64,
+    proposer: Proposer,
+    quic: Option<Arc<QuicTransport>>,
     meta: Group<MetadataCore>,
     partitions: Vec<PartitionGroup>,
     shutting_down: AtomicBool,
@@ -162,7 +184,7 @@ impl NodeShared {
         if self.is_shutting_down() {
             return Err(ProposeError::ShuttingDown);
         }
-        propose_to(group, raft, bytes).await
+        self.proposer.propose(group, raft, bytes).await
     }
 
     /// Commits a metadata command; returns once it is applied.
@@ -198,6 +220,36 @@ impl NodeShared {
             .batcher
             .ingest(partition.group.id, project, events)
             .await
+    }
+
+    /// In a cluster, waits until this node has applied everything each group had committed
+    /// when the call began (a read index its leader confirms), so a query on any node sees
+    /// every acknowledged event. A node alone applies before it acknowledges: nothing to wait
+    /// for.
+    pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        let Some(quic) = &self.quic else {
+            return Ok(());
+        };
+        let groups = std::iter::once((self.meta.id, &self.meta.raft))
+            .chain(self.partitions.iter().map(|g| (g.group.id, &g.group.raft)));
+        futures::future::try_join_all(groups.map(|(group, raft)| async move {
+            let leader = raft.metrics().borrow().current_leader;
+            let index = match leader {
+                None => return Err(ProposeError::NoLeader { group }),
+                Some(leader) if leader == self.node_id => {
+                    optiprism_consensus::read_index_local(raft, self.node_id, group).await
+                }
+                Some(leader) => quic.read_index(leader, group).await,
+            }
+            .map_err(|e| ProposeError::from_leader(group, e))?;
+            raft.wait(Some(Duration::from_secs(10)))
+                .applied_index_at_least(Some(index), "read index")
+                .await
+                .map_err(|_| ProposeError::NoLeader { group })?;
+            Ok(())
+        }))
+        .await?;
+        Ok(())
     }
 
     /// Whether every group has a leader and the node is not shutting down.
@@ -255,6 +307,9 @@ impl NodeShared {
             let _ = g.group.raft.shutdown().await;
         }
         let _ = self.meta.raft.shutdown().await;
+        if let Some(quic) = &self.quic {
+            quic.close();
+        }
         if let Err(e) = self.db.flush_async().await {
             tracing::error!(error = %e, "final flush failed");
         }
@@ -268,12 +323,153 @@ fn random_key(prefix: &str) -> String {
     format!("{prefix}{n:032x}")
 }
 
-async fn wait_for_leader(raft: &Raft, node_id: u64, group: GroupId) -> anyhow::Result<()> {
-    raft.wait(Some(Duration::from_secs(60)))
-        .current_leader(node_id, "leader")
+async fn wait_for_leader(raft: &Raft, group: GroupId, members: usize) -> anyhow::Result<()> {
+    raft.wait(Some(Duration::from_secs(120)))
+        .metrics(|m| m.current_leader.is_some(), "a leader")
         .await
-        .with_context(|| format!("{group} elected no leader within 60 s"))?;
+        .with_context(|| {
+            if members > 1 {
+                format!(
+                    "{group} elected no leader within 120 s: are a majority of the {members} initial members running and reachable?"
+                )
+            } else {
+                format!("{group} elected no leader within 120 s")
+            }
+        })?;
     Ok(())
+}
+
+/// The initial members with their addresses; a node alone is its own single member.
+fn initial_members(config: &NodeConfig) -> BTreeMap<u64, NodeAddr> {
+    if config.cluster.initial_members.is_empty() {
+        let advertise =
+            |listen: &String, adv: &Option<String>| adv.clone().unwrap_or_else(|| listen.clone());
+        let me = NodeAddr {
+            raft: advertise(&config.node.raft_listen, &config.node.raft_advertise),
+            http: advertise(&config.node.http_listen, &config.node.http_advertise),
+            flight: advertise(&config.node.flight_listen, &config.node.flight_advertise),
+        };
+        return BTreeMap::from([(config.node.id, me)]);
+    }
+    config
+        .cluster
+        .initial_members
+        .iter()
+        .map(|m| {
+            let addr = NodeAddr {
+                raft: m.raft.clone(),
+                http: m.http.clone(),
+                flight: m.flight.clone(),
+            };
+            (m.id, addr)
+        })
+        .collect()
+}
+
+/// How this node's groups reach the others: in-process for a node alone, QUIC with mutual TLS
+/// in a cluster.
+enum Network {
+    Local(Arc<LocalRouter>),
+    Quic(Arc<QuicTransport>),
+}
+
+impl Network {
+    async fn start(config: &NodeConfig) -> anyhow::Result<Network> {
+        if !config.is_cluster() {
+            return Ok(Network::Local(LocalRouter::new()));
+        }
+        let identity = node_identity(config).await?;
+        let listen: std::net::SocketAddr = tokio::net::lookup_host(&config.node.raft_listen)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .with_context(|| {
+                format!(
+                    "`node.raft-listen`: cannot resolve {}",
+                    config.node.raft_listen
+                )
+            })?;
+        let quic = QuicTransport::bind(&identity, listen)?;
+        for (id, addr) in initial_members(config) {
+            if id != config.node.id {
+                quic.set_peer(id, addr.raft);
+            }
+        }
+        Ok(Network::Quic(quic))
+    }
+
+    fn transport(&self) -> Arc<dyn RaftTransport> {
+        match self {
+            Network::Local(router) => Arc::clone(router) as Arc<dyn RaftTransport>,
+            Network::Quic(quic) => Arc::clone(quic) as Arc<dyn RaftTransport>,
+        }
+    }
+
+    fn quic(&self) -> Option<Arc<QuicTransport>> {
+        match self {
+            Network::Local(_) => None,
+            Network::Quic(quic) => Some(Arc::clone(quic)),
+        }
+    }
+
+    fn serve(&self, node_id: u64, group: GroupId, raft: &Raft) {
+        match self {
+            Network::Local(router) => router.register(node_id, group, raft.clone()),
+            Network::Quic(quic) => quic.register(group, raft.clone()),
+        }
+    }
+}
+
+/// This node's certificate: read from `{data-dir}/tls/`, or issued there on first start from
+/// the cluster CA in `cluster.ca-dir` (which the first node to get here creates).
+async fn node_identity(config: &NodeConfig) -> anyhow::Result<NodeIdentity> {
+    let dir = config.node.data_dir.join("tls");
+    let id = config.node.id;
+    if dir.join("node.pem").exists() {
+        return Ok(NodeIdentity::load(&dir, id)?);
+    }
+    let ca_dir = &config.cluster.ca_dir;
+    std::fs::create_dir_all(ca_dir)
+        .with_context(|| format!("`cluster.ca-dir`: cannot create {}", ca_dir.display()))?;
+    let claim = ca_dir.join("creating");
+    let ca = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&claim)
+    {
+        // This node claimed the CA's creation, unless it already exists.
+        Ok(_) if ca_dir.join("ca.key").exists() => ClusterCa::load(ca_dir)?,
+        Ok(_) => {
+            let ca = ClusterCa::generate("optiprism")?;
+            ca.save(ca_dir)?;
+            tracing::info!(ca_dir = %ca_dir.display(), "created the cluster CA");
+            ca
+        }
+        // Another node is creating it (or did): wait for both files.
+        Err(_) => {
+            let mut waited = 0;
+            loop {
+                if let Ok(ca) = ClusterCa::load(ca_dir)
+                    && ca.issue(id).is_ok()
+                {
+                    break ca;
+                }
+                if waited >= 300 {
+                    anyhow::bail!(
+                        "`cluster.ca-dir`: {} is claimed but holds no usable CA after 30 s; if no node is starting, delete {} and retry",
+                        ca_dir.display(),
+                        claim.display()
+                    );
+                }
+                waited += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let identity = ca.issue(id)?;
+    identity.save(&dir)?;
+    tracing::info!(node_id = id, dir = %dir.display(), "issued this node's certificate");
+    Ok(identity)
 }
 
 /// Starts storage and every Raft group, and bootstraps a fresh node.
@@ -282,11 +478,6 @@ pub async fn start(
     query_runtime: tokio::runtime::Handle,
 ) -> anyhow::Result<Arc<NodeShared>> {
     config.validate()?;
-    if config.cluster.initial_members.len() > 1 {
-        anyhow::bail!(
-            "`cluster.initial-members`: this build runs single-node clusters only (replication over the QUIC transport is not built yet)"
-        );
-    }
     let node_id = config.node.id;
     std::fs::create_dir_all(&config.node.data_dir).with_context(|| {
         format!(
@@ -323,7 +514,12 @@ pub async fn start(
         }
     }
     let flusher = Flusher::start(db.clone());
-    let router = LocalRouter::new();
+    let network = Network::start(&config).await?;
+    let transport = network.transport();
+    let proposer = Proposer {
+        node_id,
+        quic: network.quic(),
+    };
     let groups = config.group_config();
     let meta_core =
         MetadataCore::open(&db).map_err(|e| anyhow::anyhow!("cannot open metadata: {e}"))?;
@@ -334,11 +530,11 @@ pub async fn start(
         &db,
         flusher.clone(),
         meta_core,
-        Arc::<LocalRouter>::clone(&router),
+        Arc::clone(&transport),
         &groups,
     )
     .await?;
-    router.register(node_id, GroupId::METADATA, raft.clone());
+    network.serve(node_id, GroupId::METADATA, &raft);
     let meta = Group {
         id: GroupId::METADATA,
         raft,
@@ -359,13 +555,19 @@ pub async fn start(
             &db,
             flusher.clone(),
             core,
-            Arc::<LocalRouter>::clone(&router),
+            Arc::clone(&transport),
             &groups,
         )
         .await?;
-        router.register(node_id, group, raft.clone());
+        network.serve(node_id, group, &raft);
         partition_groups.push(PartitionGroup {
-            batcher: Batcher::start(group, raft.clone(), local, Arc::clone(&tokens)),
+            batcher: Batcher::start(
+                group,
+                raft.clone(),
+                proposer.clone(),
+                local,
+                Arc::clone(&tokens),
+            ),
             group: Group {
                 id: group,
                 raft,
@@ -373,23 +575,24 @@ pub async fn start(
             },
         });
     }
-    let advertise =
-        |listen: &String, adv: &Option<String>| adv.clone().unwrap_or_else(|| listen.clone());
-    let me = NodeAddr {
-        raft: advertise(&config.node.raft_listen, &config.node.raft_advertise),
-        http: advertise(&config.node.http_listen, &config.node.http_advertise),
-        flight: advertise(&config.node.flight_listen, &config.node.flight_advertise),
-    };
-    for raft in std::iter::once(&meta.raft).chain(partition_groups.iter().map(|g| &g.group.raft)) {
-        if !raft.is_initialized().await? {
-            raft.initialize(BTreeMap::from([(node_id, me.clone())]))
-                .await
-                .context("initializing the cluster")?;
+    let members = initial_members(&config);
+    // One node initializes every group of a fresh cluster with all members: the lowest id.
+    let bootstrap = members.keys().next() == Some(&node_id);
+    let all_rafts =
+        || std::iter::once(&meta.raft).chain(partition_groups.iter().map(|g| &g.group.raft));
+    if bootstrap {
+        for raft in all_rafts() {
+            if !raft.is_initialized().await? {
+                raft.initialize(members.clone())
+                    .await
+                    .context("initializing the cluster")?;
+            }
         }
     }
-    wait_for_leader(&meta.raft, node_id, meta.id).await?;
-    for g in &partition_groups {
-        wait_for_leader(&g.group.raft, node_id, g.group.id).await?;
+    for (raft, id) in
+        all_rafts().zip(std::iter::once(meta.id).chain(partition_groups.iter().map(|g| g.group.id)))
+    {
+        wait_for_leader(raft, id, members.len()).await?;
     }
     let node = Arc::new(NodeShared {
         query: QueryEngine::new(partition_data, metadata.clone(), config.query.threads),
@@ -397,19 +600,33 @@ pub async fn start(
         metrics: Metrics::default(),
         query_runtime,
         node_id,
+        proposer,
+        quic: network.quic(),
         meta,
         partitions: partition_groups,
         shutting_down: AtomicBool::new(false),
         db,
         config,
     });
-    ensure_default_project(&node).await?;
+    ensure_default_project(&node, bootstrap).await?;
     Ok(node)
 }
 
-async fn ensure_default_project(node: &NodeShared) -> anyhow::Result<()> {
-    let existing = node.project(DEFAULT_PROJECT);
+/// Creates the default project on a fresh cluster (its bootstrap node does), or updates its keys
+/// when flags pin them. Other nodes of a fresh cluster wait until it has been replicated to them.
+async fn ensure_default_project(node: &NodeShared, bootstrap: bool) -> anyhow::Result<()> {
     let keys = &node.config.bootstrap;
+    let pinned = keys.write_key.is_some() || keys.api_token.is_some();
+    if !bootstrap && !pinned {
+        for _ in 0..1200 {
+            if node.project(DEFAULT_PROJECT).is_some() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("the default project was not created within 120 s");
+    }
+    let existing = node.project(DEFAULT_PROJECT);
     let write_key = keys
         .write_key
         .clone()
@@ -424,12 +641,24 @@ async fn ensure_default_project(node: &NodeShared) -> anyhow::Result<()> {
         .as_ref()
         .is_some_and(|p| p.write_key == write_key && p.api_token == api_token);
     if !unchanged {
-        node.propose_metadata(MetaCommand::UpsertProject {
-            name: DEFAULT_PROJECT.into(),
-            write_key,
-            api_token,
-        })
-        .await?;
+        // Retried while the metadata group settles on a leader (a fresh cluster's first
+        // election may move it).
+        let mut attempt = 0;
+        loop {
+            let command = MetaCommand::UpsertProject {
+                name: DEFAULT_PROJECT.into(),
+                write_key: write_key.clone(),
+                api_token: api_token.clone(),
+            };
+            match node.propose_metadata(command).await {
+                Ok(_) => break,
+                Err(e) if e.is_retryable() && attempt < 100 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
     Ok(())
 }

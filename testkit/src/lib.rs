@@ -44,10 +44,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A running `prism up` process.
+/// How a test node is started.
+#[derive(Debug, Clone)]
+enum Launch {
+    /// `prism up` on fresh ports each start.
+    Up,
+    /// `prism node --config <file> --id <id>`: a cluster member on its configured addresses.
+    Member { config: PathBuf, id: u64 },
+}
+
+/// A running `prism` process: `prism up`, or a member of a [`TestCluster`].
 #[derive(Debug)]
 pub struct TestNode {
     child: Option<Child>,
+    launch: Launch,
     /// `http://127.0.0.1:<port>`.
     pub http: String,
     /// `127.0.0.1:<port>` of Arrow Flight.
@@ -71,6 +81,7 @@ impl TestNode {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut node = TestNode {
             child: None,
+            launch: Launch::Up,
             http: String::new(),
             flight: String::new(),
             data_dir: tmp.path().join("data"),
@@ -87,24 +98,42 @@ impl TestNode {
     }
 
     fn spawn(&mut self) {
-        let (http, flight) = (free_port(), free_port());
-        self.http = format!("http://127.0.0.1:{http}");
-        self.flight = format!("127.0.0.1:{flight}");
+        self.spawn_process();
+        self.wait_ready();
+    }
+
+    fn spawn_process(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(prism_binary())
-            .arg("up")
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .args([
-                "--http",
-                &format!("127.0.0.1:{http}"),
-                "--flight",
-                &format!("127.0.0.1:{flight}"),
-            ])
+        let mut command = Command::new(prism_binary());
+        match &self.launch {
+            Launch::Up => {
+                let (http, flight) = (free_port(), free_port());
+                self.http = format!("http://127.0.0.1:{http}");
+                self.flight = format!("127.0.0.1:{flight}");
+                command
+                    .arg("up")
+                    .arg("--data-dir")
+                    .arg(&self.data_dir)
+                    .args([
+                        "--http",
+                        &format!("127.0.0.1:{http}"),
+                        "--flight",
+                        &format!("127.0.0.1:{flight}"),
+                    ]);
+            }
+            Launch::Member { config, id } => {
+                command
+                    .arg("node")
+                    .arg("--config")
+                    .arg(config)
+                    .args(["--id", &id.to_string()]);
+            }
+        }
+        let child = command
             .args(["--write-key", WRITE_KEY, "--api-token", API_TOKEN])
             .args(&self.extra_args)
             .stdout(Stdio::from(log.try_clone().expect("log")))
@@ -117,7 +146,19 @@ impl TestNode {
                 )
             });
         self.child = Some(child);
-        self.wait_ready();
+    }
+
+    /// Whether the process is running (not killed or stopped by the test).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// GETs a path; returns the status and the body as text.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        match self.client.get(format!("{}{path}", self.http)).send() {
+            Ok(r) => (r.status().as_u16(), r.text().unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        }
     }
 
     /// The node's log so far.
@@ -172,7 +213,8 @@ impl TestNode {
         }
     }
 
-    /// Starts the process again on the same data directory (new ports).
+    /// Starts the process again on the same data directory (new ports for `prism up`, the
+    /// configured ones for a cluster member).
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
@@ -232,6 +274,109 @@ impl TestNode {
     /// Runs a JSON insight query over a plain Flight `DoGet`.
     pub fn flight_query(&self, query: &serde_json::Value) -> anyhow::Result<Vec<RecordBatch>> {
         flight_ticket(&self.flight, API_TOKEN, serde_json::to_vec(query)?)
+    }
+}
+
+/// A port on `ip` that was free a moment ago for both TCP and UDP (QUIC uses UDP).
+pub fn free_port_on(ip: &str) -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind((ip, 0)).expect("bind tcp :0");
+        let port = tcp.local_addr().expect("addr").port();
+        if std::net::UdpSocket::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A cluster of real `prism node` processes, member `i` (from 1) listening on `127.0.0.i` on
+/// ports chosen free at run time, sharing one cluster CA, all killed when dropped.
+#[derive(Debug)]
+pub struct TestCluster {
+    /// The members, `nodes[i - 1]` being node `i`.
+    pub nodes: Vec<TestNode>,
+    /// The cluster's `cluster.toml`.
+    pub config: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts `members` nodes with `partitions` partitions, replicated on every member, and
+    /// waits until every one is ready.
+    pub fn start(members: u64, partitions: u32) -> TestCluster {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut toml = format!(
+            "[node]\ndata-dir = \"{data}/node-{{id}}\"\n\n[cluster]\npartitions = {partitions}\nreplication-factor = {members}\nca-dir = \"{data}/ca\"\n\n[consensus]\nheartbeat-interval = \"200ms\"\nelection-timeout-min = \"1000ms\"\nelection-timeout-max = \"2000ms\"\n",
+            data = tmp.path().display()
+        );
+        let mut nodes = Vec::new();
+        for id in 1..=members {
+            let ip = format!("127.0.0.{id}");
+            let (raft, http, flight) = (free_port_on(&ip), free_port_on(&ip), free_port_on(&ip));
+            toml.push_str(&format!(
+                "\n[[cluster.initial-members]]\nid = {id}\nraft = \"{ip}:{raft}\"\nhttp = \"{ip}:{http}\"\nflight = \"{ip}:{flight}\"\n"
+            ));
+            nodes.push(TestNode {
+                child: None,
+                launch: Launch::Member {
+                    config: tmp.path().join("cluster.toml"),
+                    id,
+                },
+                http: format!("http://{ip}:{http}"),
+                flight: format!("{ip}:{flight}"),
+                data_dir: tmp.path().join(format!("node-{id}")),
+                log: tmp.path().join(format!("node-{id}.log")),
+                extra_args: Vec::new(),
+                _tmp: tempfile::tempdir().expect("tempdir"),
+                client: reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(60))
+                    .build()
+                    .expect("client"),
+            });
+        }
+        let config = tmp.path().join("cluster.toml");
+        std::fs::write(&config, toml).expect("write cluster.toml");
+        // All at once: each waits for a quorum of the others before it is ready.
+        nodes.iter_mut().for_each(TestNode::spawn_process);
+        nodes.iter_mut().for_each(TestNode::wait_ready);
+        TestCluster {
+            nodes,
+            config,
+            _tmp: tmp,
+        }
+    }
+
+    /// Member `id` (from 1).
+    pub fn node(&self, id: u64) -> &TestNode {
+        &self.nodes[id as usize - 1]
+    }
+
+    /// Member `id` (from 1), to kill or restart.
+    pub fn node_mut(&mut self, id: u64) -> &mut TestNode {
+        &mut self.nodes[id as usize - 1]
+    }
+
+    /// The running member that leads the most groups, by its `/metrics`.
+    pub fn busiest_leader(&self) -> u64 {
+        let led = |node: &TestNode| {
+            node.get("/metrics")
+                .1
+                .lines()
+                .filter(|l| l.starts_with("optiprism_consensus_has_leader{") && l.ends_with(" 1"))
+                .count()
+        };
+        (1..=self.nodes.len() as u64)
+            .filter(|&id| self.node(id).is_running())
+            .max_by_key(|&id| led(self.node(id)))
+            .expect("a running member")
+    }
+
+    /// Every member's log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("--- node {} ---\n{}", i + 1, n.log()))
+            .collect()
     }
 }
 

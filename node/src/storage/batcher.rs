@@ -9,7 +9,7 @@
 //! repeated across requests counts as a duplicate in the later one, as if they had been
 //! proposed one after the other.
 
-use crate::server::ProposeError;
+use crate::server::{ProposeError, Proposer};
 use crate::storage::chunk::StoredEvent;
 use crate::storage::partition::{IngestOutcome, LocalProposals, PartitionCommand, encode_events};
 use optiprism_consensus::{GroupId, Raft};
@@ -69,9 +69,15 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts the batcher of partition group `group` on the current runtime.
-    pub fn start(group: GroupId, raft: Raft, local: LocalProposals, tokens: Arc<Tokens>) -> Self {
+    pub fn start(
+        group: GroupId,
+        raft: Raft,
+        proposer: Proposer,
+        local: LocalProposals,
+        tokens: Arc<Tokens>,
+    ) -> Self {
         let (requests, queue) = mpsc::unbounded_channel();
-        tokio::spawn(run(group, raft, local, tokens, queue));
+        tokio::spawn(run(group, raft, proposer, local, tokens, queue));
         Batcher { requests }
     }
 
@@ -99,6 +105,7 @@ impl Batcher {
 async fn run(
     group: GroupId,
     raft: Raft,
+    proposer: Proposer,
     local: LocalProposals,
     tokens: Arc<Tokens>,
     mut queue: mpsc::UnboundedReceiver<Request>,
@@ -134,17 +141,37 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let (raft, local, tokens) = (raft.clone(), local.clone(), Arc::clone(&tokens));
+        let (raft, proposer, local, tokens) = (
+            raft.clone(),
+            proposer.clone(),
+            local.clone(),
+            Arc::clone(&tokens),
+        );
         tokio::spawn(async move {
-            propose(group, &raft, &local, &tokens, project, batch).await;
+            let target = Target {
+                group,
+                raft: &raft,
+                proposer: &proposer,
+            };
+            propose(target, &local, &tokens, project, batch).await;
             drop(slot);
         });
     }
 }
 
-async fn propose(
+/// Where a batch goes.
+struct Target<'a> {
     group: GroupId,
-    raft: &Raft,
+    raft: &'a Raft,
+    proposer: &'a Proposer,
+}
+
+async fn propose(
+    Target {
+        group,
+        raft,
+        proposer,
+    }: Target<'_>,
     local: &LocalProposals,
     tokens: &Tokens,
     project: ProjectId,
@@ -166,7 +193,8 @@ async fn propose(
         events: encode_events(&events),
     };
     local.insert(token, events);
-    let result = crate::server::propose_to(group, raft, optiprism_consensus::encode(&command))
+    let result = proposer
+        .propose(group, raft, optiprism_consensus::encode(&command))
         .await
         .and_then(|bytes| {
             optiprism_consensus::decode::<Vec<IngestOutcome>>(&bytes).map_err(|e| {

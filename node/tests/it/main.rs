@@ -7,3 +7,4 @@ mod t20_bad_input;
 mod t30_sdks;
 mod t40_restart;
 mod t50_exact_uniques;
+mod t60_cluster;
