@@ -38,11 +38,21 @@ pub trait StateMachineCore: Send + 'static {
     /// Makes everything applied so far durable together with `marker`, atomically.
     fn persist(&mut self, marker: &[u8]) -> Result<(), CoreError>;
 
-    /// A description of the state as of the last persist, for a Raft snapshot.
+    /// A description of the state as of the last persist, for a Raft snapshot. Built every
+    /// few thousand entries, so it may name durable immutable data instead of copying it.
     fn snapshot(&mut self) -> Result<Vec<u8>, CoreError>;
 
-    /// Replaces the state with a snapshot's and persists it with `marker`.
-    fn install(&mut self, data: &[u8], marker: &[u8]) -> Result<(), CoreError>;
+    /// What a follower receives for the snapshot `description` (one [`snapshot`] made): by
+    /// default the description itself; a core whose description names data returns the data.
+    ///
+    /// [`snapshot`]: StateMachineCore::snapshot
+    fn ship(&self, description: &[u8]) -> Result<Vec<u8>, CoreError> {
+        Ok(description.to_vec())
+    }
+
+    /// Replaces the state with a shipped snapshot's (what [`StateMachineCore::ship`] made on
+    /// the leader) and persists it with `marker`.
+    fn install(&mut self, shipped: &[u8], marker: &[u8]) -> Result<(), CoreError>;
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -185,17 +195,19 @@ impl<S: StateMachineCore> RaftStateMachine<TypeConfig> for StateMachineStore<S> 
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
-        {
+        let description = {
             let mut inner = self.inner.lock();
             inner
                 .core
                 .install(&data, &encode(&applied))
                 .map_err(sm_err)?;
             inner.applied = applied;
-        }
+            // Kept as this node's current snapshot in the compact form it builds itself.
+            inner.core.snapshot().map_err(sm_err)?
+        };
         self.store_current(&StoredSnapshot {
             meta: meta.clone(),
-            data,
+            data: description,
         })
         .await
     }
@@ -205,9 +217,11 @@ impl<S: StateMachineCore> RaftStateMachine<TypeConfig> for StateMachineStore<S> 
             return Ok(None);
         };
         let stored: StoredSnapshot = decode(&bytes).map_err(sm_err)?;
+        // openraft asks for the current snapshot to send it to a follower.
+        let shipped = self.inner.lock().core.ship(&stored.data).map_err(sm_err)?;
         Ok(Some(Snapshot {
             meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            snapshot: Box::new(Cursor::new(shipped)),
         }))
     }
 }

@@ -7,7 +7,7 @@
 
 use crate::ingest::{IngestError, Ingestor, ParseContext, Parsed, posthog, segment};
 use crate::query::QueryFailure;
-use crate::server::NodeShared;
+use crate::server::{GroupStatus, NodeShared};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -358,20 +358,44 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "Queries failed.",
         m.queries_failed.load(Ordering::Relaxed),
     );
-    out.push_str("# HELP optiprism_consensus_has_leader Whether this node leads the group.\n# TYPE optiprism_consensus_has_leader gauge\n");
     let status = state.node.group_status();
-    for (group, leader, _, _) in &status {
-        out.push_str(&format!(
-            "optiprism_consensus_has_leader{{group=\"{group}\"}} {}\n",
-            u8::from(*leader)
-        ));
-    }
-    out.push_str("# HELP optiprism_consensus_apply_lag Log entries not yet applied.\n# TYPE optiprism_consensus_apply_lag gauge\n");
-    for (group, _, applied, last) in &status {
-        out.push_str(&format!(
-            "optiprism_consensus_apply_lag{{group=\"{group}\"}} {}\n",
-            last.saturating_sub(*applied)
-        ));
-    }
+    let mut gauge = |name: &str, help: &str, value: &dyn Fn(&GroupStatus) -> Option<u64>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        for g in &status {
+            if let Some(v) = value(g) {
+                out.push_str(&format!("{name}{{group=\"{}\"}} {v}\n", g.group));
+            }
+        }
+    };
+    gauge(
+        "optiprism_consensus_is_leader",
+        "Whether this node leads the group.",
+        &|g| Some(u64::from(g.is_leader)),
+    );
+    gauge(
+        "optiprism_consensus_has_leader",
+        "Whether the group has a known leader.",
+        &|g| Some(u64::from(g.leader.is_some())),
+    );
+    gauge(
+        "optiprism_consensus_apply_lag",
+        "Log entries held here but not yet applied.",
+        &|g| Some(g.last_log.saturating_sub(g.applied)),
+    );
+    gauge(
+        "optiprism_consensus_applied_index",
+        "Last log index applied here.",
+        &|g| Some(g.applied),
+    );
+    gauge(
+        "optiprism_consensus_purged_index",
+        "Log purged up to this index (older entries live only in snapshots).",
+        &|g| g.purged,
+    );
+    gauge(
+        "optiprism_consensus_snapshot_index",
+        "Index of the snapshot held here.",
+        &|g| g.snapshot,
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

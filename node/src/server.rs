@@ -134,7 +134,26 @@ impl Proposer {
     }
 }
 
-/// What every front end (HTTP, Flight) of the node shares./// What every front end (HTTP, Flight) of the node shares.
+/// One group as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStatus {
+    /// The group.
+    pub group: GroupId,
+    /// Its leader, if one is known.
+    pub leader: Option<u64>,
+    /// Whether this node leads it.
+    pub is_leader: bool,
+    /// Last log index applied here.
+    pub applied: u64,
+    /// Last log index held here.
+    pub last_log: u64,
+    /// Log purged up to here (entries at or below are only in snapshots).
+    pub purged: Option<u64>,
+    /// Index of the snapshot held here.
+    pub snapshot: Option<u64>,
+}
+
+/// What every front end (HTTP, Flight) of the node shares.
 pub struct NodeShared {
     /// The validated configuration.
     pub config: NodeConfig,
@@ -260,23 +279,23 @@ impl NodeShared {
                 .all(|r| r.metrics().borrow().current_leader.is_some())
     }
 
-    /// Per-group status lines for `/metrics`: (group, is leader, last applied, last log index).
-    pub fn group_status(&self) -> Vec<(GroupId, bool, u64, u64)> {
-        let mut out = Vec::new();
-        let mut push = |id: GroupId, raft: &Raft| {
-            let m = raft.metrics().borrow().clone();
-            out.push((
-                id,
-                m.current_leader == Some(self.node_id),
-                m.last_applied.map(|l| l.index).unwrap_or(0),
-                m.last_log_index.unwrap_or(0),
-            ));
-        };
-        push(self.meta.id, &self.meta.raft);
-        for g in &self.partitions {
-            push(g.group.id, &g.group.raft);
-        }
-        out
+    /// Per-group status for `/metrics` (and operators).
+    pub fn group_status(&self) -> Vec<GroupStatus> {
+        std::iter::once((self.meta.id, &self.meta.raft))
+            .chain(self.partitions.iter().map(|g| (g.group.id, &g.group.raft)))
+            .map(|(group, raft)| {
+                let m = raft.metrics().borrow().clone();
+                GroupStatus {
+                    group,
+                    leader: m.current_leader,
+                    is_leader: m.current_leader == Some(self.node_id),
+                    applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+                    last_log: m.last_log_index.unwrap_or(0),
+                    purged: m.purged.map(|l| l.index),
+                    snapshot: m.snapshot.map(|l| l.index),
+                }
+            })
+            .collect()
     }
 
     /// Project by name.

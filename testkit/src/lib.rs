@@ -303,9 +303,14 @@ impl TestCluster {
     /// Starts `members` nodes with `partitions` partitions, replicated on every member, and
     /// waits until every one is ready.
     pub fn start(members: u64, partitions: u32) -> TestCluster {
+        TestCluster::start_with(members, partitions, "")
+    }
+
+    /// [`TestCluster::start`] with more `[consensus]` settings (TOML lines).
+    pub fn start_with(members: u64, partitions: u32, consensus: &str) -> TestCluster {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut toml = format!(
-            "[node]\ndata-dir = \"{data}/node-{{id}}\"\n\n[cluster]\npartitions = {partitions}\nreplication-factor = {members}\nca-dir = \"{data}/ca\"\n\n[consensus]\nheartbeat-interval = \"200ms\"\nelection-timeout-min = \"1000ms\"\nelection-timeout-max = \"2000ms\"\n",
+            "[node]\ndata-dir = \"{data}/node-{{id}}\"\n\n[cluster]\npartitions = {partitions}\nreplication-factor = {members}\nca-dir = \"{data}/ca\"\n\n[consensus]\nheartbeat-interval = \"200ms\"\nelection-timeout-min = \"1000ms\"\nelection-timeout-max = \"2000ms\"\n{consensus}\n",
             data = tmp.path().display()
         );
         let mut nodes = Vec::new();
@@ -361,13 +366,23 @@ impl TestCluster {
             node.get("/metrics")
                 .1
                 .lines()
-                .filter(|l| l.starts_with("optiprism_consensus_has_leader{") && l.ends_with(" 1"))
+                .filter(|l| l.starts_with("optiprism_consensus_is_leader{") && l.ends_with(" 1"))
                 .count()
         };
         (1..=self.nodes.len() as u64)
             .filter(|&id| self.node(id).is_running())
             .max_by_key(|&id| led(self.node(id)))
             .expect("a running member")
+    }
+
+    /// A per-group gauge of member `id`'s `/metrics` (`None` when absent or unreachable).
+    pub fn gauge(&self, id: u64, name: &str, group: &str) -> Option<u64> {
+        let prefix = format!("{name}{{group=\"{group}\"}} ");
+        self.node(id)
+            .get("/metrics")
+            .1
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
     }
 
     /// Every member's log, for failure messages.

@@ -232,9 +232,18 @@ impl PartitionData {
     }
 }
 
+/// A partition's snapshot as this node keeps it: the chunks it names, and the persons.
 #[derive(Debug, Serialize, Deserialize)]
 struct PartitionSnapshot {
     chunks: Vec<ChunkMeta>,
+    persons: Vec<(ProjectId, PersonId, PersonRow)>,
+}
+
+/// A partition's snapshot as a follower receives it: the chunks' bodies travel along, since
+/// chunk boundaries and ids are each replica's own (every replica seals on its own schedule).
+#[derive(Debug, Serialize, Deserialize)]
+struct ShippedSnapshot {
+    chunks: Vec<(ChunkMeta, serde_bytes::ByteBuf)>,
     persons: Vec<(ProjectId, PersonId, PersonRow)>,
 }
 
@@ -484,26 +493,55 @@ impl StateMachineCore for PartitionCore {
         Ok(optiprism_consensus::encode(&snapshot))
     }
 
-    fn install(&mut self, bytes: &[u8], marker: &[u8]) -> Result<(), CoreError> {
-        let snapshot: PartitionSnapshot = optiprism_consensus::decode(bytes)?;
-        let mut fresh = PartitionData::default();
+    fn ship(&self, description: &[u8]) -> Result<Vec<u8>, CoreError> {
+        let snapshot: PartitionSnapshot = optiprism_consensus::decode(description)?;
+        let mut chunks = Vec::with_capacity(snapshot.chunks.len());
         for meta in snapshot.chunks {
+            // Chunks are immutable and never deleted while a snapshot names them.
             let body = self.tree.get(chunk_key(b'c', meta.project, meta.id))?.ok_or_else(|| {
                 format!(
                     "snapshot of partition {} names chunk {} of project {} that this node does not hold",
                     self.partition, meta.id, meta.project
                 )
             })?;
-            let batch = chunk::decode(&body)?;
-            add_seen(&mut fresh.seen, meta.project, &batch);
-            self.next_chunk = self.next_chunk.max(meta.id + 1);
+            chunks.push((meta, serde_bytes::ByteBuf::from(body.to_vec())));
+        }
+        Ok(optiprism_consensus::encode(&ShippedSnapshot {
+            chunks,
+            persons: snapshot.persons,
+        }))
+    }
+
+    fn install(&mut self, shipped: &[u8], marker: &[u8]) -> Result<(), CoreError> {
+        let snapshot: ShippedSnapshot = optiprism_consensus::decode(shipped)?;
+        let mut fresh = PartitionData::default();
+        let mut batch = sled::Batch::default();
+        // The snapshot replaces everything: this replica's own chunks (sealed on its own
+        // schedule, so with other boundaries and ids) and persons go.
+        for prefix in [&b"c/"[..], b"m/", b"p/"] {
+            for item in self.tree.scan_prefix(prefix) {
+                batch.remove(item?.0);
+            }
+        }
+        let mut next_chunk = 0;
+        for (meta, body) in snapshot.chunks {
+            let decoded = chunk::decode(&body)?;
+            add_seen(&mut fresh.seen, meta.project, &decoded);
+            next_chunk = next_chunk.max(meta.id + 1);
+            batch.insert(chunk_key(b'c', meta.project, meta.id), body.into_vec());
+            batch.insert(
+                chunk_key(b'm', meta.project, meta.id),
+                optiprism_consensus::encode(&meta),
+            );
             fresh
                 .chunks
                 .entry(meta.project)
                 .or_default()
-                .push(Arc::new(Chunk { meta, batch }));
+                .push(Arc::new(Chunk {
+                    meta,
+                    batch: decoded,
+                }));
         }
-        let mut batch = sled::Batch::default();
         for (project, person, row) in snapshot.persons {
             batch.insert(
                 person_key(project, person),
@@ -514,6 +552,7 @@ impl StateMachineCore for PartitionCore {
         batch.insert("marker", marker);
         self.tree.apply_batch(batch)?;
         *self.data.write() = fresh;
+        self.next_chunk = next_chunk;
         self.dirty_persons.clear();
         self.unsealed = 0;
         self.marker = Some(marker.to_vec());
@@ -595,5 +634,55 @@ mod tests {
             core.data().read().rows(ProjectId(1), 0, 2_000, None).rows,
             0
         );
+    }
+
+    #[test]
+    fn a_shipped_snapshot_replaces_a_replica_whose_chunks_differ() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut leader = PartitionCore::open(&db, PartitionId(0), 1 << 20).unwrap();
+        let mut follower = PartitionCore::open(&db, PartitionId(1), 1 << 20).unwrap();
+        // The leader seals twice, the follower once (its own boundaries and chunk ids), and
+        // the follower also holds rows the snapshot does not (it will be replaced wholesale).
+        leader.apply(1, &command(1, &[&[event("a", 1), event("b", 2)]]));
+        leader.persist(b"m1").unwrap();
+        leader.apply(2, &command(2, &[&[event("c", 3)]]));
+        leader.persist(b"m2").unwrap();
+        follower.apply(1, &command(3, &[&[event("a", 1), event("x", 9)]]));
+        follower.persist(b"f1").unwrap();
+        follower.apply(2, &command(4, &[&[event("y", 8)]]));
+        let description = leader.snapshot().unwrap();
+        let shipped = leader.ship(&description).unwrap();
+        follower.install(&shipped, b"m2").unwrap();
+        let rows = |core: &PartitionCore| {
+            let data = core.data();
+            let data = data.read();
+            let mut ids: Vec<String> = data
+                .rows(ProjectId(1), 0, 2_000, None)
+                .batches
+                .iter()
+                .flat_map(|b| {
+                    use arrow::array::AsArray;
+                    b.column_by_name("uuid")
+                        .unwrap()
+                        .as_string::<i32>()
+                        .iter()
+                        .map(|v| v.unwrap().to_string())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(rows(&follower), ["a", "b", "c"]);
+        assert_eq!(rows(&follower), rows(&leader));
+        assert_eq!(follower.persisted_marker().as_deref(), Some(&b"m2"[..]));
+        // Deduplication carries over: ids of the snapshot are known to the follower.
+        let again = follower.apply(3, &command(5, &[&[event("c", 3), event("d", 4)]]));
+        assert_eq!(outcomes(&again), [(1, 1)]);
+        // And the replaced state is what the follower reopens with.
+        drop(follower);
+        let reopened = PartitionCore::open(&db, PartitionId(1), 1 << 20).unwrap();
+        assert_eq!(rows(&reopened), ["a", "b", "c"]);
     }
 }

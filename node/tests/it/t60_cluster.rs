@@ -44,9 +44,19 @@ fn queries() -> Vec<Value> {
 /// Every stored message id with how many rows carry it, over Flight SQL.
 fn uuid_counts(node: &TestNode) -> Vec<(String, i64)> {
     use arrow::array::AsArray;
-    let batches = node
-        .sql("SELECT uuid, count(*) AS n FROM events GROUP BY uuid")
-        .unwrap();
+    let sql = "SELECT uuid, count(*) AS n FROM events GROUP BY uuid";
+    // Unavailable (a leader change under way) is retryable; anything else fails the test.
+    let mut attempts = 0;
+    let batches = loop {
+        match node.sql(sql) {
+            Ok(batches) => break batches,
+            Err(e) if format!("{e:#}").contains("Unavailable") && attempts < 300 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Err(e) => panic!("{sql}: {e:#}"),
+        }
+    };
     let mut out = Vec::new();
     for b in &batches {
         let uuid = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
@@ -57,6 +67,19 @@ fn uuid_counts(node: &TestNode) -> Vec<(String, i64)> {
         }
     }
     out
+}
+
+/// Runs a query, retrying while the node answers 503 (a leader change under way: the retryable
+/// error a query may get instead of an answer).
+fn query_when_available(node: &TestNode, query: &Value) -> (u16, Value) {
+    for _ in 0..300 {
+        let (status, answer) = node.query(query);
+        if status != 503 {
+            return (status, answer);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("node answered 503 for a minute");
 }
 
 fn send(node: &TestNode, batch: &[Value]) -> (u16, Value) {
@@ -77,7 +100,7 @@ fn events_sent_to_one_member_are_answered_by_every_member_as_by_a_single_node() 
         let (status, expected) = single.query(&query);
         assert_eq!(status, 200, "{expected}");
         // Over HTTP from node 3, and as a Flight ticket from node 1.
-        let (status, answer) = cluster.node(3).query(&query);
+        let (status, answer) = query_when_available(cluster.node(3), &query);
         assert_eq!(status, 200, "{answer}");
         assert_eq!(answer, expected, "node 3 differs for {query}");
         let flight = cluster.node(1).flight_query(&query).unwrap();
@@ -149,8 +172,67 @@ fn killing_the_busiest_leader_during_ingestion_loses_and_doubles_no_acknowledged
     // And the killed node, restarted, catches up to the same answer.
     cluster.node_mut(victim).restart();
     let query = &queries()[1];
-    let (_, expected) = cluster.node(reader).query(query);
-    let (status, answer) = cluster.node(victim).query(query);
+    let (_, expected) = query_when_available(cluster.node(reader), query);
+    let (status, answer) = query_when_available(cluster.node(victim), query);
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer, expected);
+}
+
+#[test]
+fn a_member_restarted_after_the_log_moved_past_it_catches_up_from_a_snapshot() {
+    // Snapshots every 10 entries, 2 kept behind: the log moves past a stopped member quickly.
+    let mut cluster = TestCluster::start_with(
+        3,
+        2,
+        "snapshot-every-entries = 10\nkeep-entries-after-snapshot = 2",
+    );
+    let events = messages("s", 2_400, 150);
+    let (early, late) = events.split_at(300);
+    for batch in early.chunks(50) {
+        assert_eq!(send(cluster.node(1), batch).0, 200);
+    }
+    let behind = cluster.gauge(3, "optiprism_consensus_applied_index", "partition-0");
+    cluster.node_mut(3).kill9();
+    for batch in late.chunks(50) {
+        let (status, body) = send(cluster.node(1), batch);
+        assert_eq!(status, 200, "{body}\n{}", cluster.logs());
+    }
+    // Keep writing until the leader has purged its log past what node 3 holds (it postpones
+    // purging while a replication to node 3 is in flight): appends cannot bring node 3 back.
+    let purged_past_node_3 = |cluster: &TestCluster| {
+        (1..=2)
+            .filter_map(|id| cluster.gauge(id, "optiprism_consensus_purged_index", "partition-0"))
+            .max()
+            .filter(|&p| Some(p) > behind)
+    };
+    let extra = messages("t", 3_000, 150);
+    let mut more = extra.chunks(20);
+    let purged = loop {
+        if let Some(p) = purged_past_node_3(&cluster) {
+            break Some(p);
+        }
+        let batch = more.next().unwrap_or_else(|| {
+            panic!(
+                "the log was never purged past node 3 (at {behind:?})\n{}",
+                cluster.logs()
+            )
+        });
+        assert_eq!(send(cluster.node(1), batch).0, 200);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    cluster.node_mut(3).restart();
+    for query in queries() {
+        let (_, expected) = query_when_available(cluster.node(1), &query);
+        let (status, answer) = query_when_available(cluster.node(3), &query);
+        assert_eq!(status, 200, "{answer}\n{}", cluster.logs());
+        assert_eq!(answer, expected, "node 3 after catching up, {query}");
+    }
+    assert!(
+        cluster.gauge(3, "optiprism_consensus_snapshot_index", "partition-0") >= purged,
+        "node 3 holds no snapshot from the leader"
+    );
+    assert_eq!(
+        uuid_counts(cluster.node(3)).len(),
+        uuid_counts(cluster.node(1)).len()
+    );
 }
