@@ -70,14 +70,88 @@ class Node:
         self.proc.wait(timeout=120)
 
 
+class Cluster:
+    """Three `prism node` members on 127.0.0.1-3 replicating every partition (factor 3), as the
+    repository's cluster.toml describes, on free ports."""
+
+    def __init__(self, workdir, partitions=8):
+        self.dir = Path(workdir) / "cluster"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        members, self.http = [], []
+        for i in (1, 2, 3):
+            ip = f"127.0.0.{i}"
+            ports = [free_port_on(ip) for _ in range(3)]
+            members.append(f"[[cluster.initial-members]]\nid = {i}\nraft = \"{ip}:{ports[0]}\"\n"
+                           f"http = \"{ip}:{ports[1]}\"\nflight = \"{ip}:{ports[2]}\"\n")
+            self.http.append(f"http://{ip}:{ports[1]}")
+        config = self.dir / "cluster.toml"
+        config.write_text(f"[node]\ndata-dir = \"{self.dir}/node-{{id}}\"\n[cluster]\npartitions = {partitions}\n"
+                          f"replication-factor = 3\nca-dir = \"{self.dir}/ca\"\n" + "\n".join(members))
+        self.log = open(self.dir / "prism.log", "ab")
+        self.procs = [subprocess.Popen(
+            [binary("prism"), "node", "--config", str(config), "--id", str(i), "--write-key", WRITE_KEY,
+             "--api-token", TOKEN, "--log", "warn"], stdout=self.log, stderr=self.log) for i in (1, 2, 3)]
+        import urllib.request
+        for url in self.http:
+            for _ in range(1200):
+                try:
+                    if urllib.request.urlopen(url + "/readyz", timeout=1).status == 200:
+                        break
+                except Exception:
+                    time.sleep(0.1)
+            else:
+                raise RuntimeError(f"cluster member {url} did not become ready")
+
+    def stop(self):
+        for p in self.procs:
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            p.wait(timeout=120)
+
+
+def free_port_on(ip):
+    """A port free on `ip` for both TCP and UDP (QUIC)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.bind((ip, port))
+            return port
+        except OSError:
+            continue
+
+
+def bench_cluster(events, seed, workdir, single_rate):
+    """Ingestion into a three-member cluster through member 2 (member 1 initializes the cluster and
+    usually leads, so batches are forwarded): full speed, then paced at half of that for
+    acknowledgement latency."""
+    cluster = Cluster(workdir)
+    try:
+        class Target:
+            http = cluster.http[1]
+        print(f"[cluster] ingesting {events:,} events in batches of 1,000 into 3 members (replication factor 3)", flush=True)
+        full = ingest(Target, events, seed, 1000, 16)
+        half = full["events_per_second"] / 2
+        print(f"[cluster] {full['events_per_second']:,.0f} events/s; now paced at {half:,.0f} events/s", flush=True)
+        paced = ingest(Target, min(events, 1_000_000), seed + 1, 1000, 16, rate=half)
+        return {"members": 3, "replication_factor": 3, "full": full, "half_load": paced,
+                "single_node_events_per_second": single_rate}
+    finally:
+        cluster.stop()
+
+
 def gen_args(events, seed):
     return ["--events", str(events), "--seed", str(seed), "--days", "90", "--start", "2024-01-01"]
 
 
-def ingest(node, events, seed, batch, concurrency):
+def ingest(node, events, seed, batch, concurrency, rate=None):
+    pace = ["--rate", str(rate)] if rate else []
     out = subprocess.check_output(
         [binary("prismctl"), "gen", *gen_args(events, seed), "--target", node.http, "--write-key", WRITE_KEY,
-         "--batch-size", str(batch), "--concurrency", str(concurrency), "--json"], stderr=subprocess.DEVNULL)
+         "--batch-size", str(batch), "--concurrency", str(concurrency), "--json", *pace], stderr=subprocess.DEVNULL)
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
@@ -288,6 +362,21 @@ def write_markdown(results):
             i = r[key]
             lines.append(f"| {i['events']:,} | {i['batch_size']:,} | {i['concurrency']} | {i['events_per_second']:,.0f} |"
                          f" {i['latency_ms_p50']:.1f} ms | {i['latency_ms_p99']:.1f} ms |")
+    c = results.get("cluster")
+    if c:
+        full, half = c["full"], c["half_load"]
+        share = full["events_per_second"] / c["single_node_events_per_second"]
+        lines += ["", "## Ingestion into a three-node cluster (replication factor 3, same machine)", "",
+                  "Three `prism node` members on 127.0.0.1–3 share the two cores with the load generator; every",
+                  "partition is replicated on all three, and an event is acknowledged once a majority flushed it.",
+                  "The generator sends to member 2; member 1 initializes the cluster and usually wins the first",
+                  "elections, so most batches are forwarded to the partitions' leaders over QUIC.", "",
+                  "| load | events | events/s | share of one node | ack latency p50 | p99 |",
+                  "|---|---:|---:|---:|---:|---:|",
+                  f"| full speed, 16 clients | {full['events']:,} | {full['events_per_second']:,.0f} | {share:.0%} |"
+                  f" {full['latency_ms_p50']:.1f} ms | {full['latency_ms_p99']:.1f} ms |",
+                  f"| paced at half of that | {half['events']:,} | {half['events_per_second']:,.0f} | |"
+                  f" {half['latency_ms_p50']:.1f} ms | {half['latency_ms_p99']:.1f} ms |"]
     lines += ["", "## Trends queries", ""]
     for r in results["sizes"]:
         lines += [f"### {r['events']:,} events", "",
@@ -309,10 +398,19 @@ def main():
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--cluster-only", action="store_true",
+                   help="measure only the three-node cluster's ingestion and add it to bench/results.json")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite docs/benchmarks.md from bench/results.json and bench/notes.md without measuring")
     args = p.parse_args()
     notes_path = ROOT / "bench/notes.md"
+    if args.cluster_only:
+        results = json.loads((ROOT / "bench/results.json").read_text())
+        single = results["sizes"][0]["ingest_batch_1000"]["events_per_second"]
+        workdir = Path(args.workdir or tempfile.mkdtemp(prefix="optiprism-bench-"))
+        results["cluster"] = bench_cluster(results["sizes"][0]["events"], args.seed, workdir, single)
+        (ROOT / "bench/results.json").write_text(json.dumps(results, indent=2))
+        args.report_only = True
     if args.report_only:
         results = json.loads((ROOT / "bench/results.json").read_text())
         results["notes"] = notes_path.read_text().strip().splitlines() if notes_path.exists() else []
@@ -329,6 +427,10 @@ def main():
         results["sizes"].append(bench_size(n, args.seed, args.runs, workdir))
         (ROOT / "bench/results.json").write_text(json.dumps(results, indent=2))
         write_markdown(results)
+    single = results["sizes"][0]["ingest_batch_1000"]["events_per_second"]
+    results["cluster"] = bench_cluster(sizes[0], args.seed, workdir, single)
+    (ROOT / "bench/results.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results)
     print("wrote bench/results.json and docs/benchmarks.md")
 
 

@@ -47,6 +47,10 @@ pub(crate) struct GenArgs {
     /// Batches in flight at once.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// Send at most this many events per second (batches paced evenly), to measure latency at
+    /// a given load; unlimited by default.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Write an Arrow IPC file instead of sending.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -245,6 +249,9 @@ fn send(args: &GenArgs, config: GenConfig, target: &str) -> anyhow::Result<()> {
     if args.batch_size == 0 || args.concurrency == 0 {
         bail!("--batch-size and --concurrency must be greater than 0");
     }
+    if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        bail!("--rate must be a positive number of events per second");
+    }
     // Serialize every batch first, so the measurement is the node's speed, not ours.
     let total = config.events;
     let bar = progress(total, "generating");
@@ -273,7 +280,11 @@ fn send(args: &GenArgs, config: GenConfig, target: &str) -> anyhow::Result<()> {
             .pool_max_idle_per_host(args.concurrency)
             .build()?;
         let bar = progress(total, "sending");
-        let queue = Arc::new(tokio::sync::Mutex::new(bodies.into_iter()));
+        let queue = Arc::new(tokio::sync::Mutex::new(bodies.into_iter().enumerate()));
+        // With --rate, batch k leaves at k batches' worth of events after the start.
+        let batch_interval = args
+            .rate
+            .map(|rate| Duration::from_secs_f64(args.batch_size as f64 / rate));
         let started = Instant::now();
         let mut workers = Vec::new();
         for _ in 0..args.concurrency {
@@ -287,9 +298,12 @@ fn send(args: &GenArgs, config: GenConfig, target: &str) -> anyhow::Result<()> {
             workers.push(tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 loop {
-                    let Some((n, body)) = queue.lock().await.next() else {
+                    let Some((k, (n, body))) = queue.lock().await.next() else {
                         break;
                     };
+                    if let Some(interval) = batch_interval {
+                        tokio::time::sleep_until((started + interval * k as u32).into()).await;
+                    }
                     let sent = Instant::now();
                     let mut attempts = 0;
                     loop {
@@ -329,6 +343,7 @@ fn send(args: &GenArgs, config: GenConfig, target: &str) -> anyhow::Result<()> {
             "events": total,
             "batch_size": args.batch_size,
             "concurrency": args.concurrency,
+            "rate_limit": args.rate,
             "seconds": elapsed.as_secs_f64(),
             "events_per_second": total as f64 / elapsed.as_secs_f64(),
             "latency_ms_p50": percentile(&latencies, 0.50),
