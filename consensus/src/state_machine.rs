@@ -38,6 +38,14 @@ pub trait StateMachineCore: Send + 'static {
     /// Makes everything applied so far durable together with `marker`, atomically.
     fn persist(&mut self, marker: &[u8]) -> Result<(), CoreError>;
 
+    /// Starts making everything applied so far durable with `marker`, and may return before it
+    /// is: what has been started must be durable, in order, by the end of the next
+    /// [`StateMachineCore::persist`] (which snapshots, and so log purges, always run first).
+    /// The default persists right away.
+    fn persist_soon(&mut self, marker: &[u8]) -> Result<(), CoreError> {
+        self.persist(marker)
+    }
+
     /// A description of the state as of the last persist, for a Raft snapshot. Built every
     /// few thousand entries, so it may name durable immutable data instead of copying it.
     fn snapshot(&mut self) -> Result<Vec<u8>, CoreError>;
@@ -131,11 +139,18 @@ impl<S: StateMachineCore> StateMachineStore<S> {
         Ok(())
     }
 
-    /// Persists everything applied so far (used by periodic sealing and ordered shutdown).
+    /// Persists everything applied so far (ordered shutdown).
     pub fn persist_now(&self) -> Result<(), CoreError> {
         let mut inner = self.inner.lock();
         let marker = encode(&inner.applied);
         inner.core.persist(&marker)
+    }
+
+    /// Starts persisting everything applied so far without waiting (periodic sealing).
+    pub fn persist_soon(&self) -> Result<(), CoreError> {
+        let mut inner = self.inner.lock();
+        let marker = encode(&inner.applied);
+        inner.core.persist_soon(&marker)
     }
 }
 
@@ -172,7 +187,7 @@ impl<S: StateMachineCore> RaftStateMachine<TypeConfig> for StateMachineStore<S> 
         }
         if inner.core.wants_persist() {
             let marker = encode(&inner.applied);
-            inner.core.persist(&marker).map_err(sm_err)?;
+            inner.core.persist_soon(&marker).map_err(sm_err)?;
         }
         Ok(responses)
     }

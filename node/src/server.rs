@@ -303,10 +303,20 @@ impl NodeShared {
         self.metadata.read(|m| m.project_by_name(name).cloned())
     }
 
-    /// Seals every partition now.
+    /// Seals every partition now and waits until the chunks are written.
     pub fn seal_all(&self) {
         for g in &self.partitions {
             if let Err(e) = g.group.state_machine.persist_now() {
+                tracing::error!(partition_id = %g.group.id, error = %e, "sealing failed");
+            }
+        }
+    }
+
+    /// Hands every partition's unsealed rows to its background sealer (periodic sealing:
+    /// apply is held up only for the hand-over, not for sorting, encoding and writing).
+    pub fn seal_all_soon(&self) {
+        for g in &self.partitions {
+            if let Err(e) = g.group.state_machine.persist_soon() {
                 tracing::error!(partition_id = %g.group.id, error = %e, "sealing failed");
             }
         }
@@ -695,7 +705,7 @@ pub fn spawn_sealer(node: Arc<NodeShared>) -> tokio::task::JoinHandle<()> {
                 return;
             }
             let n = Arc::clone(&node);
-            if tokio::task::spawn_blocking(move || n.seal_all())
+            if tokio::task::spawn_blocking(move || n.seal_all_soon())
                 .await
                 .is_err()
             {

@@ -176,6 +176,8 @@ impl Pending {
 pub struct PartitionData {
     chunks: BTreeMap<ProjectId, Vec<Arc<Chunk>>>,
     pending: BTreeMap<ProjectId, Pending>,
+    /// Rows handed to the background sealer, by job, until their chunks are written.
+    sealing: BTreeMap<u64, Vec<(ProjectId, RecordBatch)>>,
     persons: PersonMap,
     seen: KeySet,
 }
@@ -214,6 +216,11 @@ impl PartitionData {
                         }
                     }
                 }
+            }
+        }
+        for rows in self.sealing.values() {
+            for (_, batch) in rows.iter().filter(|(p, _)| *p == project) {
+                push(batch.clone());
             }
         }
         if let Some(batch) = self.pending.get(&project).and_then(Pending::batch) {
@@ -259,6 +266,146 @@ pub struct PartitionCore {
     seal_rows: usize,
     marker: Option<Vec<u8>>,
     local: LocalProposals,
+    sealer: Sealer,
+    next_job: u64,
+}
+
+/// A seal handed to the background sealer: finished (unsorted) rows per project with their
+/// chunk ids, the changed persons as of the marker, and the marker.
+struct SealJob {
+    id: u64,
+    rows: Vec<(ProjectId, u64, RecordBatch)>,
+    persons: Vec<((ProjectId, PersonId), PersonRow)>,
+    marker: Vec<u8>,
+}
+
+enum SealerMessage {
+    Seal {
+        partition: PartitionId,
+        tree: sled::Tree,
+        data: Arc<RwLock<PartitionData>>,
+        failure: Arc<Mutex<Option<String>>>,
+        job: SealJob,
+    },
+    /// Answered once every job sent before it is done.
+    Barrier(std::sync::mpsc::SyncSender<()>),
+}
+
+/// The process's sealing thread: sorts and encodes rows into chunks and writes them with their
+/// persons and marker, off the apply path (apply only hands the rows over). One thread for
+/// every partition, as the periodic sealer did it inline before: seals of many partitions at
+/// once would take both cores from Raft. Jobs run in order, so a partition's markers only move
+/// forward. A failed write stops that partition's sealing: its rows stay visible to queries
+/// and in the Raft log, and its next synchronous persist fails, so no snapshot (and no log
+/// purge) can pass them.
+#[derive(Debug)]
+struct Sealer {
+    partition: PartitionId,
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+fn sealer_queue() -> &'static std::sync::mpsc::Sender<SealerMessage> {
+    static QUEUE: std::sync::OnceLock<std::sync::mpsc::Sender<SealerMessage>> =
+        std::sync::OnceLock::new();
+    QUEUE.get_or_init(|| {
+        let (jobs, queue) = std::sync::mpsc::channel::<SealerMessage>();
+        std::thread::Builder::new()
+            .name("sealer".into())
+            .spawn(move || {
+                for message in queue {
+                    match message {
+                        SealerMessage::Seal {
+                            partition,
+                            tree,
+                            data,
+                            failure,
+                            job,
+                        } => {
+                            if failure.lock().is_some() {
+                                continue;
+                            }
+                            if let Err(e) = write_sealed(&tree, &data, job) {
+                                tracing::error!(partition_id = %partition, error = %e, "sealing failed; unsealed rows stay in the Raft log");
+                                *failure.lock() = Some(e.to_string());
+                            }
+                        }
+                        SealerMessage::Barrier(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })
+            .expect("spawning the sealer thread");
+        jobs
+    })
+}
+
+impl Sealer {
+    fn new(partition: PartitionId) -> Sealer {
+        Sealer {
+            partition,
+            failure: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    fn submit(&self, tree: &sled::Tree, data: &Arc<RwLock<PartitionData>>, job: SealJob) {
+        // The thread runs for the life of the process: a send cannot fail.
+        let _ = sealer_queue().send(SealerMessage::Seal {
+            partition: self.partition,
+            tree: tree.clone(),
+            data: Arc::clone(data),
+            failure: Arc::clone(&self.failure),
+            job,
+        });
+    }
+
+    /// Waits until every job submitted so far is written; fails if one of this partition's
+    /// could not be.
+    fn wait_idle(&self) -> Result<(), CoreError> {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        if sealer_queue().send(SealerMessage::Barrier(done)).is_ok() {
+            let _ = wait.recv();
+        }
+        match &*self.failure.lock() {
+            None => Ok(()),
+            Some(e) => Err(format!("an earlier seal failed: {e}").into()),
+        }
+    }
+}
+
+fn write_sealed(
+    tree: &sled::Tree,
+    data: &RwLock<PartitionData>,
+    job: SealJob,
+) -> Result<(), CoreError> {
+    let mut batch = sled::Batch::default();
+    let mut sealed = Vec::with_capacity(job.rows.len());
+    for (project, id, rows) in &job.rows {
+        let (meta, bytes, arrow_batch) = chunk::seal(*project, *id, rows);
+        batch.insert(chunk_key(b'c', *project, *id), bytes);
+        batch.insert(
+            chunk_key(b'm', *project, *id),
+            optiprism_consensus::encode(&meta),
+        );
+        sealed.push(Arc::new(Chunk {
+            meta,
+            batch: arrow_batch,
+        }));
+    }
+    for ((project, person), row) in &job.persons {
+        batch.insert(
+            person_key(*project, *person),
+            optiprism_consensus::encode(row),
+        );
+    }
+    batch.insert("marker", job.marker);
+    tree.apply_batch(batch)?;
+    let mut data = data.write();
+    data.sealing.remove(&job.id);
+    for c in sealed {
+        data.chunks.entry(c.meta.project).or_default().push(c);
+    }
+    Ok(())
 }
 
 fn chunk_key(prefix: u8, project: ProjectId, id: u64) -> Vec<u8> {
@@ -306,10 +453,13 @@ impl PartitionCore {
                 .insert((project, person), optiprism_consensus::decode(&value)?);
         }
         let marker = tree.get("marker")?.map(|v| v.to_vec());
+        let data = Arc::new(RwLock::new(data));
         Ok(PartitionCore {
             partition,
+            sealer: Sealer::new(partition),
+            next_job: 0,
             tree,
-            data: Arc::new(RwLock::new(data)),
+            data,
             dirty_persons: PersonKeySet::default(),
             next_chunk,
             unsealed: 0,
@@ -370,8 +520,46 @@ impl PartitionCore {
         outcome
     }
 
-    /// Seals unsealed rows and changed persons together with `marker`.
+    /// Hands unsealed rows and changed persons to the background sealer with `marker`; they
+    /// stay visible to queries meanwhile.
+    fn seal_soon(&mut self, marker: &[u8]) {
+        let mut data = self.data.write();
+        let id = self.next_job;
+        self.next_job += 1;
+        let mut rows = Vec::new();
+        let mut visible = Vec::new();
+        for (project, mut pending) in std::mem::take(&mut data.pending) {
+            if pending.rows.is_empty() {
+                continue;
+            }
+            let batch = pending.rows.finish();
+            visible.push((project, batch.clone()));
+            rows.push((project, self.next_chunk, batch));
+            self.next_chunk += 1;
+        }
+        let persons = self
+            .dirty_persons
+            .drain()
+            .filter_map(|key| data.persons.get(&key).map(|row| (key, row.clone())))
+            .collect();
+        if !visible.is_empty() {
+            data.sealing.insert(id, visible);
+        }
+        drop(data);
+        self.unsealed = 0;
+        let job = SealJob {
+            id,
+            rows,
+            persons,
+            marker: marker.to_vec(),
+        };
+        self.sealer.submit(&self.tree, &self.data, job);
+    }
+
+    /// Seals unsealed rows and changed persons together with `marker`, after everything handed
+    /// to the background sealer before.
     fn seal(&mut self, marker: &[u8]) -> Result<(), CoreError> {
+        self.sealer.wait_idle()?;
         let mut data = self.data.write();
         let mut batch = sled::Batch::default();
         let mut sealed = Vec::new();
@@ -473,6 +661,11 @@ impl StateMachineCore for PartitionCore {
         self.seal(marker)
     }
 
+    fn persist_soon(&mut self, marker: &[u8]) -> Result<(), CoreError> {
+        self.seal_soon(marker);
+        Ok(())
+    }
+
     fn snapshot(&mut self) -> Result<Vec<u8>, CoreError> {
         // Chunks are immutable and stay in this node's sled: the snapshot names them. Shipping
         // their bodies to a follower that lacks them is the transport's job (cluster issue).
@@ -513,6 +706,8 @@ impl StateMachineCore for PartitionCore {
     }
 
     fn install(&mut self, shipped: &[u8], marker: &[u8]) -> Result<(), CoreError> {
+        // Seals still running describe the state being replaced: let them finish first.
+        self.sealer.wait_idle()?;
         let snapshot: ShippedSnapshot = optiprism_consensus::decode(shipped)?;
         let mut fresh = PartitionData::default();
         let mut batch = sled::Batch::default();
@@ -684,5 +879,32 @@ mod tests {
         drop(follower);
         let reopened = PartitionCore::open(&db, PartitionId(1), 1 << 20).unwrap();
         assert_eq!(rows(&reopened), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn background_seals_keep_rows_visible_and_land_before_a_synchronous_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut core = PartitionCore::open(&db, PartitionId(0), 2).unwrap();
+        let count =
+            |core: &PartitionCore| core.data().read().rows(ProjectId(1), 0, 2_000, None).rows;
+        for i in 0..7u64 {
+            let id = format!("e{i}");
+            core.apply(i + 1, &command(u128::from(i) + 100, &[&[event(&id, i)]]));
+            if core.wants_persist() {
+                core.persist_soon(format!("m{i}").as_bytes()).unwrap();
+            }
+            // Whether sealed, being sealed or unsealed, every applied row is visible.
+            assert_eq!(count(&core), i as usize + 1);
+        }
+        core.persist(b"m-final").unwrap();
+        assert_eq!(core.data().read().sealing.len(), 0);
+        drop(core);
+        let reopened = PartitionCore::open(&db, PartitionId(0), 2).unwrap();
+        assert_eq!(count(&reopened), 7);
+        assert_eq!(
+            reopened.persisted_marker().as_deref(),
+            Some(&b"m-final"[..])
+        );
     }
 }
