@@ -144,6 +144,9 @@ enum Reply {
     NoGroup,
 }
 
+/// A peer group's answer to a Raft RPC.
+type RaftResult<T, E> = Result<T, RaftError<u64, E>>;
+
 type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
 
 /// The QUIC transport of one node: serves its groups to peers and carries its groups' RPCs to
@@ -232,28 +235,63 @@ impl QuicTransport {
         group: GroupId,
         command: Command,
     ) -> Result<Response, LeaderError> {
-        let frame = Frame {
+        self.leader_rpc(
+            leader,
             group,
-            request: Request::Propose(command),
-        };
-        match self.call(leader, &frame).await {
-            Ok(Reply::Propose(result)) => result,
-            Ok(_) => Err(LeaderError::Failed(
-                CallError::WrongReply { target: leader }.to_string(),
-            )),
-            Err(e) => Err(LeaderError::Unreachable(e.to_string())),
-        }
+            Request::Propose(command),
+            |reply| match reply {
+                Reply::Propose(result) => Some(result),
+                _ => None,
+            },
+        )
+        .await
     }
 
     /// Asks `leader` for the index a linearizable read of `group` must see applied.
     pub async fn read_index(&self, leader: u64, group: GroupId) -> Result<u64, LeaderError> {
-        let frame = Frame {
-            group,
-            request: Request::ReadIndex,
-        };
-        match self.call(leader, &frame).await {
-            Ok(Reply::ReadIndex(result)) => result,
-            Ok(_) => Err(LeaderError::Failed(
+        self.leader_rpc(leader, group, Request::ReadIndex, |reply| match reply {
+            Reply::ReadIndex(result) => Some(result),
+            _ => None,
+        })
+        .await
+    }
+
+    /// A Raft RPC: the answer `unpack` finds in the reply, the peer's Raft error, or why the
+    /// call itself failed.
+    async fn raft_rpc<T, E: std::error::Error>(
+        &self,
+        target: u64,
+        group: GroupId,
+        request: Request,
+        unpack: fn(Reply) -> Option<RaftResult<T, E>>,
+    ) -> Result<T, RpcError<E>> {
+        match self
+            .call(target, &Frame { group, request })
+            .await
+            .map(unpack)
+        {
+            Ok(Some(Ok(answer))) => Ok(answer),
+            Ok(Some(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(target, e))),
+            Ok(None) => Err(CallError::WrongReply { target }.into_rpc()),
+            Err(e) => Err(e.into_rpc()),
+        }
+    }
+
+    /// A request only a group's leader answers.
+    async fn leader_rpc<T>(
+        &self,
+        leader: u64,
+        group: GroupId,
+        request: Request,
+        unpack: fn(Reply) -> Option<Result<T, LeaderError>>,
+    ) -> Result<T, LeaderError> {
+        match self
+            .call(leader, &Frame { group, request })
+            .await
+            .map(unpack)
+        {
+            Ok(Some(result)) => result,
+            Ok(None) => Err(LeaderError::Failed(
                 CallError::WrongReply { target: leader }.to_string(),
             )),
             Err(e) => Err(LeaderError::Unreachable(e.to_string())),
@@ -421,16 +459,11 @@ impl RaftTransport for QuicTransport {
         group: GroupId,
         rpc: AppendEntriesRequest<TypeConfig>,
     ) -> Result<AppendEntriesResponse<u64>, RpcError> {
-        let frame = Frame {
-            group,
-            request: Request::Append(rpc),
-        };
-        match self.call(target, &frame).await {
-            Ok(Reply::Append(Ok(r))) => Ok(r),
-            Ok(Reply::Append(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(target, e))),
-            Ok(_) => Err(CallError::WrongReply { target }.into_rpc()),
-            Err(e) => Err(e.into_rpc()),
-        }
+        self.raft_rpc(target, group, Request::Append(rpc), |reply| match reply {
+            Reply::Append(result) => Some(result),
+            _ => None,
+        })
+        .await
     }
 
     async fn vote(
@@ -439,16 +472,11 @@ impl RaftTransport for QuicTransport {
         group: GroupId,
         rpc: VoteRequest<u64>,
     ) -> Result<VoteResponse<u64>, RpcError> {
-        let frame = Frame {
-            group,
-            request: Request::Vote(rpc),
-        };
-        match self.call(target, &frame).await {
-            Ok(Reply::Vote(Ok(r))) => Ok(r),
-            Ok(Reply::Vote(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(target, e))),
-            Ok(_) => Err(CallError::WrongReply { target }.into_rpc()),
-            Err(e) => Err(e.into_rpc()),
-        }
+        self.raft_rpc(target, group, Request::Vote(rpc), |reply| match reply {
+            Reply::Vote(result) => Some(result),
+            _ => None,
+        })
+        .await
     }
 
     async fn install_snapshot(
@@ -457,15 +485,10 @@ impl RaftTransport for QuicTransport {
         group: GroupId,
         rpc: InstallSnapshotRequest<TypeConfig>,
     ) -> Result<InstallSnapshotResponse<u64>, RpcError<InstallSnapshotError>> {
-        let frame = Frame {
-            group,
-            request: Request::Snapshot(rpc),
-        };
-        match self.call(target, &frame).await {
-            Ok(Reply::Snapshot(Ok(r))) => Ok(r),
-            Ok(Reply::Snapshot(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(target, e))),
-            Ok(_) => Err(CallError::WrongReply { target }.into_rpc()),
-            Err(e) => Err(e.into_rpc()),
-        }
+        self.raft_rpc(target, group, Request::Snapshot(rpc), |reply| match reply {
+            Reply::Snapshot(result) => Some(result),
+            _ => None,
+        })
+        .await
     }
 }

@@ -8,7 +8,7 @@
 use crate::config::{DEFAULT_PROJECT, NodeConfig};
 use crate::metadata::{MetaCommand, MetaResponse, MetadataCore, MetadataHandle, Project};
 use crate::query::QueryEngine;
-use crate::storage::batcher::{Batcher, Tokens};
+use crate::storage::batcher::{self, Batcher, Tokens};
 use crate::storage::chunk::StoredEvent;
 use crate::storage::partition::{IngestOutcome, PartitionCore};
 use anyhow::Context;
@@ -167,7 +167,6 @@ pub struct NodeShared {
     pub query_runtime: tokio::runtime::Handle,
     node_id: u64,
     proposer: Proposer,
-    quic: Option<Arc<QuicTransport>>,
     meta: Group<MetadataCore>,
     partitions: Vec<PartitionGroup>,
     shutting_down: AtomicBool,
@@ -234,10 +233,9 @@ impl NodeShared {
         if self.is_shutting_down() {
             return Err(ProposeError::ShuttingDown);
         }
-        let partition = &self.partitions[p.0 as usize];
-        partition
+        self.partitions[p.0 as usize]
             .batcher
-            .ingest(partition.group.id, project, events)
+            .ingest(project, events)
             .await
     }
 
@@ -246,7 +244,7 @@ impl NodeShared {
     /// every acknowledged event. A node alone applies before it acknowledges: nothing to wait
     /// for.
     pub async fn read_barrier(&self) -> Result<(), ProposeError> {
-        let Some(quic) = &self.quic else {
+        let Some(quic) = &self.proposer.quic else {
             return Ok(());
         };
         let groups = std::iter::once((self.meta.id, &self.meta.raft))
@@ -336,7 +334,7 @@ impl NodeShared {
             let _ = g.group.raft.shutdown().await;
         }
         let _ = self.meta.raft.shutdown().await;
-        if let Some(quic) = &self.quic {
+        if let Some(quic) = &self.proposer.quic {
             quic.close();
         }
         if let Err(e) = self.db.flush_async().await {
@@ -590,13 +588,13 @@ pub async fn start(
         .await?;
         network.serve(node_id, group, &raft);
         partition_groups.push(PartitionGroup {
-            batcher: Batcher::start(
+            batcher: Batcher::start(batcher::Group {
                 group,
-                raft.clone(),
-                proposer.clone(),
+                raft: raft.clone(),
+                proposer: proposer.clone(),
                 local,
-                Arc::clone(&tokens),
-            ),
+                tokens: Arc::clone(&tokens),
+            }),
             group: Group {
                 id: group,
                 raft,
@@ -630,7 +628,6 @@ pub async fn start(
         query_runtime,
         node_id,
         proposer,
-        quic: network.quic(),
         meta,
         partitions: partition_groups,
         shutting_down: AtomicBool::new(false),

@@ -35,6 +35,14 @@ pub fn crate_dir() -> PathBuf {
         .expect("cargo sets CARGO_MANIFEST_DIR when it runs tests")
 }
 
+/// The HTTP client test nodes are driven with.
+fn http_client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client")
+}
+
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -88,10 +96,7 @@ impl TestNode {
             log: tmp.path().join("prism.log"),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             _tmp: tmp,
-            client: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()
-                .expect("client"),
+            client: http_client(),
         };
         node.spawn();
         node
@@ -332,10 +337,7 @@ impl TestCluster {
                 log: tmp.path().join(format!("node-{id}.log")),
                 extra_args: Vec::new(),
                 _tmp: tempfile::tempdir().expect("tempdir"),
-                client: reqwest::blocking::Client::builder()
-                    .timeout(Duration::from_secs(60))
-                    .build()
-                    .expect("client"),
+                client: http_client(),
             });
         }
         let config = tmp.path().join("cluster.toml");

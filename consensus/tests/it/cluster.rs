@@ -110,3 +110,50 @@ pub(crate) async fn leader_of(nodes: &BTreeMap<u64, Node>, g: GroupId) -> Raft {
     }
     panic!("no leader for {g}");
 }
+
+/// Initializes every group in `groups` through node 1 with `members`.
+pub(crate) async fn initialize(
+    nodes: &BTreeMap<u64, Node>,
+    groups: &[GroupId],
+    members: &BTreeMap<u64, NodeAddr>,
+) {
+    for g in groups {
+        nodes[&1].groups[g]
+            .0
+            .initialize(members.clone())
+            .await
+            .unwrap();
+    }
+}
+
+/// Writes `k0..k{count}` to every group and checks that every replica applied them all (up to
+/// the last write's index: a new leader may not have applied everything yet, so its own
+/// metrics are not the target), waiting up to `wait` per replica.
+pub(crate) async fn write_and_check_replicated(
+    nodes: &BTreeMap<u64, Node>,
+    groups: &[GroupId],
+    count: usize,
+    wait: Duration,
+) {
+    let mut last_index = BTreeMap::new();
+    for g in groups {
+        for i in 0..count {
+            last_index.insert(*g, write(nodes, *g, format!("k{i}=g{}-v{i}", g.0)).await);
+        }
+    }
+    let last_key = format!("k{}", count - 1);
+    for g in groups {
+        for node in nodes.values() {
+            node.groups[g]
+                .0
+                .wait(Some(wait))
+                .applied_index_at_least(Some(last_index[g]), "replicated")
+                .await
+                .unwrap();
+            let value = node.groups[g]
+                .1
+                .with_core(|c| c.map.get(&last_key).cloned());
+            assert_eq!(value, Some(format!("g{}-v{}", g.0, count - 1)));
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! Several groups on several in-process nodes: replication, leader loss, restart with replay.
 
-use crate::cluster::{leader_of, start_node, write};
+use crate::cluster::{initialize, leader_of, start_node, write, write_and_check_replicated};
 use optiprism_consensus::{Command, GroupId, LocalRouter, NodeAddr};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,34 +19,8 @@ async fn three_nodes_replicate_every_group_and_survive_a_leader_loss() {
         );
     }
     let members: BTreeMap<u64, NodeAddr> = (1..=3).map(|id| (id, NodeAddr::default())).collect();
-    for g in groups {
-        nodes[&1].groups[&g]
-            .0
-            .initialize(members.clone())
-            .await
-            .unwrap();
-    }
-    let mut last_index = BTreeMap::new();
-    for g in groups {
-        for i in 0..50 {
-            last_index.insert(g, write(&nodes, g, format!("k{i}=g{}-v{i}", g.0)).await);
-        }
-    }
-    // Every replica of every group applies every write (up to the last write's index: a new
-    // leader may not have applied everything yet, so its own metrics are not the target).
-    for g in groups {
-        let applied = last_index[&g];
-        for node in nodes.values() {
-            node.groups[&g]
-                .0
-                .wait(Some(Duration::from_secs(10)))
-                .applied_index_at_least(Some(applied), "replicated")
-                .await
-                .unwrap();
-            let value = node.groups[&g].1.with_core(|c| c.map.get("k49").cloned());
-            assert_eq!(value.as_deref(), Some(format!("g{}-v49", g.0).as_str()));
-        }
-    }
+    initialize(&nodes, &groups, &members).await;
+    write_and_check_replicated(&nodes, &groups, 50, Duration::from_secs(10)).await;
     // Stop the leader of group 1; the others elect a new one and keep accepting writes.
     let old = leader_of(&nodes, GroupId(1)).await;
     let old_id = old.metrics().borrow().id;

@@ -2,7 +2,7 @@
 //! one connection per pair of nodes and survives the loss of a leader; a peer whose certificate
 //! is not from the cluster CA, or is another node's, is refused.
 
-use crate::cluster::{leader_of, start_node, write};
+use crate::cluster::{initialize, leader_of, start_node, write, write_and_check_replicated};
 use openraft::raft::VoteRequest;
 use optiprism_consensus::tls::{ClusterCa, NodeIdentity};
 use optiprism_consensus::{GroupId, NodeAddr, QuicTransport, RaftTransport};
@@ -42,31 +42,8 @@ async fn three_nodes_replicate_over_quic_and_survive_a_leader_loss() {
             start_node(id, dir.path(), Arc::clone(transport), &groups).await,
         );
     }
-    for g in groups {
-        nodes[&1].groups[&g]
-            .0
-            .initialize(members.clone())
-            .await
-            .unwrap();
-    }
-    let mut last = BTreeMap::new();
-    for g in groups {
-        for i in 0..40 {
-            last.insert(g, write(&nodes, g, format!("k{i}=g{}-v{i}", g.0)).await);
-        }
-    }
-    for g in groups {
-        for node in nodes.values() {
-            node.groups[&g]
-                .0
-                .wait(Some(Duration::from_secs(20)))
-                .applied_index_at_least(Some(last[&g]), "replicated over QUIC")
-                .await
-                .unwrap();
-            let value = node.groups[&g].1.with_core(|c| c.map.get("k39").cloned());
-            assert_eq!(value.as_deref(), Some(format!("g{}-v39", g.0).as_str()));
-        }
-    }
+    initialize(&nodes, &groups, &members).await;
+    write_and_check_replicated(&nodes, &groups, 40, Duration::from_secs(20)).await;
     // Stop the leader of group 1 and close its sockets: the others elect a new leader over
     // their own connection, and writes go on.
     let old = leader_of(&nodes, GroupId(1)).await;

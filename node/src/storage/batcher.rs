@@ -64,27 +64,46 @@ impl Default for Tokens {
 /// The ingestion front of one partition group.
 #[derive(Debug, Clone)]
 pub struct Batcher {
+    group: GroupId,
     requests: mpsc::UnboundedSender<Request>,
 }
 
+/// What proposing to one partition group takes.
+#[derive(Clone)]
+pub struct Group {
+    /// The group.
+    pub group: GroupId,
+    /// Its Raft handle on this node.
+    pub raft: Raft,
+    /// Commits here or forwards to the leader.
+    pub proposer: Proposer,
+    /// This node's own proposals, decoded.
+    pub local: LocalProposals,
+    /// Proposal tokens of this process.
+    pub tokens: Arc<Tokens>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group").field("group", &self.group).finish()
+    }
+}
+
 impl Batcher {
-    /// Starts the batcher of partition group `group` on the current runtime.
-    pub fn start(
-        group: GroupId,
-        raft: Raft,
-        proposer: Proposer,
-        local: LocalProposals,
-        tokens: Arc<Tokens>,
-    ) -> Self {
+    /// Starts the batcher of `group` on the current runtime.
+    pub fn start(group: Group) -> Self {
         let (requests, queue) = mpsc::unbounded_channel();
-        tokio::spawn(run(group, raft, proposer, local, tokens, queue));
-        Batcher { requests }
+        let id = group.group;
+        tokio::spawn(run(group, queue));
+        Batcher {
+            group: id,
+            requests,
+        }
     }
 
     /// Proposes `events` of `project`; returns once they are committed and applied.
     pub async fn ingest(
         &self,
-        group: GroupId,
         project: ProjectId,
         events: Vec<StoredEvent>,
     ) -> Result<IngestOutcome, ProposeError> {
@@ -98,18 +117,11 @@ impl Batcher {
             .map_err(|_| ProposeError::ShuttingDown)?;
         answer
             .await
-            .unwrap_or(Err(ProposeError::NoLeader { group }))
+            .unwrap_or(Err(ProposeError::NoLeader { group: self.group }))
     }
 }
 
-async fn run(
-    group: GroupId,
-    raft: Raft,
-    proposer: Proposer,
-    local: LocalProposals,
-    tokens: Arc<Tokens>,
-    mut queue: mpsc::UnboundedReceiver<Request>,
-) {
+async fn run(group: Group, mut queue: mpsc::UnboundedReceiver<Request>) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut carried: Option<Request> = None;
     loop {
@@ -141,93 +153,77 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let (raft, proposer, local, tokens) = (
-            raft.clone(),
-            proposer.clone(),
-            local.clone(),
-            Arc::clone(&tokens),
-        );
+        let group = group.clone();
         tokio::spawn(async move {
-            let target = Target {
-                group,
-                raft: &raft,
-                proposer: &proposer,
-            };
-            propose(target, &local, &tokens, project, batch).await;
+            group.propose(project, batch).await;
             drop(slot);
         });
     }
 }
 
-/// Where a batch goes.
-struct Target<'a> {
-    group: GroupId,
-    raft: &'a Raft,
-    proposer: &'a Proposer,
-}
-
-async fn propose(
-    Target {
-        group,
-        raft,
-        proposer,
-    }: Target<'_>,
-    local: &LocalProposals,
-    tokens: &Tokens,
-    project: ProjectId,
-    batch: Vec<Request>,
-) {
-    let mut parts = Vec::with_capacity(batch.len());
-    let mut replies = Vec::with_capacity(batch.len());
-    let mut events = Vec::with_capacity(batch.iter().map(|r| r.events.len()).sum());
-    for r in batch {
-        parts.push(r.events.len() as u32);
-        events.extend(r.events);
-        replies.push(r.reply);
-    }
-    let token = tokens.next();
-    let command = PartitionCommand::Ingest {
-        project,
-        token,
-        parts,
-        events: encode_events(&events),
-    };
-    local.insert(token, events);
-    let result = proposer
-        .propose(group, raft, optiprism_consensus::encode(&command))
-        .await
-        .and_then(|bytes| {
-            optiprism_consensus::decode::<Vec<IngestOutcome>>(&bytes).map_err(|e| {
-                ProposeError::Fatal {
-                    group,
-                    message: format!("undecodable response: {e}"),
+impl Group {
+    /// Proposes the requests of `batch` as one entry and answers each with its own outcome.
+    async fn propose(&self, project: ProjectId, batch: Vec<Request>) {
+        let Group {
+            group,
+            raft,
+            proposer,
+            local,
+            tokens,
+        } = self;
+        let group = *group;
+        let mut parts = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut events = Vec::with_capacity(batch.iter().map(|r| r.events.len()).sum());
+        for r in batch {
+            parts.push(r.events.len() as u32);
+            events.extend(r.events);
+            replies.push(r.reply);
+        }
+        let token = tokens.next();
+        let command = PartitionCommand::Ingest {
+            project,
+            token,
+            parts,
+            events: encode_events(&events),
+        };
+        local.insert(token, events);
+        let result = proposer
+            .propose(group, raft, optiprism_consensus::encode(&command))
+            .await
+            .and_then(|bytes| {
+                optiprism_consensus::decode::<Vec<IngestOutcome>>(&bytes).map_err(|e| {
+                    ProposeError::Fatal {
+                        group,
+                        message: format!("undecodable response: {e}"),
+                    }
+                })
+            });
+        // An applied proposal took its events; a failed one must not leave them behind.
+        local.take(token);
+        match result {
+            Ok(outcomes) if outcomes.len() == replies.len() => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
                 }
-            })
-        });
-    // An applied proposal took its events; a failed one must not leave them behind.
-    local.take(token);
-    match result {
-        Ok(outcomes) if outcomes.len() == replies.len() => {
-            for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                let _ = reply.send(Ok(outcome));
             }
-        }
-        Ok(outcomes) => {
-            let message = format!(
-                "{} outcomes for a proposal of {} requests",
-                outcomes.len(),
-                replies.len()
-            );
-            for reply in replies {
-                let _ = reply.send(Err(ProposeError::Fatal {
-                    group,
-                    message: message.clone(),
-                }));
+            Ok(outcomes) => {
+                let message = format!(
+                    "{} outcomes for a proposal of {} requests",
+                    outcomes.len(),
+                    replies.len()
+                );
+                for reply in replies {
+                    let _ = reply.send(Err(ProposeError::Fatal {
+                        group,
+                        message: message.clone(),
+                    }));
+                }
             }
-        }
-        Err(e) => {
-            for reply in replies {
-                let _ = reply.send(Err(e.clone()));
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
             }
         }
     }

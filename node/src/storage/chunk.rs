@@ -324,13 +324,6 @@ fn pad_with_nulls(array: ArrayRef, rows: usize) -> ArrayRef {
     arrow::compute::concat(&[array.as_ref(), nulls.as_ref()]).expect("same data type")
 }
 
-/// Builds the Arrow batch of `events` (in the given order).
-pub fn build_batch(events: &[&StoredEvent]) -> RecordBatch {
-    let mut builder = ChunkBuilder::default();
-    events.iter().for_each(|e| builder.append(e));
-    builder.finish()
-}
-
 fn render_coerced(v: &Coerced) -> String {
     match v {
         Coerced::Str(s) | Coerced::Mismatch(s) => s.clone(),
@@ -427,6 +420,13 @@ mod tests {
     use arrow::array::{Array, AsArray};
     use proptest::prelude::*;
 
+    /// The Arrow batch of `events`, in the given order.
+    fn build_batch(events: &[StoredEvent]) -> RecordBatch {
+        let mut builder = ChunkBuilder::default();
+        events.iter().for_each(|e| builder.append(e));
+        builder.finish()
+    }
+
     fn event(i: u64, props: Vec<(String, Coerced)>) -> StoredEvent {
         StoredEvent {
             message_id: format!("m{i}"),
@@ -457,11 +457,7 @@ mod tests {
             event(1, vec![("price".into(), Coerced::Mismatch("abc".into()))]),
             event(2, vec![]),
         ];
-        let (meta, bytes, batch) = seal(
-            ProjectId(1),
-            7,
-            &build_batch(&events.iter().collect::<Vec<_>>()),
-        );
+        let (meta, bytes, batch) = seal(ProjectId(1), 7, &build_batch(&events));
         assert_eq!(meta.rows, 3);
         assert_eq!(
             meta.event_rows,
@@ -490,7 +486,7 @@ mod tests {
                 if let Some(s) = s { props.push(("s".to_string(), Coerced::Str(s.clone()))); }
                 StoredEvent { person_id: *p, ..event(i as u64, props) }
             }).collect();
-            let (meta, bytes, batch) = seal(ProjectId(3), 1, &build_batch(&events.iter().collect::<Vec<_>>()));
+            let (meta, bytes, batch) = seal(ProjectId(3), 1, &build_batch(&events));
             prop_assert_eq!(meta.rows as usize, events.len());
             prop_assert_eq!(decode(&bytes).unwrap(), batch.clone());
             // Every value comes back; within each event's rows, in (person, time) order.

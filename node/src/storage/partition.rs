@@ -382,11 +382,7 @@ fn write_sealed(
     let mut sealed = Vec::with_capacity(job.rows.len());
     for (project, id, rows) in &job.rows {
         let (meta, bytes, arrow_batch) = chunk::seal(*project, *id, rows);
-        batch.insert(chunk_key(b'c', *project, *id), bytes);
-        batch.insert(
-            chunk_key(b'm', *project, *id),
-            optiprism_consensus::encode(&meta),
-        );
+        put_chunk(&mut batch, &meta, bytes);
         sealed.push(Arc::new(Chunk {
             meta,
             batch: arrow_batch,
@@ -557,44 +553,22 @@ impl PartitionCore {
     }
 
     /// Seals unsealed rows and changed persons together with `marker`, after everything handed
-    /// to the background sealer before.
+    /// to the background sealer before, and waits until it is written.
     fn seal(&mut self, marker: &[u8]) -> Result<(), CoreError> {
+        self.seal_soon(marker);
         self.sealer.wait_idle()?;
-        let mut data = self.data.write();
-        let mut batch = sled::Batch::default();
-        let mut sealed = Vec::new();
-        for (project, pending) in &data.pending {
-            if pending.rows.is_empty() {
-                continue;
-            }
-            let id = self.next_chunk;
-            self.next_chunk += 1;
-            let (meta, bytes, arrow_batch) = chunk::seal(*project, id, &pending.rows.snapshot());
-            batch.insert(chunk_key(b'c', *project, id), bytes);
-            batch.insert(
-                chunk_key(b'm', *project, id),
-                optiprism_consensus::encode(&meta),
-            );
-            sealed.push(Arc::new(Chunk {
-                meta,
-                batch: arrow_batch,
-            }));
-        }
-        for key in self.dirty_persons.drain() {
-            if let Some(row) = data.persons.get(&key) {
-                batch.insert(person_key(key.0, key.1), optiprism_consensus::encode(row));
-            }
-        }
-        batch.insert("marker", marker);
-        self.tree.apply_batch(batch)?;
-        for c in sealed {
-            data.chunks.entry(c.meta.project).or_default().push(c);
-        }
-        data.pending.clear();
-        self.unsealed = 0;
         self.marker = Some(marker.to_vec());
         Ok(())
     }
+}
+
+/// Adds a chunk's body and metadata to `batch`.
+fn put_chunk(batch: &mut sled::Batch, meta: &ChunkMeta, body: Vec<u8>) {
+    batch.insert(chunk_key(b'c', meta.project, meta.id), body);
+    batch.insert(
+        chunk_key(b'm', meta.project, meta.id),
+        optiprism_consensus::encode(meta),
+    );
 }
 
 fn add_seen(seen: &mut KeySet, project: ProjectId, batch: &RecordBatch) {
@@ -667,8 +641,8 @@ impl StateMachineCore for PartitionCore {
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, CoreError> {
-        // Chunks are immutable and stay in this node's sled: the snapshot names them. Shipping
-        // their bodies to a follower that lacks them is the transport's job (cluster issue).
+        // Chunks are immutable and stay in this node's sled: the snapshot names them, and
+        // `ship` adds their bodies only when a follower needs the snapshot.
         let data = self.data.read();
         let snapshot = PartitionSnapshot {
             chunks: data
@@ -723,11 +697,7 @@ impl StateMachineCore for PartitionCore {
             let decoded = chunk::decode(&body)?;
             add_seen(&mut fresh.seen, meta.project, &decoded);
             next_chunk = next_chunk.max(meta.id + 1);
-            batch.insert(chunk_key(b'c', meta.project, meta.id), body.into_vec());
-            batch.insert(
-                chunk_key(b'm', meta.project, meta.id),
-                optiprism_consensus::encode(&meta),
-            );
+            put_chunk(&mut batch, &meta, body.into_vec());
             fresh
                 .chunks
                 .entry(meta.project)
