@@ -39,6 +39,25 @@ fn fast_config() -> GroupConfig {
     }
 }
 
+/// Opens a node's sled database. A node restarted in the same process may find the file lock
+/// still held for a moment: a stopped group's tasks drop their handles after `shutdown`
+/// returns.
+async fn open_db(path: &std::path::Path) -> sled::Db {
+    for _ in 0..100 {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot open {}: {e}", path.display()),
+        }
+    }
+    panic!(
+        "{} stayed locked for 10 s after its node stopped",
+        path.display()
+    );
+}
+
 /// One in-process node: its sled database and its groups.
 pub(crate) struct Node {
     _db: sled::Db,
@@ -52,7 +71,7 @@ pub(crate) async fn start_node<T: Serve>(
     transport: Arc<T>,
     groups: &[GroupId],
 ) -> Node {
-    let db = sled::open(dir.join(format!("node-{id}"))).unwrap();
+    let db = open_db(&dir.join(format!("node-{id}"))).await;
     let flusher = Flusher::start(db.clone());
     let mut map = BTreeMap::new();
     for &g in groups {
