@@ -23,6 +23,7 @@ pub mod network;
 pub mod quic;
 pub mod state_machine;
 pub mod tls;
+pub mod transfer;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

@@ -87,7 +87,7 @@ impl CallError {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-enum Request {
+pub(crate) enum Request {
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<u64>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
@@ -95,6 +95,18 @@ enum Request {
     Propose(Command),
     /// The log index a linearizable read of the group must wait for (asked of its leader).
     ReadIndex,
+    /// Hold (or, with zero, release) this node's elections of the group for a while.
+    HoldElections {
+        /// How long.
+        millis: u64,
+    },
+    /// Campaign for the group's leadership now.
+    Campaign,
+    /// Move the group's leadership to node `to` (asked of its leader).
+    TransferLeader {
+        /// The node to lead.
+        to: u64,
+    },
 }
 
 /// Why a leader did not commit a forwarded command or confirm a read index.
@@ -135,12 +147,13 @@ struct Frame {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-enum Reply {
+pub(crate) enum Reply {
     Append(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
     Vote(Result<VoteResponse<u64>, RaftError<u64>>),
     Snapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
     Propose(Result<Response, LeaderError>),
     ReadIndex(Result<u64, LeaderError>),
+    Done(Result<(), LeaderError>),
     NoGroup,
 }
 
@@ -152,11 +165,12 @@ type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
 /// The QUIC transport of one node: serves its groups to peers and carries its groups' RPCs to
 /// theirs.
 pub struct QuicTransport {
-    node_id: u64,
+    pub(crate) node_id: u64,
     endpoint: quinn::Endpoint,
     groups: RwLock<HashMap<GroupId, Raft>>,
     peers: RwLock<HashMap<u64, String>>,
     connections: parking_lot::Mutex<HashMap<u64, Slot>>,
+    pub(crate) holds: Arc<crate::transfer::Holds>,
 }
 
 impl std::fmt::Debug for QuicTransport {
@@ -190,6 +204,7 @@ impl QuicTransport {
             groups: RwLock::default(),
             peers: RwLock::default(),
             connections: parking_lot::Mutex::default(),
+            holds: Arc::default(),
         });
         tokio::spawn(accept(endpoint, Arc::downgrade(&transport)));
         Ok(transport)
@@ -277,8 +292,13 @@ impl QuicTransport {
         }
     }
 
-    /// A request only a group's leader answers.
-    async fn leader_rpc<T>(
+    /// This node's Raft instance of `group`, if it serves one.
+    pub(crate) fn group(&self, group: GroupId) -> Option<Raft> {
+        self.groups.read().get(&group).cloned()
+    }
+
+    /// A request only a group's leader answers (or one to a chosen node).
+    pub(crate) async fn leader_rpc<T>(
         &self,
         leader: u64,
         group: GroupId,
@@ -431,12 +451,26 @@ async fn answer(
             Request::Append(rpc) => Reply::Append(raft.append_entries(rpc).await),
             Request::Vote(rpc) => Reply::Vote(raft.vote(rpc).await),
             Request::Snapshot(rpc) => Reply::Snapshot(raft.install_snapshot(rpc).await),
-            Request::Propose(command) => Reply::Propose(
-                crate::propose_local(&raft, transport.node_id, frame.group, command).await,
+            Request::Propose(command) => {
+                Reply::Propose(transport.propose_here(&raft, frame.group, command).await)
+            }
+            Request::ReadIndex => {
+                Reply::ReadIndex(transport.read_index_here(&raft, frame.group).await)
+            }
+            Request::HoldElections { millis } => {
+                let hold = std::time::Duration::from_millis(millis);
+                transport.hold_elections(&raft, frame.group, hold);
+                Reply::Done(Ok(()))
+            }
+            Request::Campaign => Reply::Done(
+                raft.trigger()
+                    .elect()
+                    .await
+                    .map_err(|e| LeaderError::Failed(e.to_string())),
             ),
-            Request::ReadIndex => Reply::ReadIndex(
-                crate::read_index_local(&raft, transport.node_id, frame.group).await,
-            ),
+            Request::TransferLeader { to } => {
+                Reply::Done(transport.transfer_leader(frame.group, to).await)
+            }
         },
     };
     send.write_all(&crate::encode(&reply))

@@ -201,6 +201,9 @@ pub struct ClusterSection {
     /// to start creates it; every node issues its own certificate from it into
     /// `{data-dir}/tls/` on first start. Unused by a single node.
     pub ca_dir: PathBuf,
+    /// The secret `prismctl` presents (`Authorization: Bearer`) to the admin API: required for
+    /// every `/admin` request when set; without it, only read-only admin requests are allowed.
+    pub admin_token: Option<String>,
 }
 
 impl Default for ClusterSection {
@@ -210,6 +213,7 @@ impl Default for ClusterSection {
             replication_factor: 1,
             initial_members: Vec::new(),
             ca_dir: PathBuf::from("./data/cluster-ca"),
+            admin_token: None,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The HTTP front end (axum): SDK ingestion, the JSON query API, health and metrics.
+//! The HTTP front end (axum): SDK ingestion, the JSON query API, health and metrics (and the
+//! admin API of [`crate::admin`]).
 //!
 //! Every error is a JSON body `{"error": {"code", "message", "events"?}}` with a 4xx status for
 //! the client's mistakes (401 unknown key, 400 malformed or invalid events, 413 too large) and
@@ -28,6 +29,7 @@ struct AppState {
 
 /// The router of the node's HTTP API.
 pub fn router(node: Arc<NodeShared>) -> Router {
+    let admin = crate::admin::routes().with_state(Arc::clone(&node));
     let state = AppState {
         ingestor: Ingestor::new(Arc::clone(&node)),
         node,
@@ -79,6 +81,7 @@ pub fn router(node: Arc<NodeShared>) -> Router {
         .layer(DefaultBodyLimit::disable())
         .layer(CorsLayer::permissive())
         .with_state(state)
+        .merge(admin)
 }
 
 use axum::Json;

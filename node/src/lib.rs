@@ -3,6 +3,7 @@
 //!
 //! `main.rs` only parses the command line; [`run`] does the rest.
 
+pub mod admin;
 pub mod config;
 pub mod flight_backend;
 pub mod http;

@@ -111,31 +111,89 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    /// Commits `bytes` to `group`; returns the state machine's response. A leader that changes
-    /// meanwhile makes this fail as retryable.
+    /// Commits `bytes` to `group`; returns the state machine's response. A forwarded proposal
+    /// follows the leader: when this node learns of a new leader while waiting on the old one
+    /// (a dead leader is only noticed by the connection's idle timeout), it sends the proposal
+    /// to the new one. Apply drops message ids it has seen, so a proposal that the old leader
+    /// also commits is stored once. A node that answers it no longer leads (after an election
+    /// or a leader transfer) is followed to the leader it names.
     pub async fn propose(
         &self,
         group: GroupId,
         raft: &Raft,
         bytes: Vec<u8>,
     ) -> Result<Vec<u8>, ProposeError> {
-        let leader = raft.metrics().borrow().current_leader;
-        let result = match (&self.quic, leader) {
-            (Some(quic), Some(leader)) if leader != self.node_id => {
-                quic.propose(leader, group, Command(bytes)).await
-            }
-            _ => {
-                optiprism_consensus::propose_local(raft, self.node_id, group, Command(bytes)).await
-            }
+        let Some(quic) = &self.quic else {
+            return optiprism_consensus::propose_local(raft, self.node_id, group, Command(bytes))
+                .await
+                .map(|response| response.0)
+                .map_err(|e| ProposeError::from_leader(group, e));
         };
-        result
-            .map(|response| response.0)
-            .map_err(|e| ProposeError::from_leader(group, e))
+        let mut metrics = raft.metrics();
+        // A node that refuses as no longer the leader names its successor: try it next, a few
+        // times (leadership moves on a transfer or an election).
+        let mut named_leader = None;
+        let mut redirects = 0;
+        loop {
+            let leader = named_leader
+                .take()
+                .or(metrics.borrow_and_update().current_leader);
+            let result = match leader {
+                Some(leader) if leader != self.node_id => {
+                    let forward = quic.propose(leader, group, Command(bytes.clone()));
+                    match while_leader(&mut metrics, leader, forward).await {
+                        LeaderCall::Done(result) => result,
+                        LeaderCall::Moved => continue,
+                        LeaderCall::Stopped => Err(LeaderError::Stopped),
+                    }
+                }
+                _ => quic.propose_here(raft, group, Command(bytes.clone())).await,
+            };
+            match result {
+                Err(LeaderError::NotLeader {
+                    leader: Some(next), ..
+                }) if redirects < 3 => {
+                    redirects += 1;
+                    named_leader = Some(next);
+                }
+                result => {
+                    return result
+                        .map(|response| response.0)
+                        .map_err(|e| ProposeError::from_leader(group, e));
+                }
+            }
+        }
+    }
+}
+
+/// How a call to a group's leader ended.
+enum LeaderCall<T> {
+    /// It answered (or failed).
+    Done(T),
+    /// This node learned of another leader first.
+    Moved,
+    /// The group stopped on this node.
+    Stopped,
+}
+
+/// Runs `call` to `leader` of a group until it ends or this node sees another leader elected.
+async fn while_leader<T>(
+    metrics: &mut tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, NodeAddr>>,
+    leader: u64,
+    call: impl std::future::Future<Output = T>,
+) -> LeaderCall<T> {
+    let moved = metrics.wait_for(|m| m.current_leader.is_some_and(|l| l != leader));
+    tokio::select! {
+        result = call => LeaderCall::Done(result),
+        moved = moved => match moved {
+            Ok(_) => LeaderCall::Moved,
+            Err(_) => LeaderCall::Stopped,
+        },
     }
 }
 
 /// One group as this node sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct GroupStatus {
     /// The group.
     pub group: GroupId,
@@ -151,6 +209,14 @@ pub struct GroupStatus {
     pub purged: Option<u64>,
     /// Index of the snapshot held here.
     pub snapshot: Option<u64>,
+    /// Voting replicas.
+    pub voters: Vec<u64>,
+    /// Non-voting replicas (catching up before they vote).
+    pub learners: Vec<u64>,
+    /// When this node leads: the last log index each replica is known to hold.
+    pub replication: Option<BTreeMap<u64, u64>>,
+    /// The addresses of the group's replicas.
+    pub addresses: BTreeMap<u64, NodeAddr>,
 }
 
 /// What every front end (HTTP, Flight) of the node shares.
@@ -205,7 +271,7 @@ impl NodeShared {
         self.proposer.propose(group, raft, bytes).await
     }
 
-    /// Commits a metadata command; returns once it is applied.
+    /// Commits a metadata command; returns once it is applied on this node.
     pub async fn propose_metadata(
         &self,
         command: MetaCommand,
@@ -217,6 +283,9 @@ impl NodeShared {
                 optiprism_consensus::encode(&command),
             )
             .await?;
+        // Committed on the leader is not yet applied here: callers read the metadata they just
+        // changed (property types, identity merges) right after.
+        self.group_barrier(self.meta.id, &self.meta.raft).await?;
         optiprism_consensus::decode(&bytes).map_err(|e| ProposeError::Fatal {
             group: self.meta.id,
             message: format!("undecodable response: {e}"),
@@ -244,29 +313,60 @@ impl NodeShared {
     /// every acknowledged event. A node alone applies before it acknowledges: nothing to wait
     /// for.
     pub async fn read_barrier(&self) -> Result<(), ProposeError> {
+        if self.proposer.quic.is_none() {
+            return Ok(());
+        }
+        let groups = std::iter::once((self.meta.id, &self.meta.raft))
+            .chain(self.partitions.iter().map(|g| (g.group.id, &g.group.raft)));
+        futures::future::try_join_all(groups.map(|(group, raft)| self.group_barrier(group, raft)))
+            .await?;
+        Ok(())
+    }
+
+    /// The read barrier of one group: waits until this node has applied what the group's
+    /// leader had committed when the call began.
+    async fn group_barrier(&self, group: GroupId, raft: &Raft) -> Result<(), ProposeError> {
         let Some(quic) = &self.proposer.quic else {
             return Ok(());
         };
-        let groups = std::iter::once((self.meta.id, &self.meta.raft))
-            .chain(self.partitions.iter().map(|g| (g.group.id, &g.group.raft)));
-        futures::future::try_join_all(groups.map(|(group, raft)| async move {
-            let leader = raft.metrics().borrow().current_leader;
-            let index = match leader {
+        let mut metrics = raft.metrics();
+        let index = loop {
+            let leader = metrics.borrow_and_update().current_leader;
+            break match leader {
                 None => return Err(ProposeError::NoLeader { group }),
-                Some(leader) if leader == self.node_id => {
-                    optiprism_consensus::read_index_local(raft, self.node_id, group).await
+                Some(leader) if leader == self.node_id => quic.read_index_here(raft, group).await,
+                Some(leader) => {
+                    match while_leader(&mut metrics, leader, quic.read_index(leader, group)).await {
+                        LeaderCall::Done(index) => index,
+                        LeaderCall::Moved => continue,
+                        LeaderCall::Stopped => Err(LeaderError::Stopped),
+                    }
                 }
-                Some(leader) => quic.read_index(leader, group).await,
-            }
-            .map_err(|e| ProposeError::from_leader(group, e))?;
-            raft.wait(Some(Duration::from_secs(10)))
-                .applied_index_at_least(Some(index), "read index")
-                .await
-                .map_err(|_| ProposeError::NoLeader { group })?;
-            Ok(())
-        }))
-        .await?;
+            };
+        }
+        .map_err(|e| ProposeError::from_leader(group, e))?;
+        raft.wait(Some(Duration::from_secs(10)))
+            .applied_index_at_least(Some(index), "read index")
+            .await
+            .map_err(|_| ProposeError::NoLeader { group })?;
         Ok(())
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// Makes node `to` the leader of `group` (see `optiprism_consensus::transfer`); asked of
+    /// any node, run by the group's leader.
+    pub async fn transfer_leader(&self, group: GroupId, to: u64) -> Result<(), LeaderError> {
+        match &self.proposer.quic {
+            Some(quic) => quic.transfer_leader(group, to).await,
+            None if to == self.node_id => Ok(()),
+            None => Err(LeaderError::Failed(format!(
+                "this node runs alone: there is no node {to} to lead {group}"
+            ))),
+        }
     }
 
     /// Whether every group has a leader and the node is not shutting down.
@@ -291,6 +391,19 @@ impl NodeShared {
                     last_log: m.last_log_index.unwrap_or(0),
                     purged: m.purged.map(|l| l.index),
                     snapshot: m.snapshot.map(|l| l.index),
+                    voters: m.membership_config.membership().voter_ids().collect(),
+                    learners: m.membership_config.membership().learner_ids().collect(),
+                    replication: m.replication.as_ref().map(|r| {
+                        r.iter()
+                            .map(|(id, matched)| (*id, matched.map(|l| l.index).unwrap_or(0)))
+                            .collect()
+                    }),
+                    addresses: m
+                        .membership_config
+                        .membership()
+                        .nodes()
+                        .map(|(id, addr)| (*id, addr.clone()))
+                        .collect(),
                 }
             })
             .collect()
@@ -364,6 +477,33 @@ async fn wait_for_leader(raft: &Raft, group: GroupId, members: usize) -> anyhow:
             }
         })?;
     Ok(())
+}
+
+/// Initializes `group` with `members` unless this node has already taken part in it (it holds
+/// the initial membership, or voted for a member that initialized it).
+async fn initialize(
+    raft: &Raft,
+    group: GroupId,
+    members: &BTreeMap<u64, NodeAddr>,
+) -> anyhow::Result<()> {
+    use openraft::error::{InitializeError, RaftError};
+    if raft.is_initialized().await? {
+        return Ok(());
+    }
+    match raft.initialize(members.clone()).await {
+        Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("initializing {group}")),
+    }
+}
+
+/// The member that initializes `group` on a fresh cluster (and so usually leads it first): the
+/// metadata group's is the lowest id, partition `p`'s the `p`-th member round robin.
+fn designated_initializer(members: &BTreeMap<u64, NodeAddr>, group: GroupId) -> u64 {
+    let ids: Vec<u64> = members.keys().copied().collect();
+    match group.as_partition() {
+        None => ids[0],
+        Some(p) => ids[p.0 as usize % ids.len()],
+    }
 }
 
 /// The initial members with their addresses; a node alone is its own single member.
@@ -603,23 +743,35 @@ pub async fn start(
         });
     }
     let members = initial_members(&config);
-    // One node initializes every group of a fresh cluster with all members: the lowest id.
     let bootstrap = members.keys().next() == Some(&node_id);
-    let all_rafts =
-        || std::iter::once(&meta.raft).chain(partition_groups.iter().map(|g| &g.group.raft));
-    if bootstrap {
-        for raft in all_rafts() {
-            if !raft.is_initialized().await? {
-                raft.initialize(members.clone())
-                    .await
-                    .context("initializing the cluster")?;
-            }
+    let all_groups = || {
+        std::iter::once((meta.id, &meta.raft))
+            .chain(partition_groups.iter().map(|g| (g.group.id, &g.group.raft)))
+    };
+    // A fresh cluster's groups are initialized with all members. Each group is initialized
+    // first by its designated member, which campaigns at once and so usually leads it: leaders
+    // start spread over the members. Initializing with the same members on several nodes is
+    // safe (the vote decides), so the lowest id then initializes whatever is still untouched,
+    // in case a designated member is not coming.
+    for (group, raft) in all_groups() {
+        if designated_initializer(&members, group) == node_id {
+            initialize(raft, group, &members).await?;
         }
     }
-    for (raft, id) in
-        all_rafts().zip(std::iter::once(meta.id).chain(partition_groups.iter().map(|g| g.group.id)))
-    {
-        wait_for_leader(raft, id, members.len()).await?;
+    if bootstrap && members.len() > 1 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        for (group, raft) in all_groups() {
+            let _ = raft
+                .wait(Some(
+                    deadline.saturating_duration_since(tokio::time::Instant::now()),
+                ))
+                .metrics(|m| m.current_leader.is_some(), "a leader")
+                .await;
+            initialize(raft, group, &members).await?;
+        }
+    }
+    for (group, raft) in all_groups() {
+        wait_for_leader(raft, group, members.len()).await?;
     }
     let node = Arc::new(NodeShared {
         query: QueryEngine::new(partition_data, metadata.clone(), config.query.threads),

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 pub const WRITE_KEY: &str = "wk_test_0123456789";
 /// The API token every test node uses.
 pub const API_TOKEN: &str = "pat_test_0123456789";
+/// The admin token (`cluster.admin-token`) of every test cluster.
+pub const ADMIN_TOKEN: &str = "adm_test_0123456789";
 
 /// The `prism` binary: `$OPTIPRISM_PRISM_BIN`, else next to the running test's target dir.
 pub fn prism_binary() -> PathBuf {
@@ -315,7 +317,7 @@ impl TestCluster {
     pub fn start_with(members: u64, partitions: u32, consensus: &str) -> TestCluster {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut toml = format!(
-            "[node]\ndata-dir = \"{data}/node-{{id}}\"\n\n[cluster]\npartitions = {partitions}\nreplication-factor = {members}\nca-dir = \"{data}/ca\"\n\n[consensus]\nheartbeat-interval = \"200ms\"\nelection-timeout-min = \"1000ms\"\nelection-timeout-max = \"2000ms\"\n{consensus}\n",
+            "[node]\ndata-dir = \"{data}/node-{{id}}\"\n\n[cluster]\npartitions = {partitions}\nreplication-factor = {members}\nca-dir = \"{data}/ca\"\nadmin-token = \"{ADMIN_TOKEN}\"\n\n[consensus]\nheartbeat-interval = \"200ms\"\nelection-timeout-min = \"1000ms\"\nelection-timeout-max = \"2000ms\"\n{consensus}\n",
             data = tmp.path().display()
         );
         let mut nodes = Vec::new();

@@ -1,0 +1,240 @@
+//! `prismctl` against a real three-node cluster: status and health as the nodes report them,
+//! leader transfer and balancing while events stream in (none lost), queries, and the errors
+//! and exit codes of bad requests.
+
+use optiprism_testkit::{ADMIN_TOKEN, API_TOKEN, TestCluster, WRITE_KEY};
+use serde_json::{Value, json};
+use std::process::Output;
+
+/// Runs `prismctl` against `endpoints` with the cluster's admin token.
+fn prismctl(endpoints: &str, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_prismctl"))
+        .args(["--endpoints", endpoints])
+        .args(args)
+        .env("PRISM_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("OPTIPRISM_API_TOKEN", API_TOKEN)
+        .output()
+        .expect("run prismctl")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `cluster status -o json`, parsed.
+fn status(endpoints: &str) -> Value {
+    let o = prismctl(endpoints, &["-o", "json", "cluster", "status"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_str(&stdout(&o)).expect("status is JSON")
+}
+
+fn leader_of(status: &Value, group: &str) -> Option<u64> {
+    status["groups"]
+        .as_array()?
+        .iter()
+        .find(|g| g["group"] == group)?["leader"]
+        .as_u64()
+}
+
+fn leads(status: &Value) -> Vec<u64> {
+    status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["leads"].as_u64().unwrap())
+        .collect()
+}
+
+fn batch(prefix: &str, n: usize) -> Value {
+    let events: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"type": "track", "event": "op", "userId": format!("u{}", i % 37),
+                   "messageId": format!("{prefix}-{i}"), "timestamp": "2024-03-01T12:00:00Z"})
+        })
+        .collect();
+    json!({"writeKey": WRITE_KEY, "batch": events})
+}
+
+#[test]
+fn operators_see_move_and_balance_leaders_of_a_live_cluster() {
+    let mut cluster = TestCluster::start(3, 4);
+    let endpoints = format!("{},{}", cluster.node(2).http, cluster.node(1).http);
+
+    // Status: three ready members, five groups (metadata and four partitions) with leaders,
+    // every replica applied.
+    let before = status(&endpoints);
+    let members = before["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "{before}");
+    assert!(members.iter().all(|m| m["ready"] == true), "{before}");
+    let groups = before["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 5, "{before}");
+    for g in groups {
+        assert!(g["leader"].is_u64(), "{g}");
+        assert_eq!(g["voters"], json!([1, 2, 3]), "{g}");
+        assert_eq!(g["applied"].as_object().unwrap().len(), 3, "{g}");
+    }
+    let table = prismctl(&endpoints, &["cluster", "status"]);
+    assert!(table.status.success());
+    assert!(stdout(&table).contains("partition-3"), "{}", stdout(&table));
+    let health = prismctl(&endpoints, &["cluster", "health"]);
+    assert_eq!(health.status.code(), Some(0), "{}", stdout(&health));
+
+    // Transfer partition 1's leadership while events stream into the cluster.
+    let from = leader_of(&before, "partition-1").unwrap();
+    let to = if from == 3 { 2 } else { 3 };
+    let sender = cluster.node(if from == 1 { 2 } else { 1 }).http.clone();
+    let writer = std::thread::spawn(move || {
+        let client = reqwest_client();
+        let mut acknowledged = 0;
+        for b in 0..40 {
+            let body = batch(&format!("t{b}"), 50);
+            for _ in 0..100 {
+                let r = client.post(format!("{sender}/v1/batch")).json(&body).send();
+                if r.is_ok_and(|r| r.status().is_success()) {
+                    acknowledged += 50;
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        acknowledged
+    });
+    let moved = prismctl(
+        &endpoints,
+        &[
+            "leader",
+            "transfer",
+            "--group",
+            "1",
+            "--to",
+            &to.to_string(),
+        ],
+    );
+    assert!(
+        moved.status.success(),
+        "{}\n{}",
+        stderr(&moved),
+        cluster.logs()
+    );
+    assert_eq!(leader_of(&status(&endpoints), "partition-1"), Some(to));
+    let acknowledged = writer.join().unwrap();
+    assert_eq!(acknowledged, 2_000, "a batch was never acknowledged");
+
+    // Every acknowledged event is there once, asked through prismctl query (Flight SQL).
+    let counted = prismctl(
+        &endpoints,
+        &[
+            "-o",
+            "json",
+            "query",
+            "--sql",
+            "SELECT count(*) AS n, count(DISTINCT uuid) AS d FROM events",
+        ],
+    );
+    assert!(counted.status.success(), "{}", stderr(&counted));
+    let rows: Value = serde_json::from_str(&stdout(&counted)).unwrap();
+    assert_eq!(rows, json!([{"n": 2000, "d": 2000}]));
+    // A JSON insight query through prismctl prints its table.
+    let insight = prismctl(
+        &endpoints,
+        &[
+            "query",
+            r#"{"kind": "trends", "date_range": {"from": "2024-03-01", "to": "2024-03-01"}, "interval": "day", "series": [{"event": "op", "math": "total"}]}"#,
+        ],
+    );
+    assert!(insight.status.success(), "{}", stderr(&insight));
+    assert!(stdout(&insight).contains("2000"), "{}", stdout(&insight));
+
+    // Balance: afterwards no member leads two more groups than another.
+    let balanced = prismctl(&endpoints, &["partitions", "balance"]);
+    assert!(
+        balanced.status.success(),
+        "{}\n{}",
+        stderr(&balanced),
+        stdout(&balanced)
+    );
+    let counts = leads(&status(&endpoints));
+    assert!(
+        counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1,
+        "leaders per member after balancing: {counts:?}"
+    );
+
+    // Bad requests: one line naming the problem, exit 1 (2 for usage clap catches).
+    let bad = prismctl(
+        &endpoints,
+        &["leader", "transfer", "--group", "nope", "--to", "2"],
+    );
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("`nope`"), "{}", stderr(&bad));
+    let missing = prismctl(
+        &endpoints,
+        &["leader", "transfer", "--group", "9", "--to", "2"],
+    );
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr(&missing).contains("does not exist"),
+        "{}",
+        stderr(&missing)
+    );
+    let stranger = prismctl(
+        &endpoints,
+        &["leader", "transfer", "--group", "0", "--to", "7"],
+    );
+    assert_eq!(stranger.status.code(), Some(1));
+    assert!(
+        stderr(&stranger).contains("not a voting replica"),
+        "{}",
+        stderr(&stranger)
+    );
+    let unauthorized = std::process::Command::new(env!("CARGO_BIN_EXE_prismctl"))
+        .args([
+            "--endpoints",
+            &endpoints,
+            "leader",
+            "transfer",
+            "--group",
+            "0",
+            "--to",
+            "2",
+        ])
+        .env_remove("PRISM_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(unauthorized.status.code(), Some(1));
+    assert!(
+        stderr(&unauthorized).contains("admin token"),
+        "{}",
+        stderr(&unauthorized)
+    );
+    let usage = prismctl(&endpoints, &["leader", "transfer", "--to", "2"]);
+    assert_eq!(usage.status.code(), Some(2));
+    let nowhere = prismctl("127.0.0.1:1", &["cluster", "status"]);
+    assert_eq!(nowhere.status.code(), Some(1));
+    assert!(
+        stderr(&nowhere).contains("no endpoint answered"),
+        "{}",
+        stderr(&nowhere)
+    );
+
+    // A dead member makes the cluster unhealthy: exit 3, naming it.
+    cluster.node_mut(3).kill9();
+    let health = prismctl(&endpoints, &["cluster", "health"]);
+    assert_eq!(health.status.code(), Some(3), "{}", stdout(&health));
+    assert!(
+        stdout(&health).contains("node 3 is unreachable"),
+        "{}",
+        stdout(&health)
+    );
+}
+
+fn reqwest_client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
