@@ -1,4 +1,5 @@
-//! The admin API that `prismctl` drives: this node's view of the cluster, and leader transfer.
+//! The admin API that `prismctl` drives: this node's view of the cluster, leader transfer,
+//! moving replicas, adding, removing and draining nodes.
 //!
 //! Every node answers for itself: `GET /admin/v1/status` gives the node, whether it is ready or
 //! draining, and every group it holds a replica of, with leader, voters, learners, applied and
@@ -6,13 +7,14 @@
 //! asks every member and puts the answers together. Mutations need `cluster.admin-token`;
 //! when it is set, every admin request does. Errors are the JSON bodies of the HTTP API.
 
+use crate::placement::MoveError;
 use crate::server::{GroupStatus, NodeShared};
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use optiprism_consensus::{GroupId, LeaderError};
+use optiprism_consensus::{GroupId, LeaderError, NodeAddr};
 use optiprism_types::PartitionId;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -23,6 +25,10 @@ pub fn routes() -> axum::Router<Arc<NodeShared>> {
     axum::Router::new()
         .route("/admin/v1/status", get(status))
         .route("/admin/v1/leader-transfer", post(leader_transfer))
+        .route("/admin/v1/partitions/move", post(move_replica))
+        .route("/admin/v1/nodes", post(add_node))
+        .route("/admin/v1/nodes/remove", post(remove_node))
+        .route("/admin/v1/drain", post(drain))
 }
 
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
@@ -108,7 +114,14 @@ async fn status(State(node): State<Arc<NodeShared>>, headers: HeaderMap) -> Resp
         "draining": node.is_shutting_down(),
         "partitions": node.partition_count(),
         "members": members,
-        "groups": groups.iter().map(|g| group_json(&node, g)).collect::<Vec<_>>(),
+        // A replica removed from a group may run on until this node drops it: not a replica.
+        "groups": groups
+            .iter()
+            .filter(|g| {
+                g.voters.contains(&node.node_id()) || g.learners.contains(&node.node_id())
+            })
+            .map(|g| group_json(&node, g))
+            .collect::<Vec<_>>(),
     }))
     .into_response()
 }
@@ -150,16 +163,8 @@ fn parse_group(node: &NodeShared, request: &TransferRequest) -> Result<GroupId, 
 
 async fn leader_transfer(
     State(node): State<Arc<NodeShared>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
+    Change(request): Change<TransferRequest>,
 ) -> Response {
-    if let Some(denied) = refusal(&node, &headers, true) {
-        return denied;
-    }
-    let request: TransferRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
-    };
     let group = match parse_group(&node, &request) {
         Ok(g) => g,
         Err(message) => return error(StatusCode::BAD_REQUEST, "invalid_request", message),
@@ -175,4 +180,141 @@ async fn leader_transfer(
             e.to_string(),
         ),
     }
+}
+
+/// The JSON body of an admin change, from a caller holding the admin token: the extractor
+/// answers 401/403 or 400 (naming what is wrong) before a handler runs.
+struct Change<T>(T);
+
+impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<Arc<NodeShared>> for Change<T> {
+    type Rejection = Response;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        node: &Arc<NodeShared>,
+    ) -> Result<Self, Response> {
+        if let Some(denied) = refusal(node, request.headers(), true) {
+            return Err(denied);
+        }
+        let bytes = axum::body::Bytes::from_request(request, node)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        serde_json::from_slice(&bytes)
+            .map(Change)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))
+    }
+}
+
+/// The answer to a failed membership change. A request sent to a node that does not lead the
+/// group gets 421 with the leader's id, for the caller to ask it.
+fn move_failure(e: MoveError) -> Response {
+    match e {
+        MoveError::Invalid(m) => error(StatusCode::BAD_REQUEST, "invalid_request", m),
+        MoveError::NotLeader { group, leader } => (
+            StatusCode::MISDIRECTED_REQUEST,
+            Json(json!({"error": {"code": "not_leader", "leader": leader,
+                "message": format!("node {leader:?} leads {group}; send the request to it")}})),
+        )
+            .into_response(),
+        MoveError::Failed(m) => error(StatusCode::CONFLICT, "failed", m),
+        MoveError::Propose(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MoveRequest {
+    partition: u32,
+    from: u64,
+    to: u64,
+}
+
+async fn move_replica(
+    State(node): State<Arc<NodeShared>>,
+    Change(request): Change<MoveRequest>,
+) -> Response {
+    match node
+        .move_replica(request.partition, request.from, request.to)
+        .await
+    {
+        Ok(()) => {
+            Json(json!({"partition": request.partition, "from": request.from, "to": request.to}))
+                .into_response()
+        }
+        Err(e) => move_failure(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddNodeRequest {
+    id: u64,
+    raft: String,
+    http: String,
+    flight: String,
+}
+
+async fn add_node(
+    State(node): State<Arc<NodeShared>>,
+    Change(request): Change<AddNodeRequest>,
+) -> Response {
+    if request.id == 0 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "`id` must be greater than 0",
+        );
+    }
+    let addr = NodeAddr {
+        raft: request.raft,
+        http: request.http,
+        flight: request.flight,
+    };
+    match node.add_node(request.id, addr).await {
+        Ok(()) => Json(json!({"added": request.id})).into_response(),
+        Err(e) => move_failure(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveNodeRequest {
+    id: u64,
+}
+
+async fn remove_node(
+    State(node): State<Arc<NodeShared>>,
+    Change(request): Change<RemoveNodeRequest>,
+) -> Response {
+    match node.remove_node(request.id).await {
+        Ok(()) => Json(json!({"removed": request.id})).into_response(),
+        Err(e) => move_failure(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DrainRequest {
+    draining: bool,
+}
+
+async fn drain(
+    State(node): State<Arc<NodeShared>>,
+    Change(request): Change<DrainRequest>,
+) -> Response {
+    let transfers: Vec<Value> = node
+        .drain(request.draining)
+        .await
+        .into_iter()
+        .map(|(group, result)| match result {
+            Ok(to) => json!({"group": group.to_string(), "leader": to}),
+            Err(e) => json!({"group": group.to_string(), "error": e}),
+        })
+        .collect();
+    Json(json!({"node": node.node_id(), "draining": request.draining, "transfers": transfers}))
+        .into_response()
 }

@@ -521,19 +521,12 @@ impl NodeConfig {
             parse_addr(&format!("{key}.http"), &m.http)?;
             parse_addr(&format!("{key}.flight"), &m.flight)?;
         }
-        if c.initial_members.len() > 1 && c.replication_factor as usize != members {
-            return Err(invalid(
-                "cluster.replication-factor",
-                format!(
-                    "{} with {} initial members: this build replicates every partition on every member, so the factor must equal the member count",
-                    c.replication_factor, members
-                ),
-            ));
-        }
         if c.initial_members.len() > 1 && c.ca_dir.as_os_str().is_empty() {
             return Err(invalid("cluster.ca-dir", "must not be empty"));
         }
-        if !c.initial_members.is_empty() && !ids.contains(&self.node.id) {
+        // In a cluster, a node outside the initial members is one joining later (it listens on
+        // its [node] addresses and waits for `prismctl node add`).
+        if c.initial_members.len() == 1 && !ids.contains(&self.node.id) {
             return Err(invalid(
                 "node.id",
                 format!("{} is not one of cluster.initial-members", self.node.id),

@@ -2,6 +2,7 @@
 
 use crate::metadata::Project;
 use crate::query::{QueryFailure, sql};
+use crate::remote::{ScanTicket, answer_scan};
 use crate::server::NodeShared;
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -43,6 +44,7 @@ fn failure(e: QueryFailure) -> BackendError {
     match e {
         QueryFailure::Invalid(e) => BackendError::InvalidArgument(e.to_string()),
         QueryFailure::Sql(m) => BackendError::InvalidArgument(format!("invalid SQL: {m}")),
+        QueryFailure::Unavailable(m) => BackendError::Unavailable(m),
         QueryFailure::Internal(m) => BackendError::Internal(m),
     }
 }
@@ -65,6 +67,19 @@ impl FlightBackend for NodeFlightBackend {
     ) -> Result<RecordBatch, BackendError> {
         let node = Arc::clone(&self.node);
         let project = project.clone();
+        // Another node reading a partition held here (see `remote`): it waits for that
+        // partition's read index only.
+        if let Ok(ticket) = serde_json::from_slice::<ScanTicket>(&query) {
+            return match node
+                .query_runtime
+                .clone()
+                .spawn(async move { answer_scan(&node, &project, &ticket.scan).await })
+                .await
+            {
+                Ok(result) => result.map_err(failure),
+                Err(e) => Err(BackendError::Internal(format!("scan task failed: {e}"))),
+            };
+        }
         self.on_query_runtime(
             async move { node.query.insight(&project, &query).await.map(|a| a.batch) },
         )
@@ -95,7 +110,7 @@ impl FlightBackend for NodeFlightBackend {
     async fn tables(&self, project: &Project) -> Result<Vec<(String, SchemaRef)>, BackendError> {
         let node = Arc::clone(&self.node);
         let project = project.clone();
-        self.on_query_runtime(async move { sql::tables(&node.query, &project) })
+        self.on_query_runtime(async move { sql::tables(&node.query, &project).await })
             .await
     }
 }

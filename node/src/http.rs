@@ -299,6 +299,7 @@ async fn query_handler(
             node.metrics.queries_failed.fetch_add(1, Ordering::Relaxed);
             let status = match &failure {
                 QueryFailure::Invalid(_) | QueryFailure::Sql(_) => StatusCode::BAD_REQUEST,
+                QueryFailure::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
                 QueryFailure::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             };
             let mut body =

@@ -9,7 +9,9 @@ pub mod flight_backend;
 pub mod http;
 pub mod ingest;
 pub mod metadata;
+pub mod placement;
 pub mod query;
+pub mod remote;
 pub mod server;
 pub mod storage;
 
@@ -93,6 +95,7 @@ async fn serve(config: NodeConfig, query_runtime: tokio::runtime::Handle) -> any
         tokio::spawn(optiprism_flight::serve(backend, flight_listener, stop))
     };
     let sealer = server::spawn_sealer(Arc::clone(&node));
+    let placement = placement::spawn_placement_watcher(Arc::clone(&node));
     print!(
         "{}",
         banner(&node.config, &project.write_key, &project.api_token)
@@ -110,6 +113,7 @@ async fn serve(config: NodeConfig, query_runtime: tokio::runtime::Handle) -> any
     })
     .await;
     sealer.abort();
+    placement.abort();
     tracing::info!("sealing partitions and stopping raft groups");
     node.shutdown().await;
     tracing::info!("stopped");

@@ -48,6 +48,10 @@ struct Overrides {
     /// Arrow Flight listen address [default: 127.0.0.1:8815].
     #[arg(long, env = "OPTIPRISM_FLIGHT")]
     flight: Option<String>,
+    /// Raft (QUIC) listen address of a cluster node that is not an initial member (one added
+    /// later with `prismctl node add`) [default: 127.0.0.1:8089].
+    #[arg(long, env = "OPTIPRISM_RAFT")]
+    raft: Option<String>,
     /// Write key of the default project (generated on first start if not given).
     #[arg(long, env = "OPTIPRISM_WRITE_KEY")]
     write_key: Option<String>,
@@ -92,6 +96,9 @@ fn apply(mut config: NodeConfig, o: &Overrides) -> NodeConfig {
     }
     if let Some(f) = &o.flight {
         config.node.flight_listen = f.clone();
+    }
+    if let Some(r) = &o.raft {
+        config.node.raft_listen = r.clone();
     }
     if let Some(p) = o.partitions {
         config.cluster.partitions = p;

@@ -1,4 +1,5 @@
-//! The metadata group's state machine: projects and their keys, property schemas, identities.
+//! The metadata group's state machine: projects and their keys, property schemas, identities,
+//! and the partition map (which nodes hold each partition's replicas).
 //!
 //! Everything here is small and changes rarely compared to events, so apply writes through:
 //! each command's changed keys and the applied marker go to sled in one atomic batch. Readers
@@ -66,6 +67,13 @@ pub enum MetaCommand {
         from: String,
         /// The identified id.
         into: String,
+    },
+    /// Records where a partition's replicas live (the partition map).
+    SetPlacement {
+        /// The partition.
+        partition: u32,
+        /// The nodes holding a replica.
+        replicas: Vec<u64>,
     },
     /// Several commands applied in order as one entry.
     Batch(Vec<MetaCommand>),
@@ -147,6 +155,9 @@ pub struct MetadataState {
     pub schemas: HashMap<ProjectId, BTreeMap<String, PropertySchema>>,
     /// Identities per project.
     pub identities: HashMap<ProjectId, Identities>,
+    /// The partition map: the nodes holding each partition's replicas. Empty until the
+    /// cluster's bootstrap node records the initial placement.
+    pub placement: BTreeMap<u32, Vec<u64>>,
 }
 
 impl MetadataState {
@@ -249,6 +260,16 @@ impl MetadataState {
                 ids.merged.insert(source, target);
                 MetaResponse::Ok
             }
+            MetaCommand::SetPlacement {
+                partition,
+                mut replicas,
+            } => {
+                replicas.sort_unstable();
+                replicas.dedup();
+                self.placement.insert(partition, replicas);
+                dirty.placement = true;
+                MetaResponse::Ok
+            }
             MetaCommand::Batch(cmds) => {
                 MetaResponse::Batch(cmds.into_iter().map(|c| self.apply(c, dirty)).collect())
             }
@@ -259,6 +280,7 @@ impl MetadataState {
 #[derive(Debug, Default)]
 struct Dirty {
     projects: bool,
+    placement: bool,
     schemas: HashSet<ProjectId>,
     identities: HashSet<ProjectId>,
 }
@@ -302,6 +324,9 @@ impl MetadataCore {
             let (k, v) = item?;
             let project = ProjectId(u32::from_be_bytes(k[6..10].try_into()?));
             state.identities.insert(project, decode_identities(&v)?);
+        }
+        if let Some(v) = tree.get("placement")? {
+            state.placement = optiprism_consensus::decode(&v)?;
         }
         let marker = tree.get("marker")?.map(|v| v.to_vec());
         Ok(MetadataCore {
@@ -378,6 +403,9 @@ impl StateMachineCore for MetadataCore {
         if std::mem::take(&mut self.dirty.projects) {
             batch.insert("projects", optiprism_consensus::encode(&state.projects));
         }
+        if std::mem::take(&mut self.dirty.placement) {
+            batch.insert("placement", optiprism_consensus::encode(&state.placement));
+        }
         for project in self.dirty.schemas.drain() {
             if let Some(schema) = state.schemas.get(&project) {
                 batch.insert(
@@ -408,6 +436,7 @@ impl StateMachineCore for MetadataCore {
             &state.projects,
             &state.schemas,
             identities,
+            &state.placement,
         )))
     }
 
@@ -416,17 +445,20 @@ impl StateMachineCore for MetadataCore {
             BTreeMap<ProjectId, Project>,
             HashMap<ProjectId, BTreeMap<String, PropertySchema>>,
             Vec<(ProjectId, Vec<u8>)>,
+            BTreeMap<u32, Vec<u64>>,
         );
-        let (projects, schemas, identities): Snap = optiprism_consensus::decode(bytes)?;
+        let (projects, schemas, identities, placement): Snap = optiprism_consensus::decode(bytes)?;
         let mut state = MetadataState {
             projects,
             schemas,
             identities: HashMap::new(),
+            placement,
         };
         for (p, bytes) in identities {
             state.identities.insert(p, decode_identities(&bytes)?);
         }
         self.dirty.projects = true;
+        self.dirty.placement = true;
         self.dirty.schemas = state.schemas.keys().copied().collect();
         self.dirty.identities = state.identities.keys().copied().collect();
         *self.state.0.write() = state;

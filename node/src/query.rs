@@ -10,16 +10,17 @@ pub mod trends;
 pub mod udf;
 
 use crate::metadata::{MetadataHandle, Project};
-use crate::storage::partition::{PartitionData, ProjectRows};
+use crate::storage::partition::{PartitionData, PersonRow, ProjectRows};
 use arrow::array::{
     ArrayRef, Float64Builder, RecordBatch, StringBuilder, TimestampMillisecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::prelude::{SessionConfig, SessionContext};
-use optiprism_types::ProjectId;
 use optiprism_types::answer::TrendsAnswer;
 use optiprism_types::query::{Query, QueryError, parse_query};
+use optiprism_types::{PersonId, ProjectId};
 use parking_lot::RwLock;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Why a query failed, classified for HTTP and Flight status codes.
@@ -31,6 +32,10 @@ pub enum QueryFailure {
     /// The SQL does not parse or plan.
     #[error("invalid SQL: {0}")]
     Sql(String),
+    /// A partition's data cannot be read right now (no leader, a replica unreachable);
+    /// retrying may succeed.
+    #[error("{0}")]
+    Unavailable(String),
     /// Execution failed.
     #[error("query failed: {0}")]
     Internal(String),
@@ -42,6 +47,7 @@ impl QueryFailure {
         match self {
             QueryFailure::Invalid(_) => "invalid_query",
             QueryFailure::Sql(_) => "invalid_sql",
+            QueryFailure::Unavailable(_) => "unavailable",
             QueryFailure::Internal(_) => "internal",
         }
     }
@@ -62,18 +68,47 @@ pub struct InsightAnswer {
     pub batch: RecordBatch,
 }
 
+/// Each partition held on this node, by number; shared with the node, which adds and removes
+/// partitions as they move.
+pub type PartitionRegistry = Arc<RwLock<BTreeMap<u32, Arc<RwLock<PartitionData>>>>>;
+
+/// A person row of a partition, by person id.
+pub type PersonRows = Vec<(PersonId, PersonRow)>;
+
+/// Reads partitions held by other nodes (a cluster node whose replicas cover only part of the
+/// partitions), each from a replica that first catches up with its leader.
+#[async_trait::async_trait]
+pub trait RemotePartitions: Send + Sync + std::fmt::Debug {
+    /// What [`PartitionData::rows`] answers on a node holding `partition`.
+    async fn rows(
+        &self,
+        partition: u32,
+        project: &Project,
+        start_ms: i64,
+        end_ms: i64,
+        events: Option<Vec<String>>,
+    ) -> Result<ProjectRows, QueryFailure>;
+
+    /// What [`PartitionData::persons`] answers on a node holding `partition`.
+    async fn persons(&self, partition: u32, project: &Project) -> Result<PersonRows, QueryFailure>;
+}
+
 /// Reads partitions and metadata and runs queries over them.
 #[derive(Debug, Clone)]
 pub struct QueryEngine {
-    partitions: Vec<Arc<RwLock<PartitionData>>>,
+    partitions: PartitionRegistry,
+    partition_count: u32,
+    remote: Arc<std::sync::OnceLock<Arc<dyn RemotePartitions>>>,
     metadata: MetadataHandle,
     state: datafusion::execution::SessionState,
 }
 
 impl QueryEngine {
-    /// An engine over these partitions, running plans on `threads` threads.
+    /// An engine over `partition_count` partitions, those in `partitions` held here, running
+    /// plans on `threads` threads.
     pub fn new(
-        partitions: Vec<Arc<RwLock<PartitionData>>>,
+        partitions: PartitionRegistry,
+        partition_count: u32,
         metadata: MetadataHandle,
         threads: usize,
     ) -> QueryEngine {
@@ -84,9 +119,16 @@ impl QueryEngine {
         let state = SessionContext::new_with_config(config).state();
         QueryEngine {
             partitions,
+            partition_count,
+            remote: Arc::default(),
             metadata,
             state,
         }
+    }
+
+    /// Sets how partitions held elsewhere are read (once, at start-up of a cluster node).
+    pub fn set_remote(&self, remote: Arc<dyn RemotePartitions>) {
+        let _ = self.remote.set(remote);
     }
 
     /// A DataFusion session. Plans read one DataFusion partition per Raft partition and
@@ -102,23 +144,56 @@ impl QueryEngine {
         SessionContext::new_with_config(self.state.config().clone())
     }
 
-    /// Every partition's rows of `project` that may hold events in `[start_ms, end_ms)`.
-    pub fn rows(
+    fn remote(&self, partition: u32) -> Result<&Arc<dyn RemotePartitions>, QueryFailure> {
+        self.remote.get().ok_or_else(|| {
+            QueryFailure::Internal(format!("partition {partition} is not held on this node"))
+        })
+    }
+
+    /// Every partition's rows of `project` that may hold events in `[start_ms, end_ms)`:
+    /// read here for the partitions held here, fetched from a replica for the others.
+    pub async fn rows(
         &self,
-        project: ProjectId,
+        project: &Project,
         start_ms: i64,
         end_ms: i64,
         events: Option<&[String]>,
-    ) -> Vec<ProjectRows> {
-        self.partitions
-            .iter()
-            .map(|p| p.read().rows(project, start_ms, end_ms, events))
-            .collect()
+    ) -> Result<Vec<ProjectRows>, QueryFailure> {
+        let local = self.partitions.read().clone();
+        futures::future::try_join_all((0..self.partition_count).map(|p| {
+            let data = local.get(&p).cloned();
+            async move {
+                match data {
+                    Some(d) => Ok(d.read().rows(project.id, start_ms, end_ms, events)),
+                    None => {
+                        self.remote(p)?
+                            .rows(p, project, start_ms, end_ms, events.map(<[String]>::to_vec))
+                            .await
+                    }
+                }
+            }
+        }))
+        .await
     }
 
-    /// The partitions' data.
-    pub fn partitions(&self) -> &[Arc<RwLock<PartitionData>>] {
-        &self.partitions
+    /// Every partition's person rows of `project`, as [`QueryEngine::rows`] reads rows.
+    pub async fn persons(&self, project: &Project) -> Result<Vec<PersonRows>, QueryFailure> {
+        let local = self.partitions.read().clone();
+        futures::future::try_join_all((0..self.partition_count).map(|p| {
+            let data = local.get(&p).cloned();
+            async move {
+                match data {
+                    Some(d) => Ok(d.read().persons(project.id)),
+                    None => self.remote(p)?.persons(p, project).await,
+                }
+            }
+        }))
+        .await
+    }
+
+    /// The data of the partitions held here.
+    pub fn local_partitions(&self) -> BTreeMap<u32, Arc<RwLock<PartitionData>>> {
+        self.partitions.read().clone()
     }
 
     /// The identity merges of a project.
@@ -135,7 +210,7 @@ impl QueryEngine {
     ) -> Result<InsightAnswer, QueryFailure> {
         match parse_query(json)? {
             Query::Trends(q) => {
-                let answer = trends::run(self, project.id, &q).await?;
+                let answer = trends::run(self, project, &q).await?;
                 let batch = trends_to_arrow(&answer, &q.buckets().starts_ms);
                 Ok(InsightAnswer {
                     json: answer.to_json(),

@@ -19,6 +19,7 @@ use optiprism_consensus::{
     StateMachineStore, start_group,
 };
 use optiprism_types::PartitionId;
+use parking_lot::RwLock;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -91,15 +92,16 @@ impl Metrics {
     }
 }
 
-struct Group<S> {
-    id: GroupId,
-    raft: Raft,
-    state_machine: StateMachineStore<S>,
+pub(crate) struct Group<S> {
+    pub(crate) id: GroupId,
+    pub(crate) raft: Raft,
+    pub(crate) state_machine: StateMachineStore<S>,
 }
 
-struct PartitionGroup {
-    group: Group<PartitionCore>,
-    batcher: Batcher,
+/// A partition group hosted on this node.
+pub(crate) struct PartitionGroup {
+    pub(crate) group: Group<PartitionCore>,
+    pub(crate) batcher: Batcher,
 }
 
 /// Commits commands to groups: on this node when it leads the group, otherwise forwarded over
@@ -107,7 +109,10 @@ struct PartitionGroup {
 #[derive(Debug, Clone)]
 pub struct Proposer {
     node_id: u64,
-    quic: Option<Arc<QuicTransport>>,
+    pub(crate) quic: Option<Arc<QuicTransport>>,
+    metadata: MetadataHandle,
+    /// The leader last seen answering, per group this node does not host.
+    leader_hints: Arc<parking_lot::Mutex<std::collections::HashMap<GroupId, u64>>>,
 }
 
 impl Proposer {
@@ -120,9 +125,12 @@ impl Proposer {
     pub async fn propose(
         &self,
         group: GroupId,
-        raft: &Raft,
+        raft: Option<&Raft>,
         bytes: Vec<u8>,
     ) -> Result<Vec<u8>, ProposeError> {
+        let Some(raft) = raft else {
+            return self.propose_elsewhere(group, bytes).await;
+        };
         let Some(quic) = &self.quic else {
             return optiprism_consensus::propose_local(raft, self.node_id, group, Command(bytes))
                 .await
@@ -163,6 +171,63 @@ impl Proposer {
                 }
             }
         }
+    }
+
+    /// The leader of a group held elsewhere that last answered a proposal, if any.
+    pub fn leader_hint(&self, group: GroupId) -> Option<u64> {
+        self.leader_hints.lock().get(&group).copied()
+    }
+
+    /// Commits `bytes` to a group this node holds no replica of: to the leader last seen,
+    /// else to the replicas of the partition map in turn, following the leader each names.
+    async fn propose_elsewhere(
+        &self,
+        group: GroupId,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<u8>, ProposeError> {
+        let Some(quic) = &self.quic else {
+            return Err(ProposeError::Fatal {
+                group,
+                message: "this node holds no replica of the group".into(),
+            });
+        };
+        let replicas: Vec<u64> = group
+            .as_partition()
+            .and_then(|p| self.metadata.read(|m| m.placement.get(&p.0).cloned()))
+            .unwrap_or_default();
+        let mut candidates: std::collections::VecDeque<u64> = replicas.into_iter().collect();
+        if let Some(hint) = self.leader_hints.lock().get(&group).copied() {
+            candidates.retain(|&c| c != hint);
+            candidates.push_front(hint);
+        }
+        let rounds = 3 * candidates.len().max(1) + 3;
+        for attempt in 0..rounds {
+            let Some(target) = candidates.pop_front() else {
+                break;
+            };
+            match quic.propose(target, group, Command(bytes.clone())).await {
+                Ok(response) => {
+                    self.leader_hints.lock().insert(group, target);
+                    return Ok(response.0);
+                }
+                Err(LeaderError::NotLeader {
+                    leader: Some(next), ..
+                }) if next != target => {
+                    candidates.retain(|&c| c != next);
+                    candidates.push_front(next);
+                    candidates.push_back(target);
+                }
+                Err(e) if e.is_retryable() => {
+                    candidates.push_back(target);
+                    if attempt + 1 >= candidates.len() {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                Err(e) => return Err(ProposeError::from_leader(group, e)),
+            }
+        }
+        self.leader_hints.lock().remove(&group);
+        Err(ProposeError::NoLeader { group })
     }
 }
 
@@ -231,11 +296,17 @@ pub struct NodeShared {
     pub metrics: Metrics,
     /// The runtime queries run on.
     pub query_runtime: tokio::runtime::Handle,
-    node_id: u64,
-    proposer: Proposer,
-    meta: Group<MetadataCore>,
-    partitions: Vec<PartitionGroup>,
+    pub(crate) node_id: u64,
+    pub(crate) proposer: Proposer,
+    pub(crate) meta: Group<MetadataCore>,
+    /// The partitions this node holds a replica of.
+    pub(crate) partitions: RwLock<BTreeMap<u32, Arc<PartitionGroup>>>,
+    /// Batchers of partitions held elsewhere (created on first use).
+    pub(crate) remote: parking_lot::Mutex<std::collections::HashMap<u32, Batcher>>,
+    pub(crate) hosting: crate::placement::Hosting,
+    pub(crate) partition_count: u32,
     shutting_down: AtomicBool,
+    draining: AtomicBool,
     db: sled::Db,
 }
 
@@ -243,7 +314,7 @@ impl std::fmt::Debug for NodeShared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeShared")
             .field("node_id", &self.node_id)
-            .field("partitions", &self.partitions.len())
+            .field("hosted", &self.partitions.read().len())
             .finish()
     }
 }
@@ -251,7 +322,12 @@ impl std::fmt::Debug for NodeShared {
 impl NodeShared {
     /// Number of partitions.
     pub fn partition_count(&self) -> u32 {
-        self.partitions.len() as u32
+        self.partition_count
+    }
+
+    /// The partitions hosted here, in order.
+    pub(crate) fn hosted(&self) -> Vec<Arc<PartitionGroup>> {
+        self.partitions.read().values().cloned().collect()
     }
 
     /// Whether shutdown has begun.
@@ -268,7 +344,7 @@ impl NodeShared {
         if self.is_shutting_down() {
             return Err(ProposeError::ShuttingDown);
         }
-        self.proposer.propose(group, raft, bytes).await
+        self.proposer.propose(group, Some(raft), bytes).await
     }
 
     /// Commits a metadata command; returns once it is applied on this node.
@@ -302,10 +378,29 @@ impl NodeShared {
         if self.is_shutting_down() {
             return Err(ProposeError::ShuttingDown);
         }
-        self.partitions[p.0 as usize]
-            .batcher
-            .ingest(project, events)
-            .await
+        let hosted = self.partitions.read().get(&p.0).map(|g| g.batcher.clone());
+        let batcher = match hosted {
+            Some(b) => b,
+            None => self.remote_batcher(p),
+        };
+        batcher.ingest(project, events).await
+    }
+
+    /// The batcher that forwards a partition held elsewhere to its leader.
+    fn remote_batcher(&self, p: PartitionId) -> Batcher {
+        self.remote
+            .lock()
+            .entry(p.0)
+            .or_insert_with(|| {
+                Batcher::start(batcher::Group {
+                    group: GroupId::partition(p),
+                    raft: None,
+                    proposer: self.proposer.clone(),
+                    local: None,
+                    tokens: Arc::clone(&self.hosting.tokens),
+                })
+            })
+            .clone()
     }
 
     /// In a cluster, waits until this node has applied everything each group had committed
@@ -316,8 +411,9 @@ impl NodeShared {
         if self.proposer.quic.is_none() {
             return Ok(());
         }
+        let hosted = self.hosted();
         let groups = std::iter::once((self.meta.id, &self.meta.raft))
-            .chain(self.partitions.iter().map(|g| (g.group.id, &g.group.raft)));
+            .chain(hosted.iter().map(|g| (g.group.id, &g.group.raft)));
         futures::future::try_join_all(groups.map(|(group, raft)| self.group_barrier(group, raft)))
             .await?;
         Ok(())
@@ -325,7 +421,11 @@ impl NodeShared {
 
     /// The read barrier of one group: waits until this node has applied what the group's
     /// leader had committed when the call began.
-    async fn group_barrier(&self, group: GroupId, raft: &Raft) -> Result<(), ProposeError> {
+    pub(crate) async fn group_barrier(
+        &self,
+        group: GroupId,
+        raft: &Raft,
+    ) -> Result<(), ProposeError> {
         let Some(quic) = &self.proposer.quic else {
             return Ok(());
         };
@@ -369,18 +469,32 @@ impl NodeShared {
         }
     }
 
-    /// Whether every group has a leader and the node is not shutting down.
+    /// Whether the node takes traffic: not shutting down or draining, and the metadata group
+    /// and every partition held here have a leader.
     pub fn is_ready(&self) -> bool {
         !self.is_shutting_down()
-            && std::iter::once(&self.meta.raft)
-                .chain(self.partitions.iter().map(|g| &g.group.raft))
+            && !self.is_draining()
+            && std::iter::once(self.meta.raft.clone())
+                .chain(self.hosted().iter().map(|g| g.group.raft.clone()))
                 .all(|r| r.metrics().borrow().current_leader.is_some())
+    }
+
+    /// Whether an operator drained this node (see [`NodeShared::drain`]).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Marks the node drained (or not): `/readyz` answers 503 so load balancers move traffic
+    /// away; requests that still arrive are served.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::SeqCst);
     }
 
     /// Per-group status for `/metrics` (and operators).
     pub fn group_status(&self) -> Vec<GroupStatus> {
+        let hosted = self.hosted();
         std::iter::once((self.meta.id, &self.meta.raft))
-            .chain(self.partitions.iter().map(|g| (g.group.id, &g.group.raft)))
+            .chain(hosted.iter().map(|g| (g.group.id, &g.group.raft)))
             .map(|(group, raft)| {
                 let m = raft.metrics().borrow().clone();
                 GroupStatus {
@@ -416,7 +530,7 @@ impl NodeShared {
 
     /// Seals every partition now and waits until the chunks are written.
     pub fn seal_all(&self) {
-        for g in &self.partitions {
+        for g in self.hosted() {
             if let Err(e) = g.group.state_machine.persist_now() {
                 tracing::error!(partition_id = %g.group.id, error = %e, "sealing failed");
             }
@@ -426,7 +540,7 @@ impl NodeShared {
     /// Hands every partition's unsealed rows to its background sealer (periodic sealing:
     /// apply is held up only for the hand-over, not for sorting, encoding and writing).
     pub fn seal_all_soon(&self) {
-        for g in &self.partitions {
+        for g in self.hosted() {
             if let Err(e) = g.group.state_machine.persist_soon() {
                 tracing::error!(partition_id = %g.group.id, error = %e, "sealing failed");
             }
@@ -443,7 +557,7 @@ impl NodeShared {
     pub async fn shutdown(&self) {
         self.begin_drain();
         self.seal_all();
-        for g in &self.partitions {
+        for g in self.hosted() {
             let _ = g.group.raft.shutdown().await;
         }
         let _ = self.meta.raft.shutdown().await;
@@ -496,18 +610,8 @@ async fn initialize(
     }
 }
 
-/// The member that initializes `group` on a fresh cluster (and so usually leads it first): the
-/// metadata group's is the lowest id, partition `p`'s the `p`-th member round robin.
-fn designated_initializer(members: &BTreeMap<u64, NodeAddr>, group: GroupId) -> u64 {
-    let ids: Vec<u64> = members.keys().copied().collect();
-    match group.as_partition() {
-        None => ids[0],
-        Some(p) => ids[p.0 as usize % ids.len()],
-    }
-}
-
 /// The initial members with their addresses; a node alone is its own single member.
-fn initial_members(config: &NodeConfig) -> BTreeMap<u64, NodeAddr> {
+pub(crate) fn initial_members(config: &NodeConfig) -> BTreeMap<u64, NodeAddr> {
     if config.cluster.initial_members.is_empty() {
         let advertise =
             |listen: &String, adv: &Option<String>| adv.clone().unwrap_or_else(|| listen.clone());
@@ -535,7 +639,8 @@ fn initial_members(config: &NodeConfig) -> BTreeMap<u64, NodeAddr> {
 
 /// How this node's groups reach the others: in-process for a node alone, QUIC with mutual TLS
 /// in a cluster.
-enum Network {
+#[derive(Clone)]
+pub(crate) enum Network {
     Local(Arc<LocalRouter>),
     Quic(Arc<QuicTransport>),
 }
@@ -565,7 +670,7 @@ impl Network {
         Ok(Network::Quic(quic))
     }
 
-    fn transport(&self) -> Arc<dyn RaftTransport> {
+    pub(crate) fn transport(&self) -> Arc<dyn RaftTransport> {
         match self {
             Network::Local(router) => Arc::clone(router) as Arc<dyn RaftTransport>,
             Network::Quic(quic) => Arc::clone(quic) as Arc<dyn RaftTransport>,
@@ -579,10 +684,17 @@ impl Network {
         }
     }
 
-    fn serve(&self, node_id: u64, group: GroupId, raft: &Raft) {
+    pub(crate) fn serve(&self, node_id: u64, group: GroupId, raft: &Raft) {
         match self {
             Network::Local(router) => router.register(node_id, group, raft.clone()),
             Network::Quic(quic) => quic.register(group, raft.clone()),
+        }
+    }
+
+    /// Stops serving a group moved away (a node alone never moves one).
+    pub(crate) fn unserve(&self, group: GroupId) {
+        if let Network::Quic(quic) = self {
+            quic.unregister(group);
         }
     }
 }
@@ -683,14 +795,16 @@ pub async fn start(
     let flusher = Flusher::start(db.clone());
     let network = Network::start(&config).await?;
     let transport = network.transport();
-    let proposer = Proposer {
-        node_id,
-        quic: network.quic(),
-    };
     let groups = config.group_config();
     let meta_core =
         MetadataCore::open(&db).map_err(|e| anyhow::anyhow!("cannot open metadata: {e}"))?;
     let metadata = meta_core.handle();
+    let proposer = Proposer {
+        node_id,
+        quic: network.quic(),
+        metadata: metadata.clone(),
+        leader_hints: Arc::default(),
+    };
     let (raft, state_machine, _) = start_group(
         node_id,
         GroupId::METADATA,
@@ -707,92 +821,147 @@ pub async fn start(
         raft,
         state_machine,
     };
-    let tokens = Arc::new(Tokens::new());
-    let mut partition_groups = Vec::new();
-    let mut partition_data = Vec::new();
-    for p in 0..partitions {
-        let core = PartitionCore::open(&db, PartitionId(p), config.storage.seal_rows)
-            .map_err(|e| anyhow::anyhow!("cannot open partition {p}: {e}"))?;
-        partition_data.push(core.data());
-        let local = core.local_proposals();
-        let group = GroupId::partition(PartitionId(p));
-        let (raft, state_machine, _) = start_group(
-            node_id,
-            group,
-            &db,
-            flusher.clone(),
-            core,
-            Arc::clone(&transport),
-            &groups,
-        )
-        .await?;
-        network.serve(node_id, group, &raft);
-        partition_groups.push(PartitionGroup {
-            batcher: Batcher::start(batcher::Group {
-                group,
-                raft: raft.clone(),
-                proposer: proposer.clone(),
-                local,
-                tokens: Arc::clone(&tokens),
-            }),
-            group: Group {
-                id: group,
-                raft,
-                state_machine,
-            },
-        });
-    }
-    let members = initial_members(&config);
-    let bootstrap = members.keys().next() == Some(&node_id);
-    let all_groups = || {
-        std::iter::once((meta.id, &meta.raft))
-            .chain(partition_groups.iter().map(|g| (g.group.id, &g.group.raft)))
-    };
-    // A fresh cluster's groups are initialized with all members. Each group is initialized
-    // first by its designated member, which campaigns at once and so usually leads it: leaders
-    // start spread over the members. Initializing with the same members on several nodes is
-    // safe (the vote decides), so the lowest id then initializes whatever is still untouched,
-    // in case a designated member is not coming.
-    for (group, raft) in all_groups() {
-        if designated_initializer(&members, group) == node_id {
-            initialize(raft, group, &members).await?;
-        }
-    }
-    if bootstrap && members.len() > 1 {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        for (group, raft) in all_groups() {
-            let _ = raft
-                .wait(Some(
-                    deadline.saturating_duration_since(tokio::time::Instant::now()),
-                ))
-                .metrics(|m| m.current_leader.is_some(), "a leader")
-                .await;
-            initialize(raft, group, &members).await?;
-        }
-    }
-    for (group, raft) in all_groups() {
-        wait_for_leader(raft, group, members.len()).await?;
-    }
+    let registry = crate::query::PartitionRegistry::default();
     let node = Arc::new(NodeShared {
-        query: QueryEngine::new(partition_data, metadata.clone(), config.query.threads),
+        query: QueryEngine::new(
+            Arc::clone(&registry),
+            partitions,
+            metadata.clone(),
+            config.query.threads,
+        ),
         metadata,
         metrics: Metrics::default(),
         query_runtime,
         node_id,
         proposer,
         meta,
-        partitions: partition_groups,
+        partitions: RwLock::default(),
+        remote: parking_lot::Mutex::default(),
+        hosting: crate::placement::Hosting {
+            db: db.clone(),
+            flusher,
+            network,
+            groups,
+            tokens: Arc::new(Tokens::new()),
+            seal_rows: config.storage.seal_rows,
+            data: registry,
+        },
+        partition_count: partitions,
         shutting_down: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
         db,
         config,
     });
-    ensure_default_project(&node, bootstrap).await?;
+    if node.proposer.quic.is_some() {
+        node.query.set_remote(
+            crate::remote::FlightRemote::new(&node) as Arc<dyn crate::query::RemotePartitions>
+        );
+    }
+    let members = initial_members(&node.config);
+    let bootstrap = members.keys().next() == Some(&node_id);
+    // The partitions that live here: by the partition map, or on a fresh cluster by the initial
+    // placement every member computes alike from the configuration.
+    let placement = node.placement();
+    for (&p, replicas) in &placement {
+        if replicas.contains(&node_id) {
+            node.host(p).await?;
+        }
+    }
+    let joining = !members.contains_key(&node_id);
+    if joining {
+        tracing::info!(
+            node_id,
+            "not an initial member: waiting to be added (`prismctl node add`)"
+        );
+    } else {
+        initialize_groups(&node, &members, &placement).await?;
+    }
+    ensure_default_project(&node, bootstrap, joining).await?;
+    if bootstrap {
+        node.record_initial_placement(&placement).await?;
+    }
     Ok(node)
+}
+
+/// Initializes this node's groups of a fresh cluster, then waits for their leaders.
+///
+/// The metadata group has every initial member; a partition, the replicas of the initial
+/// placement. Each group is initialized first by its designated member, which campaigns at
+/// once and so usually leads it: leaders start spread over the members. Initializing with the
+/// same members on several nodes is safe (the vote decides), so the lowest id of each group then
+/// initializes whatever is still untouched, in case a designated member is not coming.
+async fn initialize_groups(
+    node: &NodeShared,
+    members: &BTreeMap<u64, NodeAddr>,
+    placement: &BTreeMap<u32, Vec<u64>>,
+) -> anyhow::Result<()> {
+    let node_id = node.node_id;
+    let hosted = node.hosted();
+    let ids: Vec<u64> = members.keys().copied().collect();
+    let mut plan = vec![(
+        node.meta.id,
+        node.meta.raft.clone(),
+        members.clone(),
+        ids[0],
+    )];
+    for g in &hosted {
+        let p = g.group.id.as_partition().expect("a partition group").0;
+        let replicas: BTreeMap<u64, NodeAddr> = placement
+            .get(&p)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| Some((*id, members.get(id)?.clone())))
+            .collect();
+        let designated = crate::placement::designated_member(&ids, p);
+        plan.push((g.group.id, g.group.raft.clone(), replicas, designated));
+    }
+    for (group, raft, replicas, designated) in &plan {
+        if *designated == node_id {
+            initialize(raft, *group, replicas).await?;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for (group, raft, replicas, _) in &plan {
+        if replicas.len() > 1 && replicas.keys().next() == Some(&node_id) {
+            let _ = raft
+                .wait(Some(
+                    deadline.saturating_duration_since(tokio::time::Instant::now()),
+                ))
+                .metrics(|m| m.current_leader.is_some(), "a leader")
+                .await;
+            initialize(raft, *group, replicas).await?;
+        }
+    }
+    for (group, raft, replicas, _) in &plan {
+        wait_for_leader(raft, *group, replicas.len()).await?;
+    }
+    Ok(())
 }
 
 /// Creates the default project on a fresh cluster (its bootstrap node does), or updates its keys
 /// when flags pin them. Other nodes of a fresh cluster wait until it has been replicated to them.
-async fn ensure_default_project(node: &NodeShared, bootstrap: bool) -> anyhow::Result<()> {
+async fn ensure_default_project(
+    node: &NodeShared,
+    bootstrap: bool,
+    joining: bool,
+) -> anyhow::Result<()> {
+    // A node outside the initial members learns the metadata once an operator adds it.
+    let mut waited = 0u64;
+    while joining && node.project(DEFAULT_PROJECT).is_none() {
+        if waited.is_multiple_of(300) {
+            let c = &node.config.node;
+            tracing::info!(
+                "node {} is not a member yet; add it with `prismctl node add --id {} --raft {} --http {} --flight {}`",
+                node.node_id,
+                node.node_id,
+                c.raft_advertise.as_ref().unwrap_or(&c.raft_listen),
+                c.http_advertise.as_ref().unwrap_or(&c.http_listen),
+                c.flight_advertise.as_ref().unwrap_or(&c.flight_listen),
+            );
+        }
+        waited += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let keys = &node.config.bootstrap;
     let pinned = keys.write_key.is_some() || keys.api_token.is_some();
     if !bootstrap && !pinned {

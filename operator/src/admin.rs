@@ -230,5 +230,15 @@ fn group_views(members: &[Member]) -> Vec<GroupView> {
             }
         }
     }
-    groups.into_values().collect()
+    // A leader named by followers that is no longer a voter (it just moved its replica away)
+    // leads nothing: an election follows.
+    groups
+        .into_values()
+        .map(|mut g| {
+            if g.leader.is_some_and(|l| !g.voters.contains(&l)) {
+                g.leader = None;
+            }
+            g
+        })
+        .collect()
 }

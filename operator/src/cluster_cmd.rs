@@ -350,3 +350,315 @@ start each node with `prism node --config cluster.toml --id <n>` (with `cluster.
     );
     Ok(())
 }
+
+/// The HTTP URL of the node leading `group`, from the view.
+fn leader_url(view: &ClusterView, group: &str) -> anyhow::Result<(u64, String)> {
+    let g = view
+        .groups
+        .iter()
+        .find(|g| g.name == group)
+        .with_context(|| format!("no {group} in the cluster"))?;
+    let leader = g
+        .leader
+        .with_context(|| format!("{group} has no leader right now; try again shortly"))?;
+    let member = view
+        .member(leader)
+        .with_context(|| format!("{group}'s leader, node {leader}, is not a listed member"))?;
+    Ok((leader, member.http.clone()))
+}
+
+/// `partitions move`: one replica of a partition from one node to another, run by the
+/// partition's leader.
+pub(crate) async fn move_replica(
+    endpoints: &Endpoints,
+    partition: u32,
+    from: u64,
+    to: u64,
+    output: Output,
+) -> anyhow::Result<()> {
+    let view = ClusterView::gather(endpoints).await?;
+    let (_, url) = leader_url(&view, &format!("partition-{partition}"))?;
+    let answer = endpoints
+        .post(
+            &url,
+            "/admin/v1/partitions/move",
+            &json!({"partition": partition, "from": from, "to": to}),
+        )
+        .await?;
+    match output {
+        Output::Json => println!("{answer}"),
+        Output::Table => {
+            println!("partition-{partition}: replica moved from node {from} to node {to}")
+        }
+    }
+    Ok(())
+}
+
+/// Replica moves that even out how many partitions each member holds: a partition of the
+/// member holding most moves to the member holding fewest (not already a replica of it), while
+/// they differ by two or more.
+fn replica_plan(view: &ClusterView, exclude: Option<u64>) -> Vec<(u32, u64, u64)> {
+    let mut count: BTreeMap<u64, usize> = view
+        .members
+        .iter()
+        .filter(|m| m.status.is_ok() && Some(m.id) != exclude)
+        .map(|m| (m.id, 0))
+        .collect();
+    let mut replicas: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for g in &view.groups {
+        if let Some(p) = g
+            .name
+            .strip_prefix("partition-")
+            .and_then(|p| p.parse().ok())
+        {
+            for v in &g.voters {
+                if let Some(c) = count.get_mut(v) {
+                    *c += 1;
+                }
+            }
+            replicas.insert(p, g.voters.clone());
+        }
+    }
+    let mut plan = Vec::new();
+    // A member being decommissioned gives every replica away first.
+    if let Some(leaving) = exclude {
+        for (p, voters) in replicas.iter_mut() {
+            if !voters.contains(&leaving) {
+                continue;
+            }
+            let target = count
+                .iter()
+                .filter(|(m, _)| !voters.contains(m))
+                .min_by_key(|(_, c)| **c)
+                .map(|(m, _)| *m);
+            if let Some(to) = target {
+                *count.get_mut(&to).expect("counted") += 1;
+                voters.retain(|&v| v != leaving);
+                voters.push(to);
+                plan.push((*p, leaving, to));
+            }
+        }
+    }
+    loop {
+        let Some((&most, &high)) = count.iter().max_by_key(|(_, c)| **c) else {
+            return plan;
+        };
+        let Some((&least, &low)) = count.iter().min_by_key(|(_, c)| **c) else {
+            return plan;
+        };
+        if high < low + 2 {
+            return plan;
+        }
+        let Some((&p, voters)) = replicas
+            .iter_mut()
+            .find(|(_, v)| v.contains(&most) && !v.contains(&least))
+        else {
+            return plan;
+        };
+        voters.retain(|&v| v != most);
+        voters.push(least);
+        *count.get_mut(&most).expect("counted") -= 1;
+        *count.get_mut(&least).expect("counted") += 1;
+        plan.push((p, most, least));
+    }
+}
+
+/// Runs replica moves one after another, each through the partition's current leader.
+async fn run_moves(
+    endpoints: &Endpoints,
+    plan: &[(u32, u64, u64)],
+    output: Output,
+) -> anyhow::Result<()> {
+    for (i, (p, from, to)) in plan.iter().enumerate() {
+        if output == Output::Table {
+            println!(
+                "[{}/{}] moving partition-{p} from node {from} to node {to}",
+                i + 1,
+                plan.len()
+            );
+        }
+        let view = ClusterView::gather(endpoints).await?;
+        let (_, url) = leader_url(&view, &format!("partition-{p}"))?;
+        endpoints
+            .post(
+                &url,
+                "/admin/v1/partitions/move",
+                &json!({"partition": p, "from": from, "to": to}),
+            )
+            .await
+            .with_context(|| format!("moving partition-{p} from node {from} to node {to}"))?;
+    }
+    Ok(())
+}
+
+/// `partitions balance --replicas`: even out replicas per member, then leaders.
+pub(crate) async fn balance_replicas(
+    endpoints: &Endpoints,
+    output: Output,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let view = ClusterView::gather(endpoints).await?;
+    let plan = replica_plan(&view, None);
+    if dry_run {
+        print_moves(&plan, output);
+        return Ok(());
+    }
+    run_moves(endpoints, &plan, output).await?;
+    if output == Output::Table && plan.is_empty() {
+        println!("replicas are already balanced");
+    }
+    // A group whose leader moved away elects another within a few election timeouts.
+    for _ in 0..60 {
+        let view = ClusterView::gather(endpoints).await?;
+        if view.groups.iter().all(|g| g.leader.is_some()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    balance(endpoints, output, false).await
+}
+
+fn print_moves(plan: &[(u32, u64, u64)], output: Output) {
+    match output {
+        Output::Json => println!(
+            "{}",
+            json!(
+                plan.iter()
+                    .map(|(p, from, to)| json!({"partition": p, "from": from, "to": to}))
+                    .collect::<Vec<_>>()
+            )
+        ),
+        Output::Table => print_table(
+            &["PARTITION", "FROM", "TO"],
+            plan.iter()
+                .map(|(p, from, to)| vec![p.to_string(), from.to_string(), to.to_string()])
+                .collect(),
+        ),
+    }
+}
+
+/// `node add`: the metadata group's leader adds the node (learner first, then voter).
+pub(crate) async fn add_node(
+    endpoints: &Endpoints,
+    id: u64,
+    raft: &str,
+    http: &str,
+    flight: &str,
+    output: Output,
+) -> anyhow::Result<()> {
+    let view = ClusterView::gather(endpoints).await?;
+    let (_, url) = leader_url(&view, "metadata")?;
+    let answer = endpoints
+        .post(
+            &url,
+            "/admin/v1/nodes",
+            &json!({"id": id, "raft": raft, "http": http, "flight": flight}),
+        )
+        .await?;
+    match output {
+        Output::Json => println!("{answer}"),
+        Output::Table => println!(
+            "node {id} is a member; `prismctl partitions balance --replicas` moves replicas to it"
+        ),
+    }
+    Ok(())
+}
+
+/// `node remove`: the metadata group's leader removes a node that holds no replicas.
+pub(crate) async fn remove_node(
+    endpoints: &Endpoints,
+    id: u64,
+    output: Output,
+) -> anyhow::Result<()> {
+    let view = ClusterView::gather(endpoints).await?;
+    let (_, url) = leader_url(&view, "metadata")?;
+    let answer = endpoints
+        .post(&url, "/admin/v1/nodes/remove", &json!({"id": id}))
+        .await?;
+    match output {
+        Output::Json => println!("{answer}"),
+        Output::Table => println!("node {id} is no longer a member; it can be stopped"),
+    }
+    Ok(())
+}
+
+/// `node drain`: the node stops being ready and hands its leaderships to other voters.
+pub(crate) async fn drain(
+    endpoints: &Endpoints,
+    id: u64,
+    undo: bool,
+    output: Output,
+) -> anyhow::Result<()> {
+    let view = ClusterView::gather(endpoints).await?;
+    let member = view
+        .member(id)
+        .with_context(|| format!("node {id} is not a member"))?;
+    let answer = endpoints
+        .post(&member.http, "/admin/v1/drain", &json!({"draining": !undo}))
+        .await?;
+    let failed: Vec<String> = answer["transfers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| {
+            Some(format!(
+                "{}: {}",
+                t["group"].as_str()?,
+                t["error"].as_str()?
+            ))
+        })
+        .collect();
+    match output {
+        Output::Json => println!("{answer}"),
+        Output::Table if undo => println!("node {id} takes traffic again"),
+        Output::Table => println!(
+            "node {id} is drained: not ready, {} leaderships handed over",
+            answer["transfers"].as_array().map_or(0, Vec::len) - failed.len()
+        ),
+    }
+    if !failed.is_empty() {
+        bail!(
+            "some leaderships stayed on node {id}: {}",
+            failed.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// `node decommission`: moves every replica off the node, hands over its metadata leadership,
+/// then removes it from the cluster. Safe to run again after an interruption.
+pub(crate) async fn decommission(
+    endpoints: &Endpoints,
+    id: u64,
+    output: Output,
+) -> anyhow::Result<()> {
+    let view = ClusterView::gather(endpoints).await?;
+    if view.member(id).is_none() {
+        bail!("node {id} is not a member");
+    }
+    let plan = replica_plan(&view, Some(id));
+    let leaving: Vec<&str> = view
+        .groups
+        .iter()
+        .filter(|g| g.name.starts_with("partition-") && g.voters.contains(&id))
+        .map(|g| g.name.as_str())
+        .collect();
+    if plan.iter().filter(|(_, from, _)| *from == id).count() < leaving.len() {
+        bail!(
+            "node {id} holds replicas no other member can take (each partition needs its replication factor of distinct members): add a node first"
+        );
+    }
+    run_moves(endpoints, &plan, output).await?;
+    let view = ClusterView::gather(endpoints).await?;
+    let (leader, _) = leader_url(&view, "metadata")?;
+    if leader == id {
+        let to = view
+            .members
+            .iter()
+            .find(|m| m.id != id && m.status.is_ok())
+            .map(|m| m.id)
+            .context("no other member to lead the metadata group")?;
+        transfer(endpoints, "metadata", to, output).await?;
+    }
+    remove_node(endpoints, id, output).await
+}

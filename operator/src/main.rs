@@ -15,7 +15,8 @@ use output::Output;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// Operate an Optiprism cluster: its state and health, its leaders, queries, and load.
+/// Operate an Optiprism cluster: its state and health, members, partitions and leaders,
+/// queries, and load.
 #[derive(Debug, Parser)]
 #[command(name = "prismctl", version, about, long_about = None)]
 struct Cli {
@@ -49,6 +50,9 @@ enum Command {
     /// Leadership of a group.
     #[command(subcommand)]
     Leader(LeaderCommand),
+    /// Members: add, drain, decommission, remove.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Ask a question: a JSON insight query or SQL, answered over Arrow Flight.
     Query(query_cmd::QueryArgs),
     /// Generate realistic events: send them to a node over HTTP, or write them to a file.
@@ -81,11 +85,74 @@ enum PartitionsCommand {
     /// Every group with its leader, replicas, applied indexes and lag.
     List,
     /// Spread leaders evenly over the members by leader transfers (each pauses writes to its
-    /// group for about one election timeout).
+    /// group for about one election timeout); with `--replicas`, first even out how many
+    /// partitions each member holds by moving replicas (after adding a node).
     Balance {
-        /// Print the transfers without making them.
+        /// Move replicas too, not only leaders.
+        #[arg(long)]
+        replicas: bool,
+        /// Print the plan without carrying it out.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Move one replica of a partition to another node: the new node catches up as a learner,
+    /// then replaces the old one in the partition's Raft group; the old node drops its copy.
+    Move {
+        /// The partition.
+        #[arg(long)]
+        partition: u32,
+        /// The node giving up its replica.
+        #[arg(long)]
+        from: u64,
+        /// The node taking it.
+        #[arg(long)]
+        to: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Add a running node that is not yet a member (started with `prism node --config
+    /// cluster.toml --id <id> --raft … --http … --flight …`): it joins the metadata group as a
+    /// learner, then as a voter; it holds no partitions until replicas move to it.
+    Add {
+        /// Its id (not used by any member).
+        #[arg(long)]
+        id: u64,
+        /// Its Raft (QUIC) address, e.g. 127.0.0.4:8089.
+        #[arg(long)]
+        raft: String,
+        /// Its HTTP address.
+        #[arg(long)]
+        http: String,
+        /// Its Flight address.
+        #[arg(long)]
+        flight: String,
+    },
+    /// Take a node out of service before maintenance: `/readyz` turns unready and its
+    /// leaderships move to other replicas (`--undo` puts it back).
+    Drain {
+        /// The node.
+        #[arg(long)]
+        id: u64,
+        /// Make it ready again.
+        #[arg(long)]
+        undo: bool,
+    },
+    /// Move every replica off a node, then remove it from the cluster. Refused when the other
+    /// members cannot hold every partition's replicas.
+    Decommission {
+        /// The node.
+        #[arg(long)]
+        id: u64,
+    },
+    /// Remove a node that holds no replicas (a decommissioned or dead one). Refused while it
+    /// holds replicas, when fewer members than the replication factor would remain, or when
+    /// the remaining members answering would not be a quorum.
+    Remove {
+        /// The node.
+        #[arg(long)]
+        id: u64,
     },
 }
 
@@ -135,8 +202,54 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Partitions(PartitionsCommand::List) => runtime()?
             .block_on(cluster_cmd::list(&endpoints()?, output))
             .map(|()| 0),
-        Command::Partitions(PartitionsCommand::Balance { dry_run }) => runtime()?
-            .block_on(cluster_cmd::balance(&endpoints()?, output, dry_run))
+        Command::Partitions(PartitionsCommand::Balance { replicas, dry_run }) => {
+            let endpoints = endpoints()?;
+            runtime()?
+                .block_on(async {
+                    if replicas {
+                        cluster_cmd::balance_replicas(&endpoints, output, dry_run).await
+                    } else {
+                        cluster_cmd::balance(&endpoints, output, dry_run).await
+                    }
+                })
+                .map(|()| 0)
+        }
+        Command::Partitions(PartitionsCommand::Move {
+            partition,
+            from,
+            to,
+        }) => runtime()?
+            .block_on(cluster_cmd::move_replica(
+                &endpoints()?,
+                partition,
+                from,
+                to,
+                output,
+            ))
+            .map(|()| 0),
+        Command::Node(NodeCommand::Add {
+            id,
+            raft,
+            http,
+            flight,
+        }) => runtime()?
+            .block_on(cluster_cmd::add_node(
+                &endpoints()?,
+                id,
+                &raft,
+                &http,
+                &flight,
+                output,
+            ))
+            .map(|()| 0),
+        Command::Node(NodeCommand::Drain { id, undo }) => runtime()?
+            .block_on(cluster_cmd::drain(&endpoints()?, id, undo, output))
+            .map(|()| 0),
+        Command::Node(NodeCommand::Decommission { id }) => runtime()?
+            .block_on(cluster_cmd::decommission(&endpoints()?, id, output))
+            .map(|()| 0),
+        Command::Node(NodeCommand::Remove { id }) => runtime()?
+            .block_on(cluster_cmd::remove_node(&endpoints()?, id, output))
             .map(|()| 0),
         Command::Leader(LeaderCommand::Transfer { group, to }) => runtime()?
             .block_on(cluster_cmd::transfer(&endpoints()?, &group, to, output))

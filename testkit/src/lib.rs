@@ -173,7 +173,9 @@ impl TestNode {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until the node answers `/readyz` (panics with its log after two minutes, or if
+    /// it exits).
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Some(child) = self.child.as_mut()
@@ -352,6 +354,48 @@ impl TestCluster {
             config,
             _tmp: tmp,
         }
+    }
+
+    /// Starts node `id` (the next id after the members) on `127.0.0.{id}`, outside the initial
+    /// members: it waits to be added (`prismctl node add`) and is not ready before. Returns its
+    /// raft, HTTP and Flight addresses; it becomes `node(id)`.
+    pub fn start_joining(&mut self, id: u64) -> [String; 3] {
+        assert_eq!(
+            id as usize,
+            self.nodes.len() + 1,
+            "joining nodes take the next id"
+        );
+        let dir = self.config.parent().expect("cluster dir").to_path_buf();
+        let ip = format!("127.0.0.{id}");
+        let addrs = [
+            format!("{ip}:{}", free_port_on(&ip)),
+            format!("{ip}:{}", free_port_on(&ip)),
+            format!("{ip}:{}", free_port_on(&ip)),
+        ];
+        let mut node = TestNode {
+            child: None,
+            launch: Launch::Member {
+                config: self.config.clone(),
+                id,
+            },
+            http: format!("http://{}", addrs[1]),
+            flight: addrs[2].clone(),
+            data_dir: dir.join(format!("node-{id}")),
+            log: dir.join(format!("node-{id}.log")),
+            extra_args: vec![
+                "--raft".into(),
+                addrs[0].clone(),
+                "--http".into(),
+                addrs[1].clone(),
+                "--flight".into(),
+                addrs[2].clone(),
+            ],
+            _tmp: tempfile::tempdir().expect("tempdir"),
+            client: http_client(),
+        };
+        node.spawn_process();
+        self.nodes.push(node);
+        addrs
     }
 
     /// Member `id` (from 1).

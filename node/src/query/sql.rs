@@ -44,8 +44,8 @@ pub fn number_placeholders(sql: &str) -> String {
     out
 }
 
-fn events_table(engine: &QueryEngine, project: &Project) -> Result<MemTable, QueryFailure> {
-    let rows = engine.rows(project.id, i64::MIN, i64::MAX, None);
+async fn events_table(engine: &QueryEngine, project: &Project) -> Result<MemTable, QueryFailure> {
+    let rows = engine.rows(project, i64::MIN, i64::MAX, None).await?;
     let mut fields: Vec<Field> = fixed_fields();
     let mut extra: BTreeMap<String, Field> = BTreeMap::new();
     for part in &rows {
@@ -97,14 +97,14 @@ fn events_table(engine: &QueryEngine, project: &Project) -> Result<MemTable, Que
     Ok(MemTable::try_new(schema, partitions)?)
 }
 
-fn persons_table(engine: &QueryEngine, project: &Project) -> Result<MemTable, QueryFailure> {
+async fn persons_table(engine: &QueryEngine, project: &Project) -> Result<MemTable, QueryFailure> {
     let view = engine.identity_view(project.id);
     // Fold merged persons into the person they became: earliest creation, every distinct id,
     // the surviving person's properties winning over those of persons merged into it.
     let mut groups: BTreeMap<u64, Vec<(bool, crate::storage::partition::PersonRow)>> =
         BTreeMap::new();
-    for data in engine.partitions() {
-        for (id, row) in data.read().persons(project.id) {
+    for partition in engine.persons(project).await? {
+        for (id, row) in partition {
             let current = view.resolve(id.0);
             groups
                 .entry(current)
@@ -165,10 +165,13 @@ fn persons_table(engine: &QueryEngine, project: &Project) -> Result<MemTable, Qu
 }
 
 /// A SQL session over a project's tables.
-pub fn session(engine: &QueryEngine, project: &Project) -> Result<SessionContext, QueryFailure> {
+pub async fn session(
+    engine: &QueryEngine,
+    project: &Project,
+) -> Result<SessionContext, QueryFailure> {
     let ctx = engine.sql_session();
-    ctx.register_table("events", Arc::new(events_table(engine, project)?))?;
-    ctx.register_table("persons", Arc::new(persons_table(engine, project)?))?;
+    ctx.register_table("events", Arc::new(events_table(engine, project).await?))?;
+    ctx.register_table("persons", Arc::new(persons_table(engine, project).await?))?;
     Ok(ctx)
 }
 
@@ -185,7 +188,7 @@ pub async fn schema(
     project: &Project,
     sql: &str,
 ) -> Result<SchemaRef, QueryFailure> {
-    let ctx = session(engine, project)?;
+    let ctx = session(engine, project).await?;
     let df = ctx
         .sql_with_options(&number_placeholders(sql), options())
         .await
@@ -200,7 +203,7 @@ pub async fn run(
     sql: &str,
     params: Option<&RecordBatch>,
 ) -> Result<(SchemaRef, Vec<RecordBatch>), QueryFailure> {
-    let ctx = session(engine, project)?;
+    let ctx = session(engine, project).await?;
     let mut df = ctx
         .sql_with_options(&number_placeholders(sql), options())
         .await
@@ -233,13 +236,13 @@ pub async fn run(
 }
 
 /// Tables of a project and their schemas (Flight SQL `GetTables`).
-pub fn tables(
+pub async fn tables(
     engine: &QueryEngine,
     project: &Project,
 ) -> Result<Vec<(String, SchemaRef)>, QueryFailure> {
     use datafusion::catalog::TableProvider;
-    let events = events_table(engine, project)?;
-    let persons = persons_table(engine, project)?;
+    let events = events_table(engine, project).await?;
+    let persons = persons_table(engine, project).await?;
     Ok(vec![
         ("events".to_string(), events.schema()),
         ("persons".to_string(), persons.schema()),

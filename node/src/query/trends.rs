@@ -11,7 +11,9 @@
 //! total is distinct over the range and `(other)` counts each person once across the values it
 //! folds — never a sum of per-bucket or per-partition uniques.
 
+use crate::metadata::Project;
 use crate::query::QueryEngine;
+use crate::query::QueryFailure;
 use crate::query::filter::{ColumnLookup, all_of, named, rendered};
 use crate::query::frame::{PropertyColumns, project, property_columns};
 use crate::query::udf::{BucketIndex, IdentityUdf, IdentityView};
@@ -23,7 +25,6 @@ use datafusion::error::Result as DfResult;
 use datafusion::functions_aggregate::expr_fn::count;
 use datafusion::logical_expr::{Expr, lit};
 use datafusion::prelude::{DataFrame, SessionContext};
-use optiprism_types::ProjectId;
 use optiprism_types::answer::{
     BreakdownAnswer, NONE_LABEL, OTHER_LABEL, SeriesAnswer, TrendsAnswer,
 };
@@ -377,11 +378,11 @@ async fn unique_series(
 /// Runs a trends query.
 pub async fn run(
     engine: &QueryEngine,
-    project: ProjectId,
+    project: &Project,
     q: &TrendsQuery,
-) -> DfResult<TrendsAnswer> {
+) -> Result<TrendsAnswer, QueryFailure> {
     let buckets = q.buckets();
-    let identities = Arc::new(engine.identity_view(project));
+    let identities = Arc::new(engine.identity_view(project.id));
     let now_ms = chrono::Utc::now().timestamp_millis();
     let ctx = engine.session();
     let mut answer = TrendsAnswer {
@@ -391,12 +392,14 @@ pub async fn run(
     };
     for (i, s) in q.series.iter().enumerate() {
         let events = s.event.as_ref().map(|e| vec![e.clone()]);
-        let parts = engine.rows(
-            project,
-            buckets.start_ms(),
-            buckets.end_ms,
-            events.as_deref(),
-        );
+        let parts = engine
+            .rows(
+                project,
+                buckets.start_ms(),
+                buckets.end_ms,
+                events.as_deref(),
+            )
+            .await?;
         let frame = filtered_frame(&ctx, &parts, q, i, &buckets, &identities, now_ms)?;
         let series = match s.math {
             Math::UniqueUsers => unique_series(q, i, frame, &buckets).await?,

@@ -73,12 +73,12 @@ pub struct Batcher {
 pub struct Group {
     /// The group.
     pub group: GroupId,
-    /// Its Raft handle on this node.
-    pub raft: Raft,
+    /// Its Raft handle on this node, when this node holds a replica.
+    pub raft: Option<Raft>,
     /// Commits here or forwards to the leader.
     pub proposer: Proposer,
-    /// This node's own proposals, decoded.
-    pub local: LocalProposals,
+    /// This node's own proposals, decoded (for a group hosted here).
+    pub local: Option<LocalProposals>,
     /// Proposal tokens of this process.
     pub tokens: Arc<Tokens>,
 }
@@ -187,9 +187,11 @@ impl Group {
             parts,
             events: encode_events(&events),
         };
-        local.insert(token, events);
+        if let Some(local) = local {
+            local.insert(token, events);
+        }
         let result = proposer
-            .propose(group, raft, optiprism_consensus::encode(&command))
+            .propose(group, raft.as_ref(), optiprism_consensus::encode(&command))
             .await
             .and_then(|bytes| {
                 optiprism_consensus::decode::<Vec<IngestOutcome>>(&bytes).map_err(|e| {
@@ -200,7 +202,9 @@ impl Group {
                 })
             });
         // An applied proposal took its events; a failed one must not leave them behind.
-        local.take(token);
+        if let Some(local) = local {
+            local.take(token);
+        }
         match result {
             Ok(outcomes) if outcomes.len() == replies.len() => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {

@@ -1,3 +1,5 @@
 //! Integration tests of `prismctl` against real `prism` processes.
 
+mod support;
 mod t10_cluster_ops;
+mod t20_membership;

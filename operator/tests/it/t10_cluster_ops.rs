@@ -2,20 +2,10 @@
 //! leader transfer and balancing while events stream in (none lost), queries, and the errors
 //! and exit codes of bad requests.
 
-use optiprism_testkit::{ADMIN_TOKEN, API_TOKEN, TestCluster, WRITE_KEY};
+use crate::support::prismctl;
+use optiprism_testkit::{TestCluster, WRITE_KEY};
 use serde_json::{Value, json};
 use std::process::Output;
-
-/// Runs `prismctl` against `endpoints` with the cluster's admin token.
-fn prismctl(endpoints: &str, args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_prismctl"))
-        .args(["--endpoints", endpoints])
-        .args(args)
-        .env("PRISM_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("OPTIPRISM_API_TOKEN", API_TOKEN)
-        .output()
-        .expect("run prismctl")
-}
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
