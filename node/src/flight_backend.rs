@@ -28,15 +28,23 @@ impl NodeFlightBackend {
         &self,
         f: impl Future<Output = Result<T, QueryFailure>> + Send + 'static,
     ) -> Result<T, BackendError> {
-        self.node
-            .read_barrier()
-            .await
-            .map_err(|e| BackendError::Unavailable(e.to_string()))?;
-        match self.node.query_runtime.spawn(f).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(failure(e)),
-            Err(e) => Err(BackendError::Internal(format!("query task failed: {e}"))),
+        let started = std::time::Instant::now();
+        let result = async {
+            self.node
+                .read_barrier()
+                .await
+                .map_err(|e| BackendError::Unavailable(e.to_string()))?;
+            match self.node.query_runtime.spawn(f).await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(failure(e)),
+                Err(e) => Err(BackendError::Internal(format!("query task failed: {e}"))),
+            }
         }
+        .await;
+        self.node
+            .metrics
+            .record_query(started.elapsed(), result.is_ok());
+        result
     }
 }
 

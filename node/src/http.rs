@@ -286,17 +286,17 @@ async fn query_handler(
             e.to_string(),
         );
     }
+    let started = std::time::Instant::now();
     let run = node.query_runtime.spawn({
         let node = Arc::clone(&node);
         async move { node.query.insight(&project, &body).await }
     });
-    match run.await {
-        Ok(Ok(answer)) => {
-            node.metrics.queries.fetch_add(1, Ordering::Relaxed);
-            Json(answer.json).into_response()
-        }
+    let result = run.await;
+    node.metrics
+        .record_query(started.elapsed(), matches!(result, Ok(Ok(_))));
+    match result {
+        Ok(Ok(answer)) => Json(answer.json).into_response(),
         Ok(Err(failure)) => {
-            node.metrics.queries_failed.fetch_add(1, Ordering::Relaxed);
             let status = match &failure {
                 QueryFailure::Invalid(_) | QueryFailure::Sql(_) => StatusCode::BAD_REQUEST,
                 QueryFailure::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -362,6 +362,29 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "Queries failed.",
         m.queries_failed.load(Ordering::Relaxed),
     );
+    counter(
+        "optiprism_node_proposals_failed_total",
+        "Proposals (ingestion or metadata) that did not commit.",
+        m.proposals_failed.load(Ordering::Relaxed),
+    );
+    let (buckets, count, sum) = m.query_histogram();
+    let name = "optiprism_node_query_duration_seconds";
+    out.push_str(&format!(
+        "# HELP {name} Query latency (JSON insights and SQL, HTTP and Flight).\n# TYPE {name} histogram\n"
+    ));
+    for (upper, n) in buckets {
+        out.push_str(&format!("{name}_bucket{{le=\"{upper}\"}} {n}\n"));
+    }
+    out.push_str(&format!(
+        "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}\n"
+    ));
+    let name = "optiprism_consensus_leader_changes_total";
+    out.push_str(&format!(
+        "# HELP {name} Leader changes this node saw per group since it started.\n# TYPE {name} counter\n"
+    ));
+    for (group, n) in m.leader_changes() {
+        out.push_str(&format!("{name}{{group=\"{group}\"}} {n}\n"));
+    }
     let status = state.node.group_status();
     let mut gauge = |name: &str, help: &str, value: &dyn Fn(&GroupStatus) -> Option<u64>| {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));

@@ -64,6 +64,19 @@ struct Overrides {
     /// Log filter, e.g. `info` or `optiprism_node=debug`.
     #[arg(long, env = "OPTIPRISM_LOG", default_value = "info,openraft=warn")]
     log: String,
+    /// Log format on stderr: `text` for people, `json` (one object per line, with every field
+    /// of the event) for log collectors.
+    #[arg(long, env = "OPTIPRISM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -108,21 +121,24 @@ fn apply(mut config: NodeConfig, o: &Overrides) -> NodeConfig {
     config
 }
 
-fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+fn init_tracing(o: &Overrides) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&o.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match o.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Up(args) => {
-            init_tracing(&args.overrides.log);
+            init_tracing(&args.overrides);
             let base = match &args.config {
                 Some(path) => NodeConfig::from_file(path),
                 None => Ok(NodeConfig::default()),
@@ -135,7 +151,7 @@ fn main() -> ExitCode {
                 .and_then(optiprism_node::run)
         }
         Command::Node(args) => {
-            init_tracing(&args.overrides.log);
+            init_tracing(&args.overrides);
             NodeConfig::from_file(&args.config)
                 .map_err(anyhow::Error::from)
                 .map(|mut c| {

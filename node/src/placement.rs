@@ -155,6 +155,7 @@ impl NodeShared {
         )
         .await?;
         h.network.serve(self.node_id, group, &raft);
+        self.metrics.watch_leader_changes(group, &raft);
         let hosted = Arc::new(PartitionGroup {
             batcher: Batcher::start(batcher::Group {
                 group,

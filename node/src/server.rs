@@ -67,6 +67,11 @@ impl ProposeError {
     }
 }
 
+/// Upper bounds (seconds) of the query latency histogram's buckets.
+pub const QUERY_BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// Counters exported on `/metrics`.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -80,6 +85,14 @@ pub struct Metrics {
     pub queries: AtomicU64,
     /// Queries failed.
     pub queries_failed: AtomicU64,
+    /// Proposals (ingestion or metadata) that did not commit.
+    pub proposals_failed: AtomicU64,
+    /// Queries per latency bucket (not cumulative; see [`QUERY_BUCKETS`]), and above the last.
+    query_buckets: [AtomicU64; QUERY_BUCKETS.len() + 1],
+    /// Sum of query latencies in microseconds.
+    query_micros: AtomicU64,
+    /// Leader changes seen per group since start.
+    leader_changes: parking_lot::Mutex<BTreeMap<GroupId, u64>>,
 }
 
 impl Metrics {
@@ -89,6 +102,59 @@ impl Metrics {
             .fetch_add(u64::from(accepted), Ordering::Relaxed);
         self.ingest_duplicates
             .fetch_add(u64::from(duplicates), Ordering::Relaxed);
+    }
+
+    /// Records a query (JSON insight or SQL, over HTTP or Flight) and how long it took.
+    pub fn record_query(&self, elapsed: Duration, ok: bool) {
+        if ok {
+            self.queries.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.queries_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        let seconds = elapsed.as_secs_f64();
+        let bucket = QUERY_BUCKETS
+            .iter()
+            .position(|&upper| seconds <= upper)
+            .unwrap_or(QUERY_BUCKETS.len());
+        self.query_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.query_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The query latency histogram: cumulative counts per bucket bound, the count and the sum
+    /// in seconds.
+    pub fn query_histogram(&self) -> (Vec<(f64, u64)>, u64, f64) {
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(QUERY_BUCKETS.len());
+        for (i, upper) in QUERY_BUCKETS.iter().enumerate() {
+            cumulative += self.query_buckets[i].load(Ordering::Relaxed);
+            buckets.push((*upper, cumulative));
+        }
+        cumulative += self.query_buckets[QUERY_BUCKETS.len()].load(Ordering::Relaxed);
+        let sum = self.query_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        (buckets, cumulative, sum)
+    }
+
+    /// Leader changes seen per group.
+    pub fn leader_changes(&self) -> BTreeMap<GroupId, u64> {
+        self.leader_changes.lock().clone()
+    }
+
+    /// Counts the leader changes of `group` this node sees, until the group stops here.
+    pub(crate) fn watch_leader_changes(self: &Arc<Self>, group: GroupId, raft: &Raft) {
+        let mut watch = raft.metrics();
+        let metrics = Arc::clone(self);
+        metrics.leader_changes.lock().entry(group).or_insert(0);
+        tokio::spawn(async move {
+            let mut leader = watch.borrow_and_update().current_leader;
+            while watch.changed().await.is_ok() {
+                let now = watch.borrow_and_update().current_leader;
+                if now != leader && now.is_some() {
+                    *metrics.leader_changes.lock().entry(group).or_insert(0) += 1;
+                }
+                leader = now.or(leader);
+            }
+        });
     }
 }
 
@@ -293,7 +359,7 @@ pub struct NodeShared {
     /// The query engine.
     pub query: QueryEngine,
     /// Counters.
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// The runtime queries run on.
     pub query_runtime: tokio::runtime::Handle,
     pub(crate) node_id: u64,
@@ -344,7 +410,13 @@ impl NodeShared {
         if self.is_shutting_down() {
             return Err(ProposeError::ShuttingDown);
         }
-        self.proposer.propose(group, Some(raft), bytes).await
+        let result = self.proposer.propose(group, Some(raft), bytes).await;
+        if result.is_err() {
+            self.metrics
+                .proposals_failed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        result
     }
 
     /// Commits a metadata command; returns once it is applied on this node.
@@ -383,7 +455,13 @@ impl NodeShared {
             Some(b) => b,
             None => self.remote_batcher(p),
         };
-        batcher.ingest(project, events).await
+        let result = batcher.ingest(project, events).await;
+        if result.is_err() {
+            self.metrics
+                .proposals_failed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        result
     }
 
     /// The batcher that forwards a partition held elsewhere to its leader.
@@ -821,6 +899,8 @@ pub async fn start(
         raft,
         state_machine,
     };
+    let metrics = Arc::new(Metrics::default());
+    metrics.watch_leader_changes(GroupId::METADATA, &meta.raft);
     let registry = crate::query::PartitionRegistry::default();
     let node = Arc::new(NodeShared {
         query: QueryEngine::new(
@@ -830,7 +910,7 @@ pub async fn start(
             config.query.threads,
         ),
         metadata,
-        metrics: Metrics::default(),
+        metrics,
         query_runtime,
         node_id,
         proposer,

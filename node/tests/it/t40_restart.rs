@@ -102,3 +102,18 @@ fn bad_configuration_stops_start_up_with_the_key_named() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_with_fields() {
+    let node = TestNode::start_with(&["--log-format", "json"]);
+    let log = node.log();
+    let mut lines = 0;
+    for line in log.lines().filter(|l| l.starts_with('{')) {
+        let entry: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+        assert!(entry["level"].is_string(), "{line}");
+        assert!(entry["fields"]["message"].is_string(), "{line}");
+        lines += 1;
+    }
+    assert!(log.contains("\"hosting partition\""), "{log}");
+    assert!(lines >= 2, "{log}");
+}

@@ -115,6 +115,27 @@ fn events_sent_to_one_member_are_answered_by_every_member_as_by_a_single_node() 
     let count = |node: &TestNode| uuid_counts(node).len();
     assert_eq!(count(cluster.node(2)), 900);
     assert_eq!(count(&single), 900);
+    // What operators scrape: node 2 took the events, node 3 answered the HTTP queries, and
+    // every group's leader changes are counted from the first election.
+    let metric = |id: u64, line: &str| -> u64 {
+        let text = cluster.node(id).get("/metrics").1;
+        text.lines()
+            .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no `{line}` in\n{text}"))
+    };
+    assert_eq!(metric(2, "optiprism_node_ingest_accepted_total "), 900);
+    assert!(metric(3, "optiprism_node_query_duration_seconds_count ") >= 3);
+    assert!(
+        metric(
+            3,
+            "optiprism_node_query_duration_seconds_bucket{le=\"+Inf\"} "
+        ) >= 3
+    );
+    assert_eq!(metric(1, "optiprism_node_proposals_failed_total "), 0);
+    for group in ["metadata", "partition-0", "partition-3"] {
+        let line = format!("optiprism_consensus_leader_changes_total{{group=\"{group}\"}} ");
+        assert!(metric(1, &line) >= 1, "{group}");
+    }
 }
 
 #[test]
