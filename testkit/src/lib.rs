@@ -317,9 +317,19 @@ impl TestCluster {
 
     /// [`TestCluster::start`] with more `[consensus]` settings (TOML lines).
     pub fn start_with(members: u64, partitions: u32, consensus: &str) -> TestCluster {
+        TestCluster::start_placed(members, partitions, members as u32, consensus)
+    }
+
+    /// [`TestCluster::start_with`] with each partition on `replication_factor` members.
+    pub fn start_placed(
+        members: u64,
+        partitions: u32,
+        replication_factor: u32,
+        consensus: &str,
+    ) -> TestCluster {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut toml = format!(
-            "[node]\ndata-dir = \"{data}/node-{{id}}\"\n\n[cluster]\npartitions = {partitions}\nreplication-factor = {members}\nca-dir = \"{data}/ca\"\nadmin-token = \"{ADMIN_TOKEN}\"\n\n[consensus]\nheartbeat-interval = \"200ms\"\nelection-timeout-min = \"1000ms\"\nelection-timeout-max = \"2000ms\"\n{consensus}\n",
+            "[node]\ndata-dir = \"{data}/node-{{id}}\"\n\n[cluster]\npartitions = {partitions}\nreplication-factor = {replication_factor}\nca-dir = \"{data}/ca\"\nadmin-token = \"{ADMIN_TOKEN}\"\n\n[consensus]\nheartbeat-interval = \"200ms\"\nelection-timeout-min = \"1000ms\"\nelection-timeout-max = \"2000ms\"\n{consensus}\n",
             data = tmp.path().display()
         );
         let mut nodes = Vec::new();

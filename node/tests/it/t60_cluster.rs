@@ -276,3 +276,36 @@ fn a_member_restarted_after_the_log_moved_past_it_catches_up_from_a_snapshot() {
         uuid_counts(cluster.node(1)).len()
     );
 }
+
+#[test]
+fn partitions_on_three_of_four_members_are_answered_by_every_member_as_by_a_single_node() {
+    let cluster = TestCluster::start_placed(4, 4, 3, "");
+    let single = TestNode::start();
+    let events = messages("p", 800, 70);
+    for (i, batch) in events.chunks(100).enumerate() {
+        // Each member takes some: it forwards the partitions it does not hold.
+        let (status, body) = send(cluster.node(1 + (i as u64 % 4)), batch);
+        assert_eq!(status, 200, "{body}\n{}", cluster.logs());
+        assert_eq!(send(&single, batch).0, 200);
+    }
+    // Each member holds three of the four partitions.
+    for id in 1..=4 {
+        let hosted = cluster
+            .node(id)
+            .get("/metrics")
+            .1
+            .lines()
+            .filter(|l| l.starts_with("optiprism_consensus_is_leader{group=\"partition-"))
+            .count();
+        assert_eq!(hosted, 3, "node {id}");
+    }
+    for query in queries() {
+        let (_, expected) = single.query(&query);
+        for id in 1..=4 {
+            let (status, answer) = query_when_available(cluster.node(id), &query);
+            assert_eq!(status, 200, "{answer}");
+            assert_eq!(answer, expected, "node {id} differs for {query}");
+        }
+    }
+    assert_eq!(uuid_counts(cluster.node(4)).len(), 800);
+}
