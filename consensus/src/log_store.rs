@@ -29,7 +29,6 @@ type EntryCache = Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>;
 /// The log store of one group.
 #[derive(Debug, Clone)]
 pub struct SledLogStore {
-    db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
     flusher: Flusher,
@@ -46,7 +45,6 @@ impl SledLogStore {
         Ok(SledLogStore {
             log: db.open_tree(format!("g{}.log", group.0))?,
             meta: db.open_tree(format!("g{}.meta", group.0))?,
-            db: db.clone(),
             flusher,
             cache: Arc::default(),
         })
@@ -145,8 +143,8 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         self.meta
             .insert(VOTE_KEY, encode(vote))
             .map_err(|e| StorageIOError::write_vote(&io_err(e)))?;
-        self.db
-            .flush_async()
+        self.flusher
+            .flush()
             .await
             .map_err(|e| StorageIOError::write_vote(&io_err(e)))?;
         Ok(())
@@ -206,8 +204,8 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
-        self.db
-            .flush_async()
+        self.flusher
+            .flush()
             .await
             .map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
         Ok(())
@@ -218,8 +216,8 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         self.meta
             .insert(PURGED_KEY, encode(&log_id))
             .map_err(|e| StorageIOError::write(&io_err(e)))?;
-        self.db
-            .flush_async()
+        self.flusher
+            .flush()
             .await
             .map_err(|e| StorageIOError::write(&io_err(e)))?;
         self.cache.lock().retain(|&i, _| i > log_id.index);

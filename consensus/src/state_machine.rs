@@ -135,7 +135,12 @@ impl<S: StateMachineCore> StateMachineStore<S> {
         self.snapshots
             .insert(CURRENT_SNAPSHOT, encode(stored))
             .map_err(sm_err)?;
-        self.snapshots.flush_async().await.map_err(sm_err)?;
+        // On a blocking thread, not sled's `flush_async` (see `flusher`).
+        let tree = self.snapshots.clone();
+        tokio::task::spawn_blocking(move || tree.flush())
+            .await
+            .map_err(|e| sm_err(e.to_string()))?
+            .map_err(sm_err)?;
         Ok(())
     }
 

@@ -642,7 +642,12 @@ impl NodeShared {
         if let Some(quic) = &self.proposer.quic {
             quic.close();
         }
-        if let Err(e) = self.db.flush_async().await {
+        let db = self.db.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
             tracing::error!(error = %e, "final flush failed");
         }
     }
