@@ -74,7 +74,7 @@ class Cluster:
     """Three `prism node` members on 127.0.0.1-3 replicating every partition (factor 3), as the
     repository's cluster.toml describes, on free ports."""
 
-    def __init__(self, workdir, partitions=8):
+    def __init__(self, workdir, partitions=8, extra=""):
         self.dir = Path(workdir) / "cluster"
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
@@ -86,7 +86,7 @@ class Cluster:
                            f"http = \"{ip}:{ports[1]}\"\nflight = \"{ip}:{ports[2]}\"\n")
             self.http.append(f"http://{ip}:{ports[1]}")
         config = self.dir / "cluster.toml"
-        config.write_text(f"[node]\ndata-dir = \"{self.dir}/node-{{id}}\"\n[cluster]\npartitions = {partitions}\n"
+        config.write_text(f"[node]\ndata-dir = \"{self.dir}/node-{{id}}\"\n{extra}\n[cluster]\npartitions = {partitions}\n"
                           f"replication-factor = 3\nca-dir = \"{self.dir}/ca\"\n" + "\n".join(members))
         self.log = open(self.dir / "prism.log", "ab")
         self.procs = [subprocess.Popen(
@@ -141,6 +141,36 @@ def bench_cluster(events, seed, workdir, single_rate):
                 "single_node_events_per_second": single_rate}
     finally:
         cluster.stop()
+
+
+# Where the acknowledgement tail at half load comes from: the same paced run with one cause
+# taken away at a time.
+LATENCY_VARIANTS = [
+    ("as configured (data on disk)", "", None),
+    ("data directories on tmpfs (no disk)", "", "/dev/shm"),
+    ("sealing off (rows stay in the Raft log)", "[storage]\nseal-rows = 100000000\nseal-interval = \"10h\"", None),
+    ("sealing and snapshots off", "[storage]\nseal-rows = 100000000\nseal-interval = \"10h\"\n"
+     "[consensus]\nsnapshot-every-entries = 100000000", None),
+]
+
+
+def bench_cluster_latency(rate, seed, workdir, events=600_000):
+    """The half-load run of `bench_cluster` under each of LATENCY_VARIANTS (600,000 events each)."""
+    out = []
+    for name, extra, root in LATENCY_VARIANTS:
+        base = Path(root) / "optiprism-bench-variant" if root else Path(workdir)
+        cluster = Cluster(base, extra=extra)
+        try:
+            class Target:
+                http = cluster.http[1]
+            r = ingest(Target, events, seed + 2, 1000, 16, rate=rate)
+            print(f"[cluster] {name}: p50 {r['latency_ms_p50']:.1f} ms, p99 {r['latency_ms_p99']:.1f} ms", flush=True)
+            out.append({"variant": name, **r})
+        finally:
+            cluster.stop()
+            if root:
+                shutil.rmtree(base, ignore_errors=True)
+    return out
 
 
 def gen_args(events, seed):
@@ -377,6 +407,14 @@ def write_markdown(results):
                   f" {full['latency_ms_p50']:.1f} ms | {full['latency_ms_p99']:.1f} ms |",
                   f"| paced at half of that | {half['events']:,} | {half['events_per_second']:,.0f} | |"
                   f" {half['latency_ms_p50']:.1f} ms | {half['latency_ms_p99']:.1f} ms |"]
+        variants = c.get("latency_variants")
+        if variants:
+            lines += ["", "Where the tail at half load comes from (`--cluster-latency`: the same paced run, 600,000",
+                      "events, with one cause taken away at a time):", "",
+                      "| variant | events/s | ack latency p50 | p99 |", "|---|---:|---:|---:|"]
+            for v in variants:
+                lines.append(f"| {v['variant']} | {v['events_per_second']:,.0f} | {v['latency_ms_p50']:.1f} ms |"
+                             f" {v['latency_ms_p99']:.1f} ms |")
     lines += ["", "## Trends queries", ""]
     for r in results["sizes"]:
         lines += [f"### {r['events']:,} events", "",
@@ -400,6 +438,9 @@ def main():
     p.add_argument("--workdir", default=None)
     p.add_argument("--cluster-only", action="store_true",
                    help="measure only the three-node cluster's ingestion and add it to bench/results.json")
+    p.add_argument("--cluster-latency", action="store_true",
+                   help="with --cluster-only: also run the half-load run with the data on tmpfs, sealing off, and"
+                        " sealing and snapshots off, to show where the acknowledgement tail comes from")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite docs/benchmarks.md from bench/results.json and bench/notes.md without measuring")
     args = p.parse_args()
@@ -409,6 +450,9 @@ def main():
         single = results["sizes"][0]["ingest_batch_1000"]["events_per_second"]
         workdir = Path(args.workdir or tempfile.mkdtemp(prefix="optiprism-bench-"))
         results["cluster"] = bench_cluster(results["sizes"][0]["events"], args.seed, workdir, single)
+        if args.cluster_latency:
+            rate = results["cluster"]["half_load"]["events_per_second"]
+            results["cluster"]["latency_variants"] = bench_cluster_latency(rate, args.seed, workdir)
         (ROOT / "bench/results.json").write_text(json.dumps(results, indent=2))
         args.report_only = True
     if args.report_only:
