@@ -50,6 +50,13 @@ pub trait StateMachineCore: Send + 'static {
     /// few thousand entries, so it may name durable immutable data instead of copying it.
     fn snapshot(&mut self) -> Result<Vec<u8>, CoreError>;
 
+    /// A reader of the state as of the last *completed* persist (its marker and a description
+    /// as [`StateMachineCore::snapshot`] makes), runnable without the core, so a snapshot
+    /// need not hold up apply while it persists. `None` (the default): snapshots persist first.
+    fn durable_snapshot(&self) -> Option<DurableSnapshot> {
+        None
+    }
+
     /// What a follower receives for the snapshot `description` (one [`snapshot`] made): by
     /// default the description itself; a core whose description names data returns the data.
     ///
@@ -62,6 +69,12 @@ pub trait StateMachineCore: Send + 'static {
     /// the leader) and persists it with `marker`.
     fn install(&mut self, shipped: &[u8], marker: &[u8]) -> Result<(), CoreError>;
 }
+
+/// A core's durable state: its marker and a snapshot description of it.
+pub type DurableCut = (Vec<u8>, Vec<u8>);
+
+/// Reads a core's [`DurableCut`] (`None` when nothing has been persisted yet).
+pub type DurableSnapshot = Box<dyn FnOnce() -> Result<Option<DurableCut>, CoreError> + Send>;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct AppliedMarker {
@@ -81,6 +94,8 @@ struct Inner<S> {
     core: S,
     applied: AppliedMarker,
     snapshot_seq: u64,
+    /// The index of the last snapshot built here.
+    last_snapshot: Option<LogId>,
 }
 
 /// openraft's state machine over a [`StateMachineCore`]. Cheap to clone; clones share the core.
@@ -120,6 +135,7 @@ impl<S: StateMachineCore> StateMachineStore<S> {
                 core,
                 applied,
                 snapshot_seq: 0,
+                last_snapshot: None,
             })),
             snapshots,
         })
@@ -248,18 +264,43 @@ impl<S: StateMachineCore> RaftStateMachine<TypeConfig> for StateMachineStore<S> 
 
 impl<S: StateMachineCore> RaftSnapshotBuilder<TypeConfig> for StateMachineStore<S> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        // Persist first: the snapshot (and the log purge openraft does after it) must never run
-        // ahead of what is durable in the state machine.
+        // Cut at the last completed persist when the core can read it without holding up
+        // apply, and it is newer than the last snapshot.
+        let durable = self.inner.lock().core.durable_snapshot();
+        let mut cut = None;
+        if let Some(read) = durable {
+            let read = tokio::task::spawn_blocking(read)
+                .await
+                .map_err(sm_err)?
+                .map_err(sm_err)?;
+            if let Some((marker, data)) = read {
+                let applied: AppliedMarker = crate::decode(&marker).map_err(sm_err)?;
+                if applied.last_applied > self.inner.lock().last_snapshot {
+                    cut = Some((applied, data));
+                }
+            }
+        }
+        // Otherwise persist first: the snapshot (and the log purge openraft does after it)
+        // must never run ahead of what is durable in the state machine.
         let (meta, data) = {
             let mut inner = self.inner.lock();
-            let marker = encode(&inner.applied);
-            inner.core.persist(&marker).map_err(sm_err)?;
-            let data = inner.core.snapshot().map_err(sm_err)?;
+            let (applied, data) = match cut {
+                Some(cut) => cut,
+                None => {
+                    let marker = encode(&inner.applied);
+                    inner.core.persist(&marker).map_err(sm_err)?;
+                    (
+                        inner.applied.clone(),
+                        inner.core.snapshot().map_err(sm_err)?,
+                    )
+                }
+            };
             inner.snapshot_seq += 1;
-            let last = inner.applied.last_applied;
+            let last = applied.last_applied;
+            inner.last_snapshot = last;
             let meta = SnapshotMeta {
                 last_log_id: last,
-                last_membership: inner.applied.membership.clone(),
+                last_membership: applied.membership,
                 snapshot_id: format!(
                     "{}-{}",
                     last.map(|l| l.index).unwrap_or(0),

@@ -12,7 +12,9 @@
 
 use crate::storage::chunk::{self, Chunk, ChunkBuilder, ChunkMeta, StoredEvent};
 use arrow::array::RecordBatch;
-use optiprism_consensus::state_machine::{CoreError, StateMachineCore};
+use optiprism_consensus::state_machine::{
+    CoreError, DurableCut, DurableSnapshot, StateMachineCore,
+};
 use optiprism_types::event::PropValue;
 use optiprism_types::ids::message_key;
 use optiprism_types::{PartitionId, PersonId, ProjectId};
@@ -285,6 +287,7 @@ enum SealerMessage {
         tree: sled::Tree,
         data: Arc<RwLock<PartitionData>>,
         failure: Arc<Mutex<Option<String>>>,
+        cut: Arc<Mutex<()>>,
         job: SealJob,
     },
     /// Answered once every job sent before it is done.
@@ -302,6 +305,8 @@ enum SealerMessage {
 struct Sealer {
     partition: PartitionId,
     failure: Arc<Mutex<Option<String>>>,
+    /// Held while a write changes the durable state, so a snapshot read from it sees one cut.
+    cut: Arc<Mutex<()>>,
 }
 
 fn sealer_queue() -> &'static std::sync::mpsc::Sender<SealerMessage> {
@@ -319,12 +324,13 @@ fn sealer_queue() -> &'static std::sync::mpsc::Sender<SealerMessage> {
                             tree,
                             data,
                             failure,
+                            cut,
                             job,
                         } => {
                             if failure.lock().is_some() {
                                 continue;
                             }
-                            if let Err(e) = write_sealed(&tree, &data, job) {
+                            if let Err(e) = write_sealed(&tree, &data, &cut, job) {
                                 tracing::error!(partition_id = %partition, error = %e, "sealing failed; unsealed rows stay in the Raft log");
                                 *failure.lock() = Some(e.to_string());
                             }
@@ -345,6 +351,7 @@ impl Sealer {
         Sealer {
             partition,
             failure: Arc::new(Mutex::new(None)),
+            cut: Arc::default(),
         }
     }
 
@@ -355,6 +362,7 @@ impl Sealer {
             tree: tree.clone(),
             data: Arc::clone(data),
             failure: Arc::clone(&self.failure),
+            cut: Arc::clone(&self.cut),
             job,
         });
     }
@@ -376,6 +384,7 @@ impl Sealer {
 fn write_sealed(
     tree: &sled::Tree,
     data: &RwLock<PartitionData>,
+    cut: &Mutex<()>,
     job: SealJob,
 ) -> Result<(), CoreError> {
     let mut batch = sled::Batch::default();
@@ -395,13 +404,53 @@ fn write_sealed(
         );
     }
     batch.insert("marker", job.marker);
-    tree.apply_batch(batch)?;
+    {
+        let _cut = cut.lock();
+        tree.apply_batch(batch)?;
+    }
     let mut data = data.write();
     data.sealing.remove(&job.id);
     for c in sealed {
         data.chunks.entry(c.meta.project).or_default().push(c);
     }
     Ok(())
+}
+
+/// Every person row stored in `tree`.
+fn stored_persons(tree: &sled::Tree) -> Result<Vec<(ProjectId, PersonId, PersonRow)>, CoreError> {
+    let mut out = Vec::new();
+    for item in tree.scan_prefix(b"p/") {
+        let (key, value) = item?;
+        let project = ProjectId(u32::from_be_bytes(key[2..6].try_into()?));
+        let person = PersonId(u64::from_be_bytes(key[6..14].try_into()?));
+        out.push((project, person, optiprism_consensus::decode(&value)?));
+    }
+    Ok(out)
+}
+
+/// The durable state of a partition as a snapshot description, with its marker: what the last
+/// completed seal wrote (read under `cut`, so no write lands halfway through).
+fn durable_snapshot(
+    tree: &sled::Tree,
+    cut: &Mutex<()>,
+    failure: &Mutex<Option<String>>,
+) -> Result<Option<DurableCut>, CoreError> {
+    if let Some(e) = &*failure.lock() {
+        return Err(format!("an earlier seal failed: {e}").into());
+    }
+    let _cut = cut.lock();
+    let Some(marker) = tree.get("marker")?.map(|v| v.to_vec()) else {
+        return Ok(None);
+    };
+    let mut chunks = Vec::new();
+    for item in tree.scan_prefix(b"m/") {
+        chunks.push(optiprism_consensus::decode::<ChunkMeta>(&item?.1)?);
+    }
+    let snapshot = PartitionSnapshot {
+        chunks,
+        persons: stored_persons(tree)?,
+    };
+    Ok(Some((marker, optiprism_consensus::encode(&snapshot))))
 }
 
 fn chunk_key(prefix: u8, project: ProjectId, id: u64) -> Vec<u8> {
@@ -441,12 +490,8 @@ impl PartitionCore {
                 .or_default()
                 .push(Arc::new(Chunk { meta, batch }));
         }
-        for item in tree.scan_prefix(b"p/") {
-            let (key, value) = item?;
-            let project = ProjectId(u32::from_be_bytes(key[2..6].try_into()?));
-            let person = PersonId(u64::from_be_bytes(key[6..14].try_into()?));
-            data.persons
-                .insert((project, person), optiprism_consensus::decode(&value)?);
+        for (project, person, row) in stored_persons(&tree)? {
+            data.persons.insert((project, person), row);
         }
         let marker = tree.get("marker")?.map(|v| v.to_vec());
         let data = Arc::new(RwLock::new(data));
@@ -660,6 +705,13 @@ impl StateMachineCore for PartitionCore {
         Ok(optiprism_consensus::encode(&snapshot))
     }
 
+    fn durable_snapshot(&self) -> Option<DurableSnapshot> {
+        let tree = self.tree.clone();
+        let cut = Arc::clone(&self.sealer.cut);
+        let failure = Arc::clone(&self.sealer.failure);
+        Some(Box::new(move || durable_snapshot(&tree, &cut, &failure)))
+    }
+
     fn ship(&self, description: &[u8]) -> Result<Vec<u8>, CoreError> {
         let snapshot: PartitionSnapshot = optiprism_consensus::decode(description)?;
         let mut chunks = Vec::with_capacity(snapshot.chunks.len());
@@ -715,7 +767,10 @@ impl StateMachineCore for PartitionCore {
             fresh.persons.insert((project, person), row);
         }
         batch.insert("marker", marker);
-        self.tree.apply_batch(batch)?;
+        {
+            let _cut = self.sealer.cut.lock();
+            self.tree.apply_batch(batch)?;
+        }
         *self.data.write() = fresh;
         self.next_chunk = next_chunk;
         self.dirty_persons.clear();
@@ -876,5 +931,45 @@ mod tests {
             reopened.persisted_marker().as_deref(),
             Some(&b"m-final"[..])
         );
+    }
+
+    #[test]
+    fn a_durable_snapshot_is_the_last_completed_seal_not_the_rows_applied_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut core = PartitionCore::open(&db, PartitionId(0), 1_000).unwrap();
+        let read = |core: &PartitionCore| (core.durable_snapshot().unwrap())().unwrap();
+        assert!(read(&core).is_none(), "nothing sealed yet");
+        for i in 0..3u64 {
+            core.apply(
+                i + 1,
+                &command(u128::from(i), &[&[event(&format!("a{i}"), i)]]),
+            );
+        }
+        core.persist(b"m3").unwrap();
+        let (marker, description) = read(&core).unwrap();
+        assert_eq!(marker, b"m3");
+        // The same chunks and persons as the in-memory snapshot (persons in key order).
+        let decoded = |bytes: &[u8]| {
+            let mut s: PartitionSnapshot = optiprism_consensus::decode(bytes).unwrap();
+            s.persons
+                .sort_by_key(|(project, person, _)| (*project, *person));
+            optiprism_consensus::encode(&s)
+        };
+        assert_eq!(decoded(&description), decoded(&core.snapshot().unwrap()));
+        // Rows applied after it stay out until they are sealed, however they are sealed.
+        for i in 3..5u64 {
+            core.apply(
+                i + 1,
+                &command(u128::from(i), &[&[event(&format!("b{i}"), i)]]),
+            );
+        }
+        let (marker, later) = read(&core).unwrap();
+        assert_eq!((marker.as_slice(), &later), (&b"m3"[..], &description));
+        core.persist(b"m5").unwrap();
+        let (marker, sealed) = read(&core).unwrap();
+        assert_eq!(marker, b"m5");
+        let snapshot: PartitionSnapshot = optiprism_consensus::decode(&sealed).unwrap();
+        assert_eq!(snapshot.chunks.iter().map(|c| c.rows).sum::<u64>(), 5);
     }
 }
