@@ -56,6 +56,20 @@ impl GroupConfig {
     }
 }
 
+fn snapshot_tree(group: GroupId) -> String {
+    format!("g{}.snapshot", group.0)
+}
+
+/// Deletes what `db` holds of `group` (its log, vote and markers, snapshot), once its Raft
+/// instance here has stopped: a replica moved away.
+pub fn drop_group_storage(db: &sled::Db, group: GroupId) -> crate::Result<()> {
+    use crate::log_store::{log_tree, meta_tree};
+    for tree in [log_tree(group), meta_tree(group), snapshot_tree(group)] {
+        db.drop_tree(tree)?;
+    }
+    Ok(())
+}
+
 /// Opens the storage of `group` in `db` and starts its Raft instance.
 pub async fn start_group<S: StateMachineCore>(
     node_id: u64,
@@ -67,7 +81,7 @@ pub async fn start_group<S: StateMachineCore>(
     config: &GroupConfig,
 ) -> crate::Result<(Raft, StateMachineStore<S>, SledLogStore)> {
     let log = SledLogStore::open(db, group, flusher)?;
-    let snapshots = db.open_tree(format!("g{}.snapshot", group.0))?;
+    let snapshots = db.open_tree(snapshot_tree(group))?;
     let state_machine = StateMachineStore::new(core, snapshots)?;
     let raft = Raft::new(
         node_id,

@@ -30,7 +30,7 @@ use std::fmt;
 use std::io::Cursor;
 
 pub use error::{Error, Result};
-pub use group::{GroupConfig, start_group};
+pub use group::{GroupConfig, drop_group_storage, start_group};
 pub use log_store::SledLogStore;
 pub use network::{LocalRouter, NetworkFactory, RaftTransport};
 pub use quic::{LeaderError, QuicTransport};

@@ -35,6 +35,16 @@ pub struct SledLogStore {
     cache: EntryCache,
 }
 
+/// The sled tree of a group's log entries.
+pub(crate) fn log_tree(group: GroupId) -> String {
+    format!("g{}.log", group.0)
+}
+
+/// The sled tree of a group's vote, committed and purged markers.
+pub(crate) fn meta_tree(group: GroupId) -> String {
+    format!("g{}.meta", group.0)
+}
+
 fn io_err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
@@ -43,8 +53,8 @@ impl SledLogStore {
     /// Opens (or creates) the log of `group` in `db`.
     pub fn open(db: &sled::Db, group: GroupId, flusher: Flusher) -> crate::Result<SledLogStore> {
         Ok(SledLogStore {
-            log: db.open_tree(format!("g{}.log", group.0))?,
-            meta: db.open_tree(format!("g{}.meta", group.0))?,
+            log: db.open_tree(log_tree(group))?,
+            meta: db.open_tree(meta_tree(group))?,
             flusher,
             cache: Arc::default(),
         })

@@ -7,11 +7,12 @@
 //! asks every member and puts the answers together. Mutations need `cluster.admin-token`;
 //! when it is set, every admin request does. Errors are the JSON bodies of the HTTP API.
 
+use crate::http::{bearer, error};
 use crate::placement::MoveError;
 use crate::server::{GroupStatus, NodeShared};
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use optiprism_consensus::{GroupId, LeaderError, NodeAddr};
@@ -31,23 +32,10 @@ pub fn routes() -> axum::Router<Arc<NodeShared>> {
         .route("/admin/v1/drain", post(drain))
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(json!({"error": {"code": code, "message": message.into()}})),
-    )
-        .into_response()
-}
-
 /// Checks the admin token: `mutation` requests need one configured and presented, read-only
 /// requests only when one is configured. The refusal, if any.
 fn refusal(node: &NodeShared, headers: &HeaderMap, mutation: bool) -> Option<Response> {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match (&node.config.cluster.admin_token, presented) {
+    match (&node.config.cluster.admin_token, bearer(headers)) {
         (Some(expected), Some(token)) if token == expected => None,
         (Some(_), Some(_)) => Some(error(
             StatusCode::UNAUTHORIZED,
@@ -96,18 +84,11 @@ async fn status(State(node): State<Arc<NodeShared>>, headers: HeaderMap) -> Resp
     }
     let groups = node.group_status();
     // The members are the replicas of the metadata group, which every node holds.
-    let members: Vec<Value> = groups
+    let members: Vec<Value> = node
+        .members()
         .iter()
-        .find(|g| g.group == GroupId::METADATA)
-        .map(|g| {
-            g.addresses
-                .iter()
-                .map(
-                    |(id, a)| json!({"id": id, "http": a.http, "flight": a.flight, "raft": a.raft}),
-                )
-                .collect()
-        })
-        .unwrap_or_default();
+        .map(|(id, a)| json!({"id": id, "http": a.http, "flight": a.flight, "raft": a.raft}))
+        .collect();
     Json(json!({
         "node": node.node_id(),
         "ready": node.is_ready(),

@@ -86,7 +86,8 @@ pub fn router(node: Arc<NodeShared>) -> Router {
 
 use axum::Json;
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+/// A JSON error answer (with `Retry-After` when it is 503).
+pub(crate) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let mut response = (
         status,
         Json(json!({"error": {"code": code, "message": message.into()}})),
@@ -171,7 +172,7 @@ fn basic_auth_user(headers: &HeaderMap) -> Option<String> {
     (!user.is_empty()).then_some(user)
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     value
         .strip_prefix("Bearer ")

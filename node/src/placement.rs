@@ -88,19 +88,7 @@ impl NodeShared {
     /// The partition map: as recorded in the metadata group, or, before the bootstrap node
     /// recorded it, the initial placement of the configuration.
     pub fn placement(&self) -> BTreeMap<u32, Vec<u64>> {
-        let recorded = self.metadata.read(|m| m.placement.clone());
-        if !recorded.is_empty() {
-            return recorded;
-        }
-        let members: Vec<u64> = crate::server::initial_members(&self.config)
-            .keys()
-            .copied()
-            .collect();
-        initial_placement(
-            &members,
-            self.partition_count,
-            self.config.cluster.replication_factor,
-        )
+        self.proposer.placement()
     }
 
     /// Records the initial partition map, unless one is recorded (the bootstrap node does this
@@ -187,14 +175,9 @@ impl NodeShared {
         h.network.unserve(hosted.group.id);
         let _ = hosted.group.raft.shutdown().await;
         let group = hosted.group.id;
-        for tree in [
-            format!("g{}.log", group.0),
-            format!("g{}.meta", group.0),
-            format!("g{}.snapshot", group.0),
-            format!("p{p}.data"),
-        ] {
-            h.db.drop_tree(tree)?;
-        }
+        optiprism_consensus::drop_group_storage(&h.db, group)?;
+        crate::storage::partition::drop_partition_storage(&h.db, PartitionId(p))
+            .map_err(|e| anyhow::anyhow!("dropping partition {p}: {e}"))?;
         tracing::info!(
             node_id = self.node_id,
             partition = p,
@@ -207,10 +190,9 @@ impl NodeShared {
     /// transport every member's address.
     pub(crate) async fn reconcile_placement(&self) -> anyhow::Result<()> {
         if let Some(quic) = &self.proposer.quic {
-            let members = Arc::clone(&self.meta.raft.metrics().borrow().membership_config);
-            for (id, addr) in members.membership().nodes() {
-                if *id != self.node_id {
-                    quic.set_peer(*id, addr.raft.clone());
+            for (id, addr) in self.members() {
+                if id != self.node_id {
+                    quic.set_peer(id, addr.raft);
                 }
             }
         }

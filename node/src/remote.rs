@@ -177,15 +177,7 @@ impl FlightRemote {
             .upgrade()
             .ok_or_else(|| QueryFailure::Unavailable("the node is shutting down".into()))?;
         let group = GroupId::partition(PartitionId(scan.partition));
-        let mut candidates = node
-            .placement()
-            .get(&scan.partition)
-            .cloned()
-            .unwrap_or_default();
-        if let Some(hint) = node.proposer.leader_hint(group) {
-            candidates.retain(|&c| c != hint);
-            candidates.insert(0, hint);
-        }
+        let mut candidates = node.proposer.candidates(group);
         candidates.retain(|&c| c != node.node_id());
         let members = node.members();
         let ticket = serde_json::to_vec(&ScanTicket { scan }).expect("a scan serializes");

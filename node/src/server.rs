@@ -177,6 +177,9 @@ pub struct Proposer {
     node_id: u64,
     pub(crate) quic: Option<Arc<QuicTransport>>,
     metadata: MetadataHandle,
+    /// The partition map every member computes from the configuration, in force until the
+    /// bootstrap node records it in the metadata group.
+    initial_placement: Arc<BTreeMap<u32, Vec<u64>>>,
     /// The leader last seen answering, per group this node does not host.
     leader_hints: Arc<parking_lot::Mutex<std::collections::HashMap<GroupId, u64>>>,
 }
@@ -239,9 +242,34 @@ impl Proposer {
         }
     }
 
-    /// The leader of a group held elsewhere that last answered a proposal, if any.
-    pub fn leader_hint(&self, group: GroupId) -> Option<u64> {
-        self.leader_hints.lock().get(&group).copied()
+    /// The partition map: as recorded in the metadata group, or, before the bootstrap node
+    /// recorded it, the initial placement of the configuration.
+    pub fn placement(&self) -> BTreeMap<u32, Vec<u64>> {
+        let recorded = self.metadata.read(|m| m.placement.clone());
+        if recorded.is_empty() {
+            (*self.initial_placement).clone()
+        } else {
+            recorded
+        }
+    }
+
+    /// The nodes to ask for a partition group held elsewhere: the leader last seen answering
+    /// first, then the partition's replicas in the map.
+    pub fn candidates(&self, group: GroupId) -> Vec<u64> {
+        let Some(p) = group.as_partition() else {
+            return Vec::new();
+        };
+        let recorded = self.metadata.read(|m| {
+            (!m.placement.is_empty()).then(|| m.placement.get(&p.0).cloned().unwrap_or_default())
+        });
+        let mut candidates = recorded
+            .or_else(|| self.initial_placement.get(&p.0).cloned())
+            .unwrap_or_default();
+        if let Some(hint) = self.leader_hints.lock().get(&group).copied() {
+            candidates.retain(|&c| c != hint);
+            candidates.insert(0, hint);
+        }
+        candidates
     }
 
     /// Commits `bytes` to a group this node holds no replica of: to the leader last seen,
@@ -257,15 +285,8 @@ impl Proposer {
                 message: "this node holds no replica of the group".into(),
             });
         };
-        let replicas: Vec<u64> = group
-            .as_partition()
-            .and_then(|p| self.metadata.read(|m| m.placement.get(&p.0).cloned()))
-            .unwrap_or_default();
-        let mut candidates: std::collections::VecDeque<u64> = replicas.into_iter().collect();
-        if let Some(hint) = self.leader_hints.lock().get(&group).copied() {
-            candidates.retain(|&c| c != hint);
-            candidates.push_front(hint);
-        }
+        let mut candidates: std::collections::VecDeque<u64> =
+            self.candidates(group).into_iter().collect();
         let rounds = 3 * candidates.len().max(1) + 3;
         for attempt in 0..rounds {
             let Some(target) = candidates.pop_front() else {
@@ -391,6 +412,17 @@ impl NodeShared {
         self.partition_count
     }
 
+    /// The metadata group and every partition group held here, with their Raft handles.
+    fn groups(&self) -> Vec<(GroupId, Raft)> {
+        std::iter::once((self.meta.id, self.meta.raft.clone()))
+            .chain(
+                self.hosted()
+                    .iter()
+                    .map(|g| (g.group.id, g.group.raft.clone())),
+            )
+            .collect()
+    }
+
     /// The partitions hosted here, in order.
     pub(crate) fn hosted(&self) -> Vec<Arc<PartitionGroup>> {
         self.partitions.read().values().cloned().collect()
@@ -489,11 +521,13 @@ impl NodeShared {
         if self.proposer.quic.is_none() {
             return Ok(());
         }
-        let hosted = self.hosted();
-        let groups = std::iter::once((self.meta.id, &self.meta.raft))
-            .chain(hosted.iter().map(|g| (g.group.id, &g.group.raft)));
-        futures::future::try_join_all(groups.map(|(group, raft)| self.group_barrier(group, raft)))
-            .await?;
+        let groups = self.groups();
+        futures::future::try_join_all(
+            groups
+                .iter()
+                .map(|(group, raft)| self.group_barrier(*group, raft)),
+        )
+        .await?;
         Ok(())
     }
 
@@ -552,9 +586,10 @@ impl NodeShared {
     pub fn is_ready(&self) -> bool {
         !self.is_shutting_down()
             && !self.is_draining()
-            && std::iter::once(self.meta.raft.clone())
-                .chain(self.hosted().iter().map(|g| g.group.raft.clone()))
-                .all(|r| r.metrics().borrow().current_leader.is_some())
+            && self
+                .groups()
+                .iter()
+                .all(|(_, r)| r.metrics().borrow().current_leader.is_some())
     }
 
     /// Whether an operator drained this node (see [`NodeShared::drain`]).
@@ -570,9 +605,8 @@ impl NodeShared {
 
     /// Per-group status for `/metrics` (and operators).
     pub fn group_status(&self) -> Vec<GroupStatus> {
-        let hosted = self.hosted();
-        std::iter::once((self.meta.id, &self.meta.raft))
-            .chain(hosted.iter().map(|g| (g.group.id, &g.group.raft)))
+        self.groups()
+            .into_iter()
             .map(|(group, raft)| {
                 let m = raft.metrics().borrow().clone();
                 GroupStatus {
@@ -872,10 +906,16 @@ pub async fn start(
     let meta_core =
         MetadataCore::open(&db).map_err(|e| anyhow::anyhow!("cannot open metadata: {e}"))?;
     let metadata = meta_core.handle();
+    let member_ids: Vec<u64> = initial_members(&config).keys().copied().collect();
     let proposer = Proposer {
         node_id,
         quic: network.quic(),
         metadata: metadata.clone(),
+        initial_placement: Arc::new(crate::placement::initial_placement(
+            &member_ids,
+            partitions,
+            config.cluster.replication_factor,
+        )),
         leader_hints: Arc::default(),
     };
     let (raft, state_machine, _) = start_group(

@@ -416,6 +416,17 @@ fn write_sealed(
     Ok(())
 }
 
+/// The sled tree of a partition's chunks, persons and marker.
+fn data_tree(partition: PartitionId) -> String {
+    format!("p{}.data", partition.0)
+}
+
+/// Deletes what `db` holds of a partition's data, once its core is gone: a replica moved away.
+pub fn drop_partition_storage(db: &sled::Db, partition: PartitionId) -> Result<(), CoreError> {
+    db.drop_tree(data_tree(partition))?;
+    Ok(())
+}
+
 /// Every person row stored in `tree`.
 fn stored_persons(tree: &sled::Tree) -> Result<Vec<(ProjectId, PersonId, PersonRow)>, CoreError> {
     let mut out = Vec::new();
@@ -472,7 +483,7 @@ impl PartitionCore {
         partition: PartitionId,
         seal_rows: usize,
     ) -> Result<PartitionCore, CoreError> {
-        let tree = db.open_tree(format!("p{}.data", partition.0))?;
+        let tree = db.open_tree(data_tree(partition))?;
         let mut data = PartitionData::default();
         let mut next_chunk = 0;
         for item in tree.scan_prefix(b"m/") {
