@@ -5,15 +5,22 @@ Usage (from the repository root):
 
     cargo build --release --bin prism --bin prismctl
     python3 bench/run.py --events 1000000 --events 10000000
+    python3 bench/run.py --queries-only --sizes 1000000            # queries only, one size
+    python3 bench/run.py --queries-only --sizes 1000000 --only funnel
+    python3 bench/run.py --report-only                            # rewrite docs/benchmarks.md
+
+The binaries are read from $CARGO_TARGET_DIR/release (default ~/.cache/optiprism/target-release).
 
 For each size it generates the same events (prismctl gen, fixed seed) as an Arrow file for the
 peers and as Segment batches for Optiprism; measures HTTP ingestion with batches of 1,000 (and of
 100 on up to 1M events) with durability on; loads the file into DuckDB (native table) and chDB
-(MergeTree ordered by event and time); runs each trends query on all three in the same run,
-checks that the answers agree, and writes bench/results.json and docs/benchmarks.md.
+(MergeTree ordered by event and time, plus a copy ordered by distinct id and time for the
+per-person classes); runs each query class (trends, breakdown top-N, funnel, retention, paths,
+cohort filter) on all of them in the same run, checks that the answers agree, and writes
+bench/results.json and docs/benchmarks.md.
 """
 
-import argparse, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, math, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,39 +192,157 @@ def ingest(node, events, seed, batch, concurrency, rate=None):
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
-# Each query: our JSON, and the same question in DuckDB and ClickHouse SQL. Every query returns
-# per-bucket values plus the range total (ROLLUP), as ours does.
+# Each query class: our JSON, the same question in DuckDB and ClickHouse SQL, and how to read
+# each engine's rows into one comparable answer. ClickHouse SQL names its table `{events}`: the
+# MergeTree ordered by (event, timestamp) for "chDB", and for the per-person classes also the
+# copy ordered by (distinct_id, timestamp) for "chDB sorted".
+MS_DAY = 86_400_000
+MS_WEEK = 7 * MS_DAY
+T_2024_01_01 = 1_704_067_200_000
+
+
+def utc_ms(day):
+    """Milliseconds of a UTC midnight, `day` as YYYY-MM-DD."""
+    import datetime
+    d = datetime.date.fromisoformat(day)
+    return T_2024_01_01 + (d - datetime.date(2024, 1, 1)).days * MS_DAY
+
+
+def duck_range(a, b):
+    return f"\"timestamp\" >= TIMESTAMPTZ '{a} 00:00:00+00' AND \"timestamp\" < TIMESTAMPTZ '{b} 00:00:00+00'"
+
+
+def ch_range(a, b):
+    return f"timestamp >= toDateTime64('{a} 00:00:00', 3, 'UTC') AND timestamp < toDateTime64('{b} 00:00:00', 3, 'UTC')"
+
+
+def num(x):
+    """A number from a DuckDB value or a ClickHouse TSV field (None for NULL)."""
+    if x is None or x in ("", "\\N"):
+        return None
+    return float(x)
+
+
+def text(x):
+    return None if x is None or x == "\\N" else str(x)
+
+
+# Readers of the engines' rows (DuckDB tuples, ClickHouse TSV fields) into comparable answers.
+
+def rows_by_bucket(rows):
+    """Trends: {bucket label or None for the range total: value}, zeros left out."""
+    return {text(b): num(v) for b, v in rows if num(v)}
+
+
+def rows_by_label_bucket(rows):
+    """Trends with a breakdown: {(label or None, bucket or None): value}, zeros left out."""
+    return {(text(l), text(b)): num(v) for b, l, v in rows if num(v)}
+
+
+def rows_funnel(rows):
+    """Funnel: the step counts."""
+    return tuple(int(num(x) or 0) for x in rows[0])
+
+
+RETENTION_START = "2024-01-01"
+RETENTION_WEEKS = 12  # 2024-01-01 .. 2024-03-24, Monday weeks
+RETENTION_PERIODS = 8
+
+
+def rows_retention(rows):
+    """Retention: {(cohort label, period): retained or None}; rows are (cohort index, period,
+    units) with period 0 the cohort size; cells past the last week of the range are null."""
+    import datetime
+    got = {(int(num(c)), int(num(k))): int(num(n)) for c, k, n in rows}
+    out = {}
+    for c in range(RETENTION_WEEKS):
+        label = (datetime.date(2024, 1, 1) + datetime.timedelta(weeks=c)).isoformat()
+        for k in range(RETENTION_PERIODS):
+            out[(label, k)] = float(got.get((c, k), 0)) if k == 0 or c + k < RETENTION_WEEKS else None
+    return out
+
+
+def rows_paths(rows):
+    """Paths: the kept edges {(source, target): (value, avg_seconds)} from the 50 heaviest
+    (ordered by value desc, source, target), dropping edges whose source is neither at position 1
+    nor reached by a kept edge (the pass over at most 50 rows runs in Python for both peers)."""
+    edges = [(text(s), text(t), int(num(v)), num(a)) for s, t, v, a in rows]
+    reachable = set()
+    for s, t, _, _ in sorted(edges, key=lambda e: int(e[0].split("_", 1)[0])):
+        if s.startswith("1_") or s in reachable:
+            reachable.add(t)
+    return {(s, t): (v, a) for s, t, v, a in edges if s.startswith("1_") or s in reachable}
+
+
+def same_paths(a, b):
+    return a.keys() == b.keys() and all(a[k][0] == b[k][0] and abs(a[k][1] - b[k][1]) <= 1e-3 for k in a)
+
+
+# Readers of our Arrow answers (a list of row dicts).
+
+def ours_trends(rows, by_breakdown=False):
+    out = {}
+    for r in rows:
+        if by_breakdown:
+            if r["breakdown"] is not None and r["bucket"] is None:
+                out[r["breakdown"]] = r["value"]
+            elif r["breakdown"] is None and r["bucket"] is None and r["value"]:
+                out[None] = r["value"]
+        elif r["breakdown"] is None and r["value"]:
+            out[r["bucket"]] = r["value"]
+    return out
+
+
+def ours_breakdown_cells(rows):
+    return {(r["breakdown"], r["bucket"]): r["value"] for r in rows if r["value"]}
+
+
+def ours_funnel(rows):
+    return tuple(r["count"] for r in sorted((r for r in rows if r["breakdown"] is None), key=lambda r: r["step"]))
+
+
+def ours_retention(rows):
+    return {(r["cohort"], r["period"]): r["retained"] for r in rows}
+
+
+def ours_paths(rows):
+    return {(r["source"], r["target"]): (r["value"], r["avg_seconds"]) for r in rows if r["kind"] == "edge"}
+
+
 def queries():
     """The peers' SQL groups by the truncated instant and formats only the result rows, the
     fastest form we found for each engine (formatting every row as text first is much slower)."""
     rng = {"from": "2024-01-01", "to": "2024-03-30"}
-    utc_range_duck = "\"timestamp\" >= TIMESTAMPTZ '2024-01-01 00:00:00+00' AND \"timestamp\" < TIMESTAMPTZ '2024-03-31 00:00:00+00'"
-    utc_range_ch = "timestamp >= toDateTime64('2024-01-01 00:00:00', 3, 'UTC') AND timestamp < toDateTime64('2024-03-31 00:00:00', 3, 'UTC')"
+    utc_range_duck = duck_range("2024-01-01", "2024-03-31")
+    utc_range_ch = ch_range("2024-01-01", "2024-03-31")
 
     def duck_daily(agg, where, tz="UTC"):
         return (f"SELECT strftime(d, '%Y-%m-%d') AS b, v FROM (SELECT date_trunc('day', timezone('{tz}', \"timestamp\")) AS d,"
                 f" {agg} AS v FROM events WHERE {where} GROUP BY ROLLUP (d))")
 
     def ch_daily(agg, where, tz="UTC"):
-        return (f"SELECT toString(d) AS b, v FROM (SELECT toDate(timestamp, '{tz}') AS d, {agg} AS v FROM events"
+        return (f"SELECT toString(d) AS b, v FROM (SELECT toDate(timestamp, '{tz}') AS d, {agg} AS v FROM {{events}}"
                 f" WHERE {where} GROUP BY d WITH ROLLUP) SETTINGS group_by_use_nulls = 1")
 
     ny_duck = "\"timestamp\" >= TIMESTAMPTZ '2024-01-01 05:00:00+00' AND \"timestamp\" < TIMESTAMPTZ '2024-03-31 04:00:00+00'"
     ny_ch = "timestamp >= toDateTime64('2024-01-01 05:00:00', 3, 'UTC') AND timestamp < toDateTime64('2024-03-31 04:00:00', 3, 'UTC')"
-    week_duck = "\"timestamp\" >= TIMESTAMPTZ '2024-02-05 00:00:00+00' AND \"timestamp\" < TIMESTAMPTZ '2024-02-12 00:00:00+00'"
-    week_ch = "timestamp >= toDateTime64('2024-02-05 00:00:00', 3, 'UTC') AND timestamp < toDateTime64('2024-02-12 00:00:00', 3, 'UTC')"
-    return [
+    week_duck = duck_range("2024-02-05", "2024-02-12")
+    week_ch = ch_range("2024-02-05", "2024-02-12")
+    trends = {"ours_read": ours_trends, "peer_read": rows_by_bucket}
+    classes = [
         {
             "name": "daily total (pageview)",
             "ours": {"kind": "trends", "date_range": rng, "interval": "day", "series": [{"event": "pageview", "math": "total"}]},
             "duckdb": duck_daily("count(*)", f"event = 'pageview' AND {utc_range_duck}"),
             "clickhouse": ch_daily("count()", f"event = 'pageview' AND {utc_range_ch}"),
+            **trends,
         },
         {
             "name": "daily unique users (pageview)",
             "ours": {"kind": "trends", "date_range": rng, "interval": "day", "series": [{"event": "pageview", "math": "unique_users"}]},
             "duckdb": duck_daily("count(DISTINCT distinct_id)", f"event = 'pageview' AND {utc_range_duck}"),
             "clickhouse": ch_daily("uniqExact(distinct_id)", f"event = 'pageview' AND {utc_range_ch}"),
+            **trends,
         },
         {
             "name": "daily total, New York time, filtered (click, $browser = Chrome)",
@@ -225,6 +350,7 @@ def queries():
                      "series": [{"event": "click", "math": "total", "filters": [{"key": "$browser", "op": "eq", "value": "Chrome"}]}]},
             "duckdb": duck_daily("count(*)", f"event = 'click' AND \"$browser\" = 'Chrome' AND {ny_duck}", "America/New_York"),
             "clickhouse": ch_daily("count()", f"event = 'click' AND `$browser` = 'Chrome' AND {ny_ch}", "America/New_York"),
+            **trends,
         },
         {
             "name": "unique users by $browser (all events)",
@@ -232,9 +358,9 @@ def queries():
                      "breakdown": {"property": "$browser", "limit": 25}},
             "duckdb": f"""SELECT coalesce("$browser", '(none)') AS b, count(DISTINCT distinct_id) AS v FROM events
                          WHERE {utc_range_duck} GROUP BY ROLLUP (b)""",
-            "clickhouse": f"""SELECT ifNull(`$browser`, '(none)') AS b, uniqExact(distinct_id) AS v FROM events
+            "clickhouse": f"""SELECT ifNull(`$browser`, '(none)') AS b, uniqExact(distinct_id) AS v FROM {{events}}
                              WHERE {utc_range_ch} GROUP BY b WITH ROLLUP SETTINGS group_by_use_nulls = 1""",
-            "by_breakdown": True,
+            "ours_read": lambda rows: ours_trends(rows, True), "peer_read": rows_by_bucket,
         },
         {
             "name": "hourly total, one week (all events)",
@@ -243,68 +369,221 @@ def queries():
             "duckdb": f"""SELECT strftime(h, '%Y-%m-%dT%H:00:00+00:00') AS b, v FROM (SELECT date_trunc('hour', timezone('UTC', "timestamp")) AS h,
                          count(*) AS v FROM events WHERE {week_duck} GROUP BY ROLLUP (h))""",
             "clickhouse": f"""SELECT formatDateTime(h, '%Y-%m-%dT%H:00:00+00:00', 'UTC') AS b, v FROM (SELECT toStartOfHour(timestamp, 'UTC') AS h,
-                             count() AS v FROM events WHERE {week_ch} GROUP BY h WITH ROLLUP) SETTINGS group_by_use_nulls = 1""",
+                             count() AS v FROM {{events}} WHERE {week_ch} GROUP BY h WITH ROLLUP) SETTINGS group_by_use_nulls = 1""",
+            **trends,
         },
     ]
 
+    # Top-20 breakdown: every (month, label) cell, each label's range total, and the unbroken
+    # month and range totals; labels beyond the 20 with the most users (ties by label) fold into
+    # "(other)", whose value is the distinct count of users over all folded values.
+    classes.append({
+        "name": "unique users by country, top 20 + (other) (all events)",
+        "ours": {"kind": "trends", "date_range": rng, "interval": "month", "series": [{"math": "unique_users"}],
+                 "breakdown": {"property": "country", "limit": 20}},
+        # One scan to the distinct (month, value, unit) triples, then the ranking and the folded
+        # counts on those (DuckDB: a materialized CTE read twice; ClickHouse: the distinct count
+        # per value as a window aggregate, then the rank by users desc, label).
+        "duckdb": f"""WITH d AS MATERIALIZED (SELECT DISTINCT date_trunc('month', timezone('UTC', "timestamp")) AS m,
+                                        coalesce(country, '(none)') AS v, distinct_id AS u FROM events WHERE {utc_range_duck}),
+                     top AS (SELECT v FROM d GROUP BY v ORDER BY count(DISTINCT u) DESC, v LIMIT 20)
+                     SELECT strftime(m, '%Y-%m-%d') AS b, l, n FROM (
+                       SELECT m, CASE WHEN v IN (SELECT v FROM top) THEN v ELSE '(other)' END AS l, count(DISTINCT u) AS n
+                       FROM d GROUP BY GROUPING SETS ((m, l), (l), (m), ()))""",
+        "clickhouse": f"""SELECT toString(m) AS b, l, n FROM (
+                           SELECT m, if(rank <= 20, v, '(other)') AS l, uniqExact(u) AS n FROM (
+                             SELECT m, v, u, dense_rank() OVER (ORDER BY n DESC, v) AS rank FROM (
+                               SELECT m, v, u, uniqExact(u) OVER (PARTITION BY v) AS n FROM (
+                                 SELECT toStartOfMonth(timestamp, 'UTC') AS m, ifNull(country, '(none)') AS v, distinct_id AS u
+                                 FROM {{events}} WHERE {utc_range_ch} GROUP BY m, v, u)))
+                           GROUP BY GROUPING SETS ((m, l), (l), (m), ()))
+                         SETTINGS group_by_use_nulls = 1""",
+        "ours_read": ours_breakdown_cells, "peer_read": rows_by_label_bucket,
+    })
 
-def ours_answer(client, options, q, by_breakdown):
-    import pyarrow.flight as fl
-    t = client.do_get(fl.Ticket(json.dumps(q).encode()), options).read_all().to_pylist()
-    out = {}
-    for r in t:
-        if by_breakdown:
-            if r["breakdown"] is not None and r["bucket"] is None:
-                out[r["breakdown"]] = r["value"]
-            elif r["breakdown"] is None and r["bucket"] is None:
-                out[None] = r["value"]
-        elif r["breakdown"] is None:
-            if r["bucket"] is None:
-                out[None] = r["value"]
-            elif r["value"]:
-                out[r["bucket"]] = r["value"]
-    return out
+    # Funnel: view_item -> add_to_cart -> purchase, 7 days from step 1, best attempt. Step 1 in
+    # [from, to + 1 day); later steps up to to + 1 day + window.
+    window = 7 * MS_DAY
+    entry_end = utc_ms("2024-03-31")
+    classes.append({
+        "name": "funnel, 3 steps, 7 days (view_item > add_to_cart > purchase)",
+        "ours": {"kind": "funnel", "date_range": rng,
+                 "steps": [{"event": "view_item"}, {"event": "add_to_cart"}, {"event": "purchase"}],
+                 "window_seconds": window // 1000, "order": "ordered", "attempt_policy": "best"},
+        # For each step-1 event the earliest step 2 at or after it, then the earliest step 3 at or
+        # after that (greedy earliest is optimal for an ordered funnel); a unit's level is the
+        # best over its attempts.
+        "duckdb": f"""WITH s AS (SELECT distinct_id, event, epoch_ms("timestamp") AS t FROM events
+                                WHERE event IN ('view_item', 'add_to_cart', 'purchase')
+                                  AND {duck_range("2024-01-01", "2024-04-07")}),
+                     s1 AS (SELECT distinct_id, t AS t1 FROM s WHERE event = 'view_item' AND t < {entry_end}),
+                     s2 AS (SELECT distinct_id, t AS t2 FROM s WHERE event = 'add_to_cart'),
+                     s3 AS (SELECT distinct_id, t AS t3 FROM s WHERE event = 'purchase'),
+                     a AS (SELECT s1.distinct_id, t1, t2 FROM s1 ASOF LEFT JOIN s2
+                           ON s1.distinct_id = s2.distinct_id AND s2.t2 >= s1.t1),
+                     b AS (SELECT a.distinct_id, t1, t2, t3 FROM a ASOF LEFT JOIN s3
+                           ON a.distinct_id = s3.distinct_id AND s3.t3 >= a.t2),
+                     u AS (SELECT distinct_id, max(CASE WHEN t2 IS NULL OR t2 - t1 > {window} THEN 1
+                                                        WHEN t3 IS NULL OR t3 - t1 > {window} THEN 2 ELSE 3 END) AS l
+                           FROM b GROUP BY distinct_id)
+                     SELECT count(*), count(*) FILTER (WHERE l >= 2), count(*) FILTER (WHERE l >= 3) FROM u""",
+        # windowFunnel takes no DateTime64: the window is in the unit of the timestamp argument,
+        # here UInt64 milliseconds (seconds would round step times to the second).
+        "clickhouse": f"""SELECT countIf(l >= 1), countIf(l >= 2), countIf(l >= 3) FROM (
+                            SELECT windowFunnel({window})(toUInt64(toUnixTimestamp64Milli(timestamp)),
+                                     event = 'view_item' AND timestamp < toDateTime64('2024-03-31 00:00:00', 3, 'UTC'),
+                                     event = 'add_to_cart', event = 'purchase') AS l
+                            FROM {{events}} WHERE event IN ('view_item', 'add_to_cart', 'purchase')
+                              AND {ch_range("2024-01-01", "2024-04-07")}
+                            GROUP BY distinct_id)""",
+        "sorted": True,
+        "ours_read": ours_funnel, "peer_read": rows_funnel,
+    })
+
+    # Weekly retention, first-time cohorts: a unit's cohort is the week of its first-ever
+    # signup_completed if that week is in the range; retained in column k if it purchased in
+    # week c + k (cells past the range's last week are null).
+    r_from, r_end = utc_ms(RETENTION_START), utc_ms("2024-03-25")
+    classes.append({
+        "name": "weekly retention, first-time cohorts (signup_completed > purchase, 8 periods)",
+        "ours": {"kind": "retention", "date_range": {"from": RETENTION_START, "to": "2024-03-24"},
+                 "start": {"event": "signup_completed"}, "return": {"event": "purchase"},
+                 "cohort_type": "first_time", "period": "week", "total_periods": RETENTION_PERIODS,
+                 "time_mode": "calendar", "counting": "bounded"},
+        "duckdb": f"""WITH f AS (SELECT distinct_id, min(epoch_ms("timestamp")) AS t0 FROM events
+                                WHERE event = 'signup_completed' GROUP BY distinct_id),
+                     c AS (SELECT distinct_id, (t0 - {r_from}) // {MS_WEEK} AS c FROM f WHERE t0 >= {r_from} AND t0 < {r_end}),
+                     r AS (SELECT DISTINCT distinct_id, (epoch_ms("timestamp") - {r_from}) // {MS_WEEK} AS j FROM events
+                           WHERE event = 'purchase' AND {duck_range(RETENTION_START, "2024-03-25")})
+                     SELECT c, 0 AS k, count(*) FROM c GROUP BY c
+                     UNION ALL
+                     SELECT c.c, r.j - c.c AS k, count(*) FROM c JOIN r USING (distinct_id)
+                     WHERE r.j > c.c AND r.j - c.c < {RETENTION_PERIODS} GROUP BY ALL""",
+        # One pass grouped by unit: first signup and the set of purchase weeks.
+        "clickhouse": f"""SELECT c, k, count() FROM (
+                            SELECT intDiv(t0 - {r_from}, {MS_WEEK}) AS c,
+                                   arrayJoin(arrayConcat([0], arrayFilter(x -> x >= 1 AND x < {RETENTION_PERIODS},
+                                                                          arrayMap(j -> j - c, js)))) AS k
+                            FROM (SELECT minIf(toUnixTimestamp64Milli(timestamp), event = 'signup_completed') AS t0,
+                                         groupUniqArrayIf(intDiv(toUnixTimestamp64Milli(timestamp) - {r_from}, {MS_WEEK}),
+                                                          event = 'purchase' AND {ch_range(RETENTION_START, "2024-03-25")}) AS js
+                                  FROM {{events}} WHERE event IN ('signup_completed', 'purchase')
+                                  GROUP BY distinct_id HAVING countIf(event = 'signup_completed') > 0)
+                            WHERE t0 >= {r_from} AND t0 < {r_end})
+                          GROUP BY c, k""",
+        "sorted": True,
+        "ours_read": ours_retention, "peer_read": rows_retention,
+    })
+
+    # Paths of page views in January: item = url (else $current_url) without a trailing slash;
+    # instances split at gaps of 30 min or more; repeats collapse keeping the last event of a
+    # run; first 5 items; edges weighted by instances with the mean seconds between the events.
+    gap = 1800 * 1000
+    duck_item = """CASE WHEN "$current_url" IS NULL THEN 'pageview'
+                        WHEN length("$current_url") > 1 AND ends_with("$current_url", '/')
+                        THEN left("$current_url", length("$current_url") - 1) ELSE "$current_url" END"""
+    ch_item = """multiIf(`$current_url` IS NULL, 'pageview',
+                         length(`$current_url`) > 1 AND endsWith(`$current_url`, '/'),
+                         substring(`$current_url`, 1, length(`$current_url`) - 1), assumeNotNull(`$current_url`))"""
+    classes.append({
+        "name": "paths of page views, January (5 steps, 30 min sessions, top 50 edges)",
+        "ours": {"kind": "paths", "date_range": {"from": "2024-01-01", "to": "2024-01-31"}, "event_types": ["pageview"],
+                 "session_gap_seconds": gap // 1000, "step_limit": 5, "edge_limit": 50},
+        "duckdb": f"""WITH e AS (SELECT distinct_id, epoch_ms("timestamp") AS t, {duck_item} AS item FROM events
+                                WHERE event = 'pageview' AND {duck_range("2024-01-01", "2024-02-01")}),
+                     n AS (SELECT *, lag(t) OVER w AS pt, lead(t) OVER w AS nt, lead(item) OVER w AS ni
+                           FROM e WINDOW w AS (PARTITION BY distinct_id ORDER BY t)),
+                     k AS (SELECT distinct_id, t, item, nt, ni,
+                                  sum(CASE WHEN pt IS NULL OR t - pt >= {gap} THEN 1 ELSE 0 END)
+                                    OVER (PARTITION BY distinct_id ORDER BY t ROWS UNBOUNDED PRECEDING) AS inst
+                           FROM n),
+                     p AS (SELECT row_number() OVER w AS pos, t, item, lead(t) OVER w AS t2, lead(item) OVER w AS item2
+                           FROM k WHERE nt IS NULL OR nt - t >= {gap} OR ni <> item
+                           WINDOW w AS (PARTITION BY distinct_id, inst ORDER BY t))
+                     SELECT pos || '_' || item AS source, (pos + 1) || '_' || item2 AS target, count(*) AS value,
+                            avg((t2 - t) / 1000.0) AS avg_seconds
+                     FROM p WHERE pos < 5 AND item2 IS NOT NULL GROUP BY ALL ORDER BY value DESC, source, target LIMIT 50""",
+        "clickhouse": f"""SELECT concat(toString(pos), '_', item) AS source, concat(toString(pos + 1), '_', item2) AS target,
+                                count() AS value, avg((t2 - t) / 1000) AS avg_seconds
+                         FROM (
+                           SELECT row_number() OVER w AS pos, t, item,
+                                  leadInFrame(toNullable(t)) OVER w1 AS t2, leadInFrame(toNullable(item)) OVER w1 AS item2
+                           FROM (
+                             SELECT distinct_id, t, item, nt, ni,
+                                    sum(if(pt IS NULL OR t - pt >= {gap}, 1, 0))
+                                      OVER (PARTITION BY distinct_id ORDER BY t ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS inst
+                             FROM (
+                               SELECT distinct_id, t, item,
+                                      lagInFrame(toNullable(t)) OVER (PARTITION BY distinct_id ORDER BY t
+                                                                     ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) AS pt,
+                                      leadInFrame(toNullable(t)) OVER w0 AS nt, leadInFrame(toNullable(item)) OVER w0 AS ni
+                               FROM (SELECT distinct_id, toUnixTimestamp64Milli(timestamp) AS t, {ch_item} AS item
+                                     FROM {{events}} WHERE event = 'pageview' AND {ch_range("2024-01-01", "2024-02-01")})
+                               WINDOW w0 AS (PARTITION BY distinct_id ORDER BY t ROWS BETWEEN CURRENT ROW AND 1 FOLLOWING)))
+                           WHERE nt IS NULL OR nt - t >= {gap} OR ni != item
+                           WINDOW w AS (PARTITION BY distinct_id, inst ORDER BY t),
+                                  w1 AS (PARTITION BY distinct_id, inst ORDER BY t ROWS BETWEEN CURRENT ROW AND 1 FOLLOWING))
+                         WHERE pos < 5 AND item2 IS NOT NULL GROUP BY source, target ORDER BY value DESC, source, target LIMIT 50""",
+        "sorted": True,
+        "ours_read": ours_paths, "peer_read": rows_paths, "same": same_paths,
+    })
+
+    # Cohort filter: daily unique page viewers among units with at least 2 purchases (all time).
+    buyers_duck = "SELECT distinct_id FROM events WHERE event = 'purchase' GROUP BY distinct_id HAVING count(*) >= 2"
+    buyers_ch = "SELECT distinct_id FROM {events} WHERE event = 'purchase' GROUP BY distinct_id HAVING count() >= 2"
+    classes.append({
+        "name": "daily unique users (pageview) in cohort: purchase >= 2 times",
+        "ours": {"kind": "trends", "date_range": rng, "interval": "day", "series": [{"event": "pageview", "math": "unique_users"}],
+                 "filters": [{"op": "in_cohort", "cohort": {"type": "event_count", "entity": {"event": "purchase"},
+                                                            "operator": "gte", "value": 2}}]},
+        "duckdb": duck_daily("count(DISTINCT distinct_id)", f"event = 'pageview' AND {utc_range_duck} AND distinct_id IN ({buyers_duck})"),
+        "clickhouse": ch_daily("uniqExact(distinct_id)", f"event = 'pageview' AND {utc_range_ch} AND distinct_id IN ({buyers_ch})"),
+        "sorted": True,
+        **trends,
+    })
+    return classes
 
 
-def rows_answer(rows):
-    return {b: float(v) for b, v in rows if v}
+QUERY_CLASS_NOTES = [
+    "- **Trends** (daily total, daily unique users, New York time with a filter, hourly): `GROUP BY` the",
+    "  truncated instant `WITH ROLLUP` (ClickHouse) / `GROUP BY ROLLUP` (DuckDB); uniques are exact",
+    "  (`uniqExact`, `count(DISTINCT)`).",
+    "- **Top-20 breakdown** (unique users by country, monthly, `limit: 20`): one scan to the distinct",
+    "  (month, value, unit) triples; on those, the values are ranked by distinct users over the range",
+    "  (ties by label; DuckDB from a materialized CTE, ClickHouse with `uniqExact` as a window aggregate",
+    "  and `dense_rank`), the rest fold into `(other)`, and `GROUPING SETS ((month, label), (label),",
+    "  (month), ())` counts distinct users, so `(other)` is the distinct count over all folded values, as",
+    "  ours. Compared: every (label, month) cell, each label's range total and the unbroken totals.",
+    "- **Funnel** (view_item → add_to_cart → purchase, 7 days, ordered, best attempt): DuckDB takes, for",
+    "  each step-1 event in the range, the earliest step 2 at or after it and then the earliest step 3 at",
+    "  or after that with two `ASOF LEFT JOIN`s (greedy earliest is optimal for an ordered funnel), keeps",
+    "  the best level per unit; ClickHouse uses `windowFunnel(604800000)` over",
+    "  `toUInt64(toUnixTimestamp64Milli(timestamp))` (windowFunnel rejects `DateTime64`; the window is in",
+    "  the unit of the timestamp argument, and whole seconds would round step times), with step 1",
+    "  restricted to the range and later steps read up to `to` + 1 day + 7 days, `GROUP BY distinct_id`.",
+    "  Compared: the three step counts.",
+    "- **Retention** (first-time weekly cohorts of `signup_completed`, return `purchase`, 8 periods,",
+    "  calendar weeks from Monday 2024-01-01, bounded): the first-ever start per unit, its week index,",
+    "  and the distinct (unit, purchase week) pairs; DuckDB joins the two, ClickHouse does it in one",
+    "  pass grouped by unit (`minIf` and `groupUniqArrayIf`, then `arrayJoin` of the periods). Compared:",
+    "  every cell, nulls past the last week of the range included.",
+    "- **Paths** (page views in January, 30-minute sessions, 5 steps, 50 edges): window functions in",
+    "  both (`lag`/`lead`, DuckDB; `lagInFrame`/`leadInFrame`, ClickHouse): a running sum of",
+    "  gaps ≥ 30 min numbers the sessions, an event is kept when the next event of its session has",
+    "  another item (the last event of a run of repeats), `row_number()` gives positions, `lead` the",
+    "  edges; the 50 heaviest by (value desc, source, target) in SQL, and the pass that drops edges not",
+    "  reachable from position 1 in Python over those 50 rows. Compared: edges, values, and mean seconds",
+    "  to 1e-3.",
+    "- **Cohort filter** (daily unique page viewers among units with ≥ 2 purchases, all time): the",
+    "  daily-uniques query with `distinct_id IN (SELECT distinct_id … GROUP BY distinct_id HAVING",
+    "  count() >= 2)`.",
+]
 
 
-def timed(fn, runs):
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
-
-
-def bench_size(events, seed, runs, workdir):
-    import duckdb, chdb.session, pyarrow.feather, pyarrow.parquet, pyarrow.flight as fl
-    result = {"events": events}
-    arrow_path = workdir / f"events-{events}.arrow"
-    print(f"[{events:,}] generating the Arrow file for the peers", flush=True)
-    subprocess.check_call([binary("prismctl"), "gen", *gen_args(events, seed), "--out", str(arrow_path)], stderr=subprocess.DEVNULL)
-    table = pyarrow.feather.read_table(str(arrow_path))
-
-    # Ingestion, batches of 100 (on at most 1M events) on a node of its own.
-    small = min(events, 1_000_000)
-    data = workdir / f"prism-{events}-b100" / "data"
-    data.parent.mkdir(parents=True, exist_ok=True)
-    node = Node(data)
-    print(f"[{events:,}] ingesting {small:,} events in batches of 100", flush=True)
-    result["ingest_batch_100"] = ingest(node, small, seed, 100, 32)
-    node.stop()
-    shutil.rmtree(data.parent, ignore_errors=True)
-
-    data = workdir / f"prism-{events}" / "data"
-    data.parent.mkdir(parents=True, exist_ok=True)
-    node = Node(data)
-    print(f"[{events:,}] ingesting {events:,} events in batches of 1,000", flush=True)
-    result["ingest_batch_1000"] = ingest(node, events, seed, 1000, 16)
-    print(f"[{events:,}] ingestion: {result['ingest_batch_1000']['events_per_second']:,.0f} events/s (batches of 1,000)", flush=True)
-
+def load_peers(table, workdir, events):
+    """DuckDB: an in-memory native table. chDB: a MergeTree ordered by (event, timestamp), and a
+    copy ordered by (distinct_id, timestamp) for the per-person classes."""
+    import duckdb, chdb.session, pyarrow.parquet
     duck = duckdb.connect()
     duck.execute("SET TimeZone = 'UTC'")
     duck.register("arrow_events", table)
@@ -314,42 +593,131 @@ def bench_size(events, seed, runs, workdir):
     parquet_path = workdir / f"events-{events}.parquet"
     pyarrow.parquet.write_table(table, str(parquet_path))
     ch = chdb.session.Session(str(workdir / f"chdb-{events}"))
-    ch.query("DROP TABLE IF EXISTS events")
-    ch.query("""CREATE TABLE events (uuid String, event LowCardinality(String), timestamp DateTime64(3, 'UTC'),
+    columns = """(uuid String, event LowCardinality(String), timestamp DateTime64(3, 'UTC'),
                 distinct_id String, `$session_id` Nullable(String), `$browser` LowCardinality(Nullable(String)),
                 `$os` LowCardinality(Nullable(String)), country LowCardinality(Nullable(String)),
                 plan LowCardinality(Nullable(String)), `$current_url` Nullable(String), search_term Nullable(String),
-                price Nullable(Float64), duration_ms Nullable(Float64), is_mobile Nullable(Bool))
-                ENGINE = MergeTree ORDER BY (event, timestamp)""")
-    ch.query(f"INSERT INTO events SELECT * FROM file('{parquet_path}', Parquet)")
-    del table
+                price Nullable(Float64), duration_ms Nullable(Float64), is_mobile Nullable(Bool))"""
+    for name, order in (("events", "event, timestamp"), ("events_by_user", "distinct_id, timestamp")):
+        ch.query(f"DROP TABLE IF EXISTS {name}")
+        ch.query(f"CREATE TABLE {name} {columns} ENGINE = MergeTree ORDER BY ({order})")
+        ch.query(f"INSERT INTO {name} SELECT * FROM file('{parquet_path}', Parquet)")
+        ch.query(f"OPTIMIZE TABLE {name} FINAL")
+    parquet_path.unlink(missing_ok=True)
+    return duck, ch
 
+
+def run_classes(node, duck, ch, runs, only):
+    """Every class on Optiprism and its peers; the rows of the report."""
+    import pyarrow.flight as fl
     client = fl.FlightClient("grpc://" + node.flight)
     options = fl.FlightCallOptions(headers=[(b"authorization", ("Bearer " + TOKEN).encode())])
-    result["queries"] = []
+    out = []
     for q in queries():
-        by_b = q.get("by_breakdown", False)
-        ours_t, ours = timed(lambda: ours_answer(client, options, q["ours"], by_b), runs)
-        duck_t, duck_rows = timed(lambda: duck.execute(q["duckdb"]).fetchall(), runs)
-        ch_t, ch_rows = timed(lambda: [tuple(r.split("\t")) for r in str(ch.query(q["clickhouse"], "TSV")).strip().splitlines()], runs)
-        duck_a = rows_answer(duck_rows)
-        ch_a = {(None if b in ("", "\\N") else b): float(v) for b, v in ch_rows if float(v)}
-        agree = ours == duck_a == ch_a
-        if not agree:
-            diff = {k: (ours.get(k), duck_a.get(k), ch_a.get(k)) for k in set(ours) | set(duck_a) | set(ch_a)
-                    if not (ours.get(k) == duck_a.get(k) == ch_a.get(k))}
-            print(f"  answers differ for {q['name']}: {dict(list(diff.items())[:5])}", flush=True)
-        best = min(duck_t, ch_t)
-        row = {"name": q["name"], "optiprism_s": ours_t, "duckdb_s": duck_t, "chdb_s": ch_t,
-               "ratio_to_best_peer": ours_t / best, "answers_agree": agree}
-        print(f"  {q['name']}: optiprism {ours_t*1000:.1f} ms, duckdb {duck_t*1000:.1f} ms, chdb {ch_t*1000:.1f} ms,"
-              f" ratio {ours_t/best:.2f}, agree={agree}", flush=True)
-        result["queries"].append(row)
-    node.stop()
-    shutil.rmtree(data.parent, ignore_errors=True)
-    shutil.rmtree(workdir / f"chdb-{events}", ignore_errors=True)
-    arrow_path.unlink(missing_ok=True)
-    parquet_path.unlink(missing_ok=True)
+        if only and not any(o.lower() in q["name"].lower() for o in only):
+            continue
+        same = q.get("same", lambda a, b: a == b)
+        row = {"name": q["name"]}
+        engines = {"optiprism": lambda: q["ours_read"](
+            client.do_get(fl.Ticket(json.dumps(q["ours"]).encode()), options).read_all().to_pylist())}
+        engines["duckdb"] = lambda: q["peer_read"](duck.execute(q["duckdb"]).fetchall())
+
+        def ch_run(table):
+            sql = q["clickhouse"].replace("{events}", table)
+            return lambda: q["peer_read"]([tuple(r.split("\t")) for r in str(ch.query(sql, "TSV")).strip().splitlines()])
+        engines["chdb"] = ch_run("events")
+        if q.get("sorted"):
+            engines["chdb_sorted"] = ch_run("events_by_user")
+        peers = [name for name in engines if name != "optiprism"]
+        # The first call of each engine is the warm-up and gives its answer; the timed runs then
+        # take turns between the engines, so a burst of other load on the machine hits them alike.
+        answers = {}
+        try:
+            answers["optiprism"] = engines["optiprism"]()
+        except Exception as e:  # the node refused or failed the query
+            message = str(e).strip().splitlines()[0]
+            message = message.split("message: ", 1)[-1].split(", expected")[0]
+            row["optiprism_error"] = message[:200]
+            print(f"  {q['name']}: Optiprism refused it: {row['optiprism_error']}", flush=True)
+            del engines["optiprism"]
+        for name in peers:
+            answers[name] = engines[name]()
+        samples = {name: [] for name in engines}
+        for _ in range(runs):
+            for name, fn in engines.items():
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+        for name in peers:
+            row[f"{name}_s"] = statistics.median(samples[name])
+        ours = answers.pop("optiprism", None)
+        ours_t = statistics.median(samples["optiprism"]) if ours is not None else None
+        first = next(iter(answers.values()))
+        peers_agree = all(same(first, a) for a in answers.values())
+        row["peers_agree"] = peers_agree
+        row["optiprism_s"] = ours_t
+        best = min(row[f"{name}_s"] for name in peers)
+        row["best_peer_s"] = best
+        if ours is not None:
+            row["ratio_to_best_peer"] = ours_t / best
+            row["answers_agree"] = peers_agree and same(ours, first)
+        else:
+            row["answers_agree"] = None
+        if not peers_agree or (ours is not None and not row["answers_agree"]):
+            show = {"optiprism": ours, **answers}
+            if isinstance(first, dict):
+                keys = set().union(*(a.keys() for a in show.values() if isinstance(a, dict)))
+                diff = {k: tuple(a.get(k) if isinstance(a, dict) else None for a in show.values()) for k in keys
+                        if len({json.dumps(a.get(k) if isinstance(a, dict) else None) for a in show.values()}) > 1}
+                print(f"  answers differ for {q['name']} (optiprism, {', '.join(answers)}): "
+                      f"{dict(sorted(diff.items(), key=str)[:6])}", flush=True)
+            else:
+                print(f"  answers differ for {q['name']}: {show}", flush=True)
+        times = ", ".join(f"{n} {row[f'{n}_s']*1000:.1f} ms" for n in peers)
+        ours_text = f"optiprism {ours_t*1000:.1f} ms" if ours_t is not None else "optiprism refused"
+        ratio = f", ratio {row['ratio_to_best_peer']:.2f}" if ours is not None else ""
+        print(f"  {q['name']}: {ours_text}, {times}{ratio}, agree={row['answers_agree']}", flush=True)
+        out.append(row)
+    return out
+
+
+def bench_size(events, seed, runs, workdir, queries_only=False, only=()):
+    import pyarrow.feather
+    result = {"events": events}
+    arrow_path = workdir / f"events-{events}.arrow"
+    print(f"[{events:,}] generating the Arrow file for the peers", flush=True)
+    subprocess.check_call([binary("prismctl"), "gen", *gen_args(events, seed), "--out", str(arrow_path)], stderr=subprocess.DEVNULL)
+    table = pyarrow.feather.read_table(str(arrow_path))
+
+    if not queries_only:
+        # Ingestion, batches of 100 (on at most 1M events) on a node of its own.
+        small = min(events, 1_000_000)
+        data = workdir / f"prism-{events}-b100" / "data"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        node = Node(data)
+        print(f"[{events:,}] ingesting {small:,} events in batches of 100", flush=True)
+        result["ingest_batch_100"] = ingest(node, small, seed, 100, 32)
+        node.stop()
+        shutil.rmtree(data.parent, ignore_errors=True)
+
+    data = workdir / f"prism-{events}" / "data"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    node = Node(data)
+    try:
+        print(f"[{events:,}] ingesting {events:,} events in batches of 1,000", flush=True)
+        ingested = ingest(node, events, seed, 1000, 16)
+        print(f"[{events:,}] ingestion: {ingested['events_per_second']:,.0f} events/s (batches of 1,000)", flush=True)
+        if not queries_only:
+            result["ingest_batch_1000"] = ingested
+        print(f"[{events:,}] loading DuckDB and chDB", flush=True)
+        duck, ch = load_peers(table, workdir, events)
+        del table
+        result["queries"] = run_classes(node, duck, ch, runs, only)
+    finally:
+        node.stop()
+        shutil.rmtree(data.parent, ignore_errors=True)
+        shutil.rmtree(workdir / f"chdb-{events}", ignore_errors=True)
+        arrow_path.unlink(missing_ok=True)
     return result
 
 
@@ -373,14 +741,18 @@ def write_markdown(results):
         "",
         "Reproduce: `cargo build --release --bin prism --bin prismctl && python3 bench/run.py"
         + "".join(f" --events {r['events']}" for r in results["sizes"]) + "`",
-        "(`bench/run.py` installs DuckDB and chDB from PyPI into its own venv). Everything runs on the",
-        f"same machine in the same run: {m['cpus']} cores ({m['cpu']}), DuckDB {m['duckdb']}, chDB {m['chdb']}.",
+        "(`bench/run.py` installs DuckDB and chDB from PyPI into its own venv; `--queries-only` skips the",
+        "ingestion benchmarks and keeps their recorded figures, `--only TEXT` runs the query classes whose",
+        "name contains TEXT, `--report-only` rewrites this page from `bench/results.json`). Everything runs",
+        f"on the same machine in the same run: {m['cpus']} cores ({m['cpu']}), DuckDB {m['duckdb']}, chDB {m['chdb']}.",
         "Data: `prismctl gen` with seed 42 (power-law activity, ~50 event types, 90 days, sessions, typed",
-        "properties). Optiprism: one node (`prism up`, 8 partitions, replication factor 1), queried over",
-        "Arrow Flight with the JSON query as ticket (end-to-end time including the network round trip);",
-        "DuckDB: an in-memory native table; chDB: a MergeTree table ordered by (event, timestamp). Every peer",
-        "computes the same per-bucket values and the range total (`ROLLUP`), and the answers are",
-        "cross-checked. Times are medians of several runs after a warm-up.",
+        "properties; no identity merges, so persons are distinct ids). Optiprism: one node (`prism up`,",
+        "8 partitions, replication factor 1), queried over Arrow Flight with the JSON query as ticket",
+        "(end-to-end time including the network round trip); DuckDB: an in-memory native table; chDB: a",
+        "MergeTree table ordered by (event, timestamp) and, for the per-person classes, also a copy ordered",
+        "by (distinct_id, timestamp) (\"chDB sorted\"). Every peer computes the same answer as ours (for",
+        "trends the per-bucket values and the range total, `ROLLUP`), and the answers are cross-checked.",
+        "Times are medians of 5 runs after a warm-up, the engines taking turns run by run.",
         "",
         "## Ingestion (HTTP, Segment batches, durable: acknowledged after commit and flush)",
         "",
@@ -389,6 +761,8 @@ def write_markdown(results):
     ]
     for r in results["sizes"]:
         for key in ("ingest_batch_100", "ingest_batch_1000"):
+            if key not in r:
+                continue
             i = r[key]
             lines.append(f"| {i['events']:,} | {i['batch_size']:,} | {i['concurrency']} | {i['events_per_second']:,.0f} |"
                          f" {i['latency_ms_p50']:.1f} ms | {i['latency_ms_p99']:.1f} ms |")
@@ -415,15 +789,33 @@ def write_markdown(results):
             for v in variants:
                 lines.append(f"| {v['variant']} | {v['events_per_second']:,.0f} | {v['latency_ms_p50']:.1f} ms |"
                              f" {v['latency_ms_p99']:.1f} ms |")
-    lines += ["", "## Trends queries", ""]
+    lines += ["", "## Queries", ""]
     for r in results["sizes"]:
+        rows = r.get("queries", [])
         lines += [f"### {r['events']:,} events", "",
-                  "| query | Optiprism | DuckDB | chDB | Optiprism / best peer | answers agree |",
-                  "|---|---:|---:|---:|---:|---|"]
-        for q in r["queries"]:
-            lines.append(f"| {q['name']} | {q['optiprism_s']*1000:.1f} ms | {q['duckdb_s']*1000:.1f} ms | {q['chdb_s']*1000:.1f} ms |"
-                         f" {q['ratio_to_best_peer']:.2f} | {'yes' if q['answers_agree'] else 'NO'} |")
+                  "| query | Optiprism | DuckDB | chDB | chDB sorted | Optiprism / best peer | answers agree |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        ratios = []
+        for q in rows:
+            def ms(key):
+                v = q.get(key)
+                return f"{v*1000:.1f} ms" if v is not None else "–"
+            if q.get("optiprism_s") is None:
+                ours, ratio, agree = "refused", "–", "– (refused)"
+            else:
+                best = q.get("best_peer_s") or min(q[k] for k in ("duckdb_s", "chdb_s", "chdb_sorted_s") if q.get(k) is not None)
+                ratios.append(q["optiprism_s"] / best)
+                ours, ratio, agree = ms("optiprism_s"), f"{q['optiprism_s'] / best:.2f}", "yes" if q["answers_agree"] else "NO"
+            lines.append(f"| {q['name']} | {ours} | {ms('duckdb_s')} | {ms('chdb_s')} | {ms('chdb_sorted_s')} | {ratio} | {agree} |")
+        if ratios:
+            geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+            lines += ["", f"Geometric mean of Optiprism / best peer over the {len(ratios)} classes Optiprism answered: **{geo:.2f}**."]
+        refused = [q for q in rows if q.get("optiprism_s") is None]
+        for q in refused:
+            lines += ["", f"*{q['name']}*: the node refused the query ({q.get('optiprism_error', '')}); the peers"
+                      f" {'agree' if q.get('peers_agree') else 'DISAGREE'} with each other."]
         lines.append("")
+    lines += ["### Query classes and the peers' SQL", ""] + QUERY_CLASS_NOTES + [""]
     if results.get("notes"):
         lines += ["## Notes", ""] + results["notes"] + [""]
     (ROOT / "docs/benchmarks.md").write_text("\n".join(lines))
@@ -433,6 +825,13 @@ def main():
     ensure_venv()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--events", type=int, action="append", help="event count (repeatable)")
+    p.add_argument("--sizes", action="append", default=[], help="event counts, comma-separated (same as --events)")
+    p.add_argument("--queries-only", action="store_true",
+                   help="skip the ingestion benchmarks (batches of 100 and 1,000, cluster): load the node, run the"
+                        " query classes, and keep the recorded ingestion figures in bench/results.json")
+    p.add_argument("--only", action="append", default=[], metavar="TEXT",
+                   help="run only the query classes whose name contains TEXT (repeatable; case-insensitive);"
+                        " the other classes' recorded rows are kept")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--workdir", default=None)
@@ -461,19 +860,48 @@ def main():
         write_markdown(results)
         print("wrote docs/benchmarks.md")
         return
-    sizes = args.events or [1_000_000]
+    sizes = (args.events or []) + [int(x) for part in args.sizes for x in part.split(",") if x.strip()]
+    sizes = sizes or [1_000_000]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="optiprism-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    results_path = ROOT / "bench/results.json"
+    if args.queries_only or args.only:
+        # Part of a run: replace what was measured, keep the rest of bench/results.json.
+        results = json.loads(results_path.read_text()) if results_path.exists() else {"sizes": []}
+        results["machine"] = machine()
+        if notes_path.exists():
+            results["notes"] = notes_path.read_text().strip().splitlines()
+        order = [q["name"] for q in queries()]
+        for n in sizes:
+            measured = bench_size(n, args.seed, args.runs, workdir, args.queries_only, args.only)
+            entry = next((r for r in results["sizes"] if r["events"] == n), None)
+            if entry is None:
+                entry = {"events": n}
+                results["sizes"].append(entry)
+                results["sizes"].sort(key=lambda r: r["events"])
+            for key, value in measured.items():
+                if key != "queries":
+                    entry[key] = value
+            if args.only:
+                rows = {q["name"]: q for q in entry.get("queries", [])}
+                rows.update({q["name"]: q for q in measured["queries"]})
+                entry["queries"] = sorted(rows.values(), key=lambda q: order.index(q["name"]) if q["name"] in order else len(order))
+            else:
+                entry["queries"] = measured["queries"]
+            results_path.write_text(json.dumps(results, indent=2))
+            write_markdown(results)
+        print("wrote bench/results.json and docs/benchmarks.md")
+        return
     results = {"machine": machine(), "sizes": []}
     if notes_path.exists():
         results["notes"] = notes_path.read_text().strip().splitlines()
     for n in sizes:
         results["sizes"].append(bench_size(n, args.seed, args.runs, workdir))
-        (ROOT / "bench/results.json").write_text(json.dumps(results, indent=2))
+        results_path.write_text(json.dumps(results, indent=2))
         write_markdown(results)
     single = results["sizes"][0]["ingest_batch_1000"]["events_per_second"]
     results["cluster"] = bench_cluster(sizes[0], args.seed, workdir, single)
-    (ROOT / "bench/results.json").write_text(json.dumps(results, indent=2))
+    results_path.write_text(json.dumps(results, indent=2))
     write_markdown(results)
     print("wrote bench/results.json and docs/benchmarks.md")
 

@@ -5,9 +5,11 @@
 
 pub mod filter;
 pub mod frame;
+pub mod insights;
 pub mod sql;
 pub mod trends;
 pub mod udf;
+pub mod units;
 
 use crate::metadata::{MetadataHandle, Project};
 use crate::storage::partition::{PartitionData, PersonRow, ProjectRows};
@@ -68,6 +70,12 @@ pub struct InsightAnswer {
     pub batch: RecordBatch,
 }
 
+impl From<insights::Answer> for InsightAnswer {
+    fn from((json, batch): insights::Answer) -> InsightAnswer {
+        InsightAnswer { json, batch }
+    }
+}
+
 /// Each partition held on this node, by number; shared with the node, which adds and removes
 /// partitions as they move.
 pub type PartitionRegistry = Arc<RwLock<BTreeMap<u32, Arc<RwLock<PartitionData>>>>>;
@@ -101,6 +109,13 @@ pub struct QueryEngine {
     remote: Arc<std::sync::OnceLock<Arc<dyn RemotePartitions>>>,
     metadata: MetadataHandle,
     state: datafusion::execution::SessionState,
+    /// Members of the cohort filters of the query being run (see [`QueryEngine::insight`]).
+    segments: Arc<std::collections::HashMap<String, Arc<std::collections::HashSet<u64>>>>,
+    /// Person properties the query being run reads, by key and current person.
+    person_properties:
+        Arc<std::collections::HashMap<String, Arc<std::collections::HashMap<u64, String>>>>,
+    /// Whether segments and person properties were prepared for this query.
+    prepared: bool,
 }
 
 impl QueryEngine {
@@ -123,6 +138,9 @@ impl QueryEngine {
             remote: Arc::default(),
             metadata,
             state,
+            segments: Arc::default(),
+            person_properties: Arc::default(),
+            prepared: false,
         }
     }
 
@@ -200,6 +218,7 @@ impl QueryEngine {
     pub fn identity_view(&self, project: ProjectId) -> udf::IdentityView {
         self.metadata
             .read(|m| udf::IdentityView::new(m.identities.get(&project)))
+            .with_segments((*self.segments).clone(), (*self.person_properties).clone())
     }
 
     /// Parses, validates and runs a JSON insight query.
@@ -208,7 +227,42 @@ impl QueryEngine {
         project: &Project,
         json: &[u8],
     ) -> Result<InsightAnswer, QueryFailure> {
-        match parse_query(json)? {
+        let query = parse_query(json)?;
+        // Cohort filters (segments) are evaluated first; the plans then test membership.
+        // Person properties are read once per query too.
+        let cohort_filters = optiprism_types::query::behaviour::query_cohort_filters(&query);
+        let person_keys = optiprism_types::query::behaviour::query_person_properties(&query);
+        if self.prepared || (cohort_filters.is_empty() && person_keys.is_empty()) {
+            return self.run(project, query).await;
+        }
+        let person_properties = if person_keys.is_empty() {
+            std::collections::HashMap::new()
+        } else {
+            insights::person_property_values(self, project, &person_keys).await?
+        };
+        // The cohorts' own events may be selected by person properties too.
+        let with_persons = QueryEngine {
+            person_properties: Arc::new(person_properties),
+            prepared: true,
+            ..self.clone()
+        };
+        let mut segments = std::collections::HashMap::new();
+        for f in cohort_filters {
+            let key = udf::segment_key(f);
+            if let std::collections::hash_map::Entry::Vacant(slot) = segments.entry(key) {
+                let members = insights::segment_members(&with_persons, project, f).await?;
+                slot.insert(Arc::new(members));
+            }
+        }
+        let engine = QueryEngine {
+            segments: Arc::new(segments),
+            ..with_persons
+        };
+        Box::pin(engine.run(project, query)).await
+    }
+
+    async fn run(&self, project: &Project, query: Query) -> Result<InsightAnswer, QueryFailure> {
+        match query {
             Query::Trends(q) => {
                 let answer = trends::run(self, project, &q).await?;
                 let batch = trends_to_arrow(&answer, &q.buckets().starts_ms);
@@ -217,12 +271,31 @@ impl QueryEngine {
                     batch,
                 })
             }
+            Query::Funnel(q) => insights::funnel(self, project, &q).await.map(Into::into),
+            Query::FunnelTrends(q) => insights::funnel_trends(self, project, &q)
+                .await
+                .map(Into::into),
+            Query::Retention(q) => insights::retention(self, project, &q).await.map(Into::into),
+            Query::Stickiness(q) => insights::stickiness(self, project, &q)
+                .await
+                .map(Into::into),
+            Query::Lifecycle(q) => insights::lifecycle(self, project, &q).await.map(Into::into),
+            Query::Paths(q) => insights::paths(self, project, &q).await.map(Into::into),
+            Query::Cohort(q) => insights::cohorts(self, project, &q).await.map(Into::into),
+            Query::CohortTimeline(q) => insights::cohort_timeline(self, project, &q)
+                .await
+                .map(Into::into),
+            Query::Identity(q) => insights::identity(self, project, &q).await.map(Into::into),
         }
     }
 }
 
 /// The Arrow form of a trends answer: one row per (series, breakdown value, bucket), plus a row
-/// with null bucket for each range total.
+/// with null bucket for each range total. Formula rows have series `formula`; rows of the
+/// previous period (§2.6) have `period` `previous` (and their own bucket labels and starts,
+/// aligned with the current period's by order), the others `current`. `change_pct` is set on
+/// the current range-total rows of compared series (null there when undefined, and on every
+/// other row).
 pub fn trends_to_arrow(answer: &TrendsAnswer, starts_ms: &[i64]) -> RecordBatch {
     let schema: SchemaRef = Arc::new(Schema::new(vec![
         Field::new("series", DataType::Utf8, false),
@@ -234,30 +307,71 @@ pub fn trends_to_arrow(answer: &TrendsAnswer, starts_ms: &[i64]) -> RecordBatch 
             true,
         ),
         Field::new("value", DataType::Float64, true),
+        Field::new("period", DataType::Utf8, false),
+        Field::new("change_pct", DataType::Float64, true),
     ]));
     let mut series = StringBuilder::new();
     let mut breakdown = StringBuilder::new();
     let mut bucket = StringBuilder::new();
     let mut start = TimestampMillisecondBuilder::new().with_timezone("UTC");
     let mut value = Float64Builder::new();
-    let mut push = |id: &str, b: Option<&str>, values: &[f64], total: f64| {
+    let mut period = StringBuilder::new();
+    let mut change = Float64Builder::new();
+    struct Period<'a> {
+        name: &'a str,
+        labels: &'a [String],
+        starts_ms: &'a [i64],
+    }
+    let mut push = |p: &Period<'_>,
+                    id: &str,
+                    b: Option<&str>,
+                    values: &[Option<f64>],
+                    total: Option<f64>,
+                    change_pct: Option<f64>| {
         for (i, v) in values.iter().enumerate() {
             series.append_value(id);
             breakdown.append_option(b);
-            bucket.append_value(&answer.buckets[i]);
-            start.append_value(starts_ms[i]);
-            value.append_value(*v);
+            bucket.append_value(&p.labels[i]);
+            start.append_value(p.starts_ms[i]);
+            value.append_option(*v);
+            period.append_value(p.name);
+            change.append_null();
         }
         series.append_value(id);
         breakdown.append_option(b);
         bucket.append_null();
         start.append_null();
-        value.append_value(total);
+        value.append_option(total);
+        period.append_value(p.name);
+        change.append_option(change_pct);
     };
-    for s in &answer.series {
-        push(&s.id, None, &s.values, s.total);
+    let current = Period {
+        name: "current",
+        labels: &answer.buckets,
+        starts_ms,
+    };
+    let previous_of = |id: &str| {
+        answer
+            .previous
+            .as_ref()
+            .and_then(|p| p.series.iter().find(|s| s.id == id))
+    };
+    for s in answer.series.iter().chain(answer.formula.iter()) {
+        let pct =
+            previous_of(&s.id).and_then(|p| optiprism_types::stats::change_pct(s.total, p.total));
+        push(&current, &s.id, None, &s.values, s.total, pct);
         for b in &s.breakdown {
-            push(&s.id, Some(&b.value), &b.values, b.total);
+            push(&current, &s.id, Some(&b.value), &b.values, b.total, None);
+        }
+    }
+    if let Some(p) = &answer.previous {
+        let previous = Period {
+            name: "previous",
+            labels: &p.buckets,
+            starts_ms: &p.starts_ms,
+        };
+        for s in &p.series {
+            push(&previous, &s.id, None, &s.values, s.total, None);
         }
     }
     let columns: Vec<ArrayRef> = vec![
@@ -266,6 +380,8 @@ pub fn trends_to_arrow(answer: &TrendsAnswer, starts_ms: &[i64]) -> RecordBatch 
         Arc::new(bucket.finish()),
         Arc::new(start.finish()),
         Arc::new(value.finish()),
+        Arc::new(period.finish()),
+        Arc::new(change.finish()),
     ];
     RecordBatch::try_new(schema, columns).expect("columns follow the schema")
 }

@@ -240,7 +240,7 @@ impl Coerced {
             (PropType::String, v) => Coerced::Str(v.render()),
             (PropType::Number, PropValue::Num(n)) => Coerced::Num(n),
             (PropType::Number, PropValue::Str(s)) => match s.trim().parse::<f64>() {
-                Ok(n) if render_number(n) == s => Coerced::Num(n),
+                Ok(n) if n.is_finite() && render_number(n) == s => Coerced::Num(n),
                 _ => Coerced::Mismatch(s),
             },
             (PropType::Boolean, PropValue::Bool(b)) => Coerced::Bool(b),
@@ -299,6 +299,13 @@ mod tests {
             Coerced::new(PropValue::Str("abc".into()), PropType::Number),
             Coerced::Mismatch("abc".into())
         );
+        // Non-finite values are no numbers for numeric math or filters.
+        for text in ["NaN", "inf", "-inf"] {
+            assert_eq!(
+                Coerced::new(PropValue::Str(text.into()), PropType::Number),
+                Coerced::Mismatch(text.into())
+            );
+        }
         assert_eq!(
             Coerced::new(PropValue::Num(7.0), PropType::String),
             Coerced::Str("7".into())

@@ -6,9 +6,12 @@
 
 pub mod answer;
 pub mod event;
+pub mod formula;
 pub mod generator;
 pub mod ids;
+pub mod insight;
 pub mod query;
+pub mod stats;
 pub mod time;
 
 pub use ids::{NodeId, PartitionId, PersonId, ProjectId};

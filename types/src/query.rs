@@ -4,6 +4,15 @@
 //! refused with a [`QueryError`] that names the offending field by its JSON path
 //! (`series[1].math`), so a user can fix the query without reading our source.
 
+pub mod behaviour;
+
+pub use behaviour::{
+    CohortQuery, CohortTimelineQuery, FunnelQuery, IdentityQuery, LifecycleQuery, PathsQuery,
+    RetentionQuery, StickinessQuery,
+};
+
+use crate::formula::{DivideByZero, Formula};
+use crate::stats::{Aggregate, PerUnit};
 use crate::time::{Buckets, Interval, WeekStart, bucket_count_estimate};
 use chrono::NaiveDate;
 use chrono_tz::Tz;
@@ -35,10 +44,39 @@ impl QueryError {
 pub enum Query {
     /// Trends (event segmentation), §2.
     Trends(TrendsQuery),
+    /// Funnels, §3.
+    Funnel(FunnelQuery),
+    /// Funnel conversion by entry period, §3.8.
+    FunnelTrends(FunnelQuery),
+    /// Retention, §4.
+    Retention(RetentionQuery),
+    /// Stickiness, §5.
+    Stickiness(StickinessQuery),
+    /// Lifecycle, §6.
+    Lifecycle(LifecycleQuery),
+    /// User paths, §7.
+    Paths(PathsQuery),
+    /// Cohort membership at an instant, §8.1.
+    Cohort(CohortQuery),
+    /// Cohort entries and exits over time, §8.2.
+    CohortTimeline(CohortTimelineQuery),
+    /// What identity merges change, §9.
+    Identity(IdentityQuery),
 }
 
 /// The query kinds this build answers.
-pub const SUPPORTED_KINDS: &[&str] = &["trends"];
+pub const SUPPORTED_KINDS: &[&str] = &[
+    "trends",
+    "funnel",
+    "funnel_trends",
+    "retention",
+    "stickiness",
+    "lifecycle",
+    "paths",
+    "cohort",
+    "cohort_timeline",
+    "identity",
+];
 
 /// Parses and validates a query from JSON text.
 pub fn parse_query(json: &[u8]) -> Result<Query, QueryError> {
@@ -56,6 +94,15 @@ pub fn parse_query(json: &[u8]) -> Result<Query, QueryError> {
     };
     let query = match kind.as_str() {
         "trends" => Query::Trends(from_value(value)?),
+        "funnel" => Query::Funnel(from_value(value)?),
+        "funnel_trends" => Query::FunnelTrends(from_value(value)?),
+        "retention" => Query::Retention(from_value(value)?),
+        "stickiness" => Query::Stickiness(from_value(value)?),
+        "lifecycle" => Query::Lifecycle(from_value(value)?),
+        "paths" => Query::Paths(from_value(value)?),
+        "cohort" => Query::Cohort(from_value(value)?),
+        "cohort_timeline" => Query::CohortTimeline(from_value(value)?),
+        "identity" => Query::Identity(from_value(value)?),
         other => {
             return Err(QueryError::new(
                 "kind",
@@ -68,6 +115,14 @@ pub fn parse_query(json: &[u8]) -> Result<Query, QueryError> {
     };
     match &query {
         Query::Trends(t) => t.validate()?,
+        Query::Funnel(q) | Query::FunnelTrends(q) => q.validate()?,
+        Query::Retention(q) => q.validate()?,
+        Query::Stickiness(q) => q.validate()?,
+        Query::Lifecycle(q) => q.validate()?,
+        Query::Paths(q) => q.validate()?,
+        Query::Cohort(q) => q.validate()?,
+        Query::CohortTimeline(q) => q.validate()?,
+        Query::Identity(q) => q.validate()?,
     }
     Ok(query)
 }
@@ -120,34 +175,87 @@ pub enum Math {
     Total,
     /// Number of distinct persons.
     UniqueUsers,
-    /// Rolling 7-day active persons (not yet supported).
+    /// Number of distinct `$session_id` values (unset and empty ones skipped).
+    UniqueSessions,
+    /// Rolling 7-day active persons per day (§2.2); daily interval only.
     WeeklyActive,
-    /// Rolling 30-day active persons (not yet supported).
+    /// Rolling 30-day active persons per day (§2.2); daily interval only.
     MonthlyActive,
-    /// Sum of a numeric property (not yet supported).
+    /// Sum of a numeric property.
     Sum,
-    /// Average of a numeric property (not yet supported).
+    /// Average of a numeric property.
     Avg,
-    /// Minimum of a numeric property (not yet supported).
+    /// Minimum of a numeric property.
     Min,
-    /// Maximum of a numeric property (not yet supported).
+    /// Maximum of a numeric property.
     Max,
-    /// Median of a numeric property (not yet supported).
+    /// Median of a numeric property.
     Median,
-    /// 75th percentile (not yet supported).
+    /// 75th percentile of a numeric property.
     P75,
-    /// 90th percentile (not yet supported).
+    /// 90th percentile of a numeric property.
     P90,
-    /// 95th percentile (not yet supported).
+    /// 95th percentile of a numeric property.
     P95,
-    /// 99th percentile (not yet supported).
+    /// 99th percentile of a numeric property.
     P99,
+    /// Per-user (two-stage) math, §2.3: the average over persons of their `per_user` value.
+    AvgPerUser,
+    /// The smallest per-person value.
+    MinPerUser,
+    /// The largest per-person value.
+    MaxPerUser,
+    /// The median per-person value.
+    MedianPerUser,
+    /// The 75th percentile of per-person values.
+    P75PerUser,
+    /// The 90th percentile of per-person values.
+    P90PerUser,
+    /// The 95th percentile of per-person values.
+    P95PerUser,
+    /// The 99th percentile of per-person values.
+    P99PerUser,
 }
 
 impl Math {
-    /// Whether this build computes it.
-    pub fn is_supported(self) -> bool {
-        matches!(self, Math::Total | Math::UniqueUsers)
+    /// The aggregate of event-level property math (`sum` … `p99`).
+    pub fn property_aggregate(self) -> Option<Aggregate> {
+        Some(match self {
+            Math::Sum => Aggregate::Sum,
+            Math::Avg => Aggregate::Avg,
+            Math::Min => Aggregate::Min,
+            Math::Max => Aggregate::Max,
+            Math::Median => Aggregate::Quantile(0.5),
+            Math::P75 => Aggregate::Quantile(0.75),
+            Math::P90 => Aggregate::Quantile(0.9),
+            Math::P95 => Aggregate::Quantile(0.95),
+            Math::P99 => Aggregate::Quantile(0.99),
+            _ => return None,
+        })
+    }
+
+    /// Stage 2 of per-user math (`avg_per_user` … `p99_per_user`).
+    pub fn per_user_aggregate(self) -> Option<Aggregate> {
+        Some(match self {
+            Math::AvgPerUser => Aggregate::Avg,
+            Math::MinPerUser => Aggregate::Min,
+            Math::MaxPerUser => Aggregate::Max,
+            Math::MedianPerUser => Aggregate::Quantile(0.5),
+            Math::P75PerUser => Aggregate::Quantile(0.75),
+            Math::P90PerUser => Aggregate::Quantile(0.9),
+            Math::P95PerUser => Aggregate::Quantile(0.95),
+            Math::P99PerUser => Aggregate::Quantile(0.99),
+            _ => return None,
+        })
+    }
+
+    /// The rolling window in days of active-user math.
+    pub fn rolling_days(self) -> Option<usize> {
+        match self {
+            Math::WeeklyActive => Some(7),
+            Math::MonthlyActive => Some(30),
+            _ => None,
+        }
     }
 
     /// Its name in the query format.
@@ -172,9 +280,13 @@ pub struct Series {
     /// The aggregation.
     #[serde(default = "default_math")]
     pub math: Math,
-    /// The property of property math.
+    /// The property of property math (and of per-user math other than counts).
     #[serde(default)]
     pub property: Option<String>,
+    /// Stage 1 of per-user math: `count` (default without a property), `sum` (default with
+    /// one), `avg`, `min`, `max`.
+    #[serde(default)]
+    pub per_user: Option<PerUnit>,
     /// Filters of this series only, AND-ed with the query's filters.
     #[serde(default)]
     pub filters: Vec<Filter>,
@@ -228,6 +340,10 @@ pub enum FilterOp {
     IsDateAfter,
     /// Datetime equal.
     IsDateExact,
+    /// The event's person is in the cohort `cohort` (a segment).
+    InCohort,
+    /// The event's person is not in the cohort `cohort`.
+    NotInCohort,
 }
 
 /// Whose property a filter reads.
@@ -237,7 +353,7 @@ pub enum PropertySource {
     /// The event's own properties.
     #[default]
     Event,
-    /// The person's current properties (not yet supported).
+    /// The person's current properties.
     Person,
 }
 
@@ -259,6 +375,12 @@ pub struct Filter {
     /// Nested filters (groups).
     #[serde(default)]
     pub filters: Vec<Filter>,
+    /// The cohort of `in_cohort` / `not_in_cohort`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cohort: Option<Box<behaviour::CohortCondition>>,
+    /// When the cohort is evaluated (default: when the query runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluate_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// A breakdown of a trends query by one property.
@@ -302,16 +424,44 @@ pub struct TrendsQuery {
     /// Optional breakdown.
     #[serde(default)]
     pub breakdown: Option<Breakdown>,
-    /// A formula over the series ids (not yet supported).
+    /// A formula over the series ids (§2.4), evaluated per bucket and over the range totals.
     #[serde(default)]
     pub formula: Option<String>,
-    /// Also answer the previous period (not yet supported).
+    /// Also answer the previous period of the same length (§2.6).
     #[serde(default)]
     pub compare_previous: bool,
-    /// What a division by zero gives in formulas.
+    /// What a division by zero gives in formulas (`null` by default).
     #[serde(default)]
-    pub divide_by_zero: Option<String>,
+    pub divide_by_zero: Option<DivideByZero>,
+    /// How bucket values are shown (§2.8).
+    #[serde(default)]
+    pub display: Display,
+    /// The number of buckets a moving average spans (`moving_average` only; default 7).
+    #[serde(default)]
+    pub smoothing_intervals: Option<usize>,
+    /// Logarithmic display: points that are not positive cannot be drawn and become gaps.
+    #[serde(default)]
+    pub log_scale: bool,
 }
+
+/// How a trends answer shows bucket values (§2.8); range totals are never transformed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Display {
+    /// The buckets' own values.
+    #[default]
+    Linear,
+    /// Each bucket covers `[from, bucket end]`: a running sum for counts and sums, cumulative
+    /// distinct for unique math, the aggregate recomputed over the prefix otherwise.
+    Cumulative,
+    /// The trailing mean of the last `smoothing_intervals` bucket values.
+    MovingAverage,
+}
+
+/// The default span of a moving average.
+pub const DEFAULT_SMOOTHING_INTERVALS: usize = 7;
+/// The id of formula rows in the Arrow answer, which no series may take when a formula is set.
+pub const FORMULA_ID: &str = "formula";
 
 fn default_timezone() -> String {
     "UTC".to_string()
@@ -343,6 +493,27 @@ impl TrendsQuery {
             self.interval,
             self.week_start,
         )
+    }
+
+    /// The parsed formula (valid after [`TrendsQuery::validate`]).
+    pub fn parsed_formula(&self) -> Option<Formula> {
+        self.formula.as_deref().and_then(|f| Formula::parse(f).ok())
+    }
+
+    /// The previous period of §2.6: as many days, ending the day before `from`.
+    pub fn previous_range(&self) -> DateRange {
+        let DateRange { from, to } = self.date_range;
+        let days = (to - from).num_days() + 1;
+        DateRange {
+            from: from - chrono::Duration::days(days),
+            to: from - chrono::Duration::days(1),
+        }
+    }
+
+    /// The moving average's span.
+    pub fn smoothing(&self) -> usize {
+        self.smoothing_intervals
+            .unwrap_or(DEFAULT_SMOOTHING_INTERVALS)
     }
 
     /// The id of series `i`: its `id`, or `A`, `B`, … by position.
@@ -396,19 +567,11 @@ impl TrendsQuery {
                     format!("duplicate series id `{id}`"),
                 ));
             }
-            if !s.math.is_supported() {
+            self.validate_math(s, &field)?;
+            if self.formula.is_some() && id == FORMULA_ID {
                 return Err(QueryError::new(
-                    format!("{field}.math"),
-                    format!(
-                        "math `{}` is not supported yet (supported: total, unique_users)",
-                        s.math.name()
-                    ),
-                ));
-            }
-            if s.property.is_some() {
-                return Err(QueryError::new(
-                    format!("{field}.property"),
-                    format!("math `{}` takes no property", s.math.name()),
+                    format!("{field}.id"),
+                    format!("`{FORMULA_ID}` names the formula's rows: choose another series id"),
                 ));
             }
             validate_filters(&s.filters, &format!("{field}.filters"), 0)?;
@@ -418,12 +581,6 @@ impl TrendsQuery {
             if b.property.is_empty() {
                 return Err(QueryError::new("breakdown.property", "must not be empty"));
             }
-            if b.source == PropertySource::Person {
-                return Err(QueryError::new(
-                    "breakdown.type",
-                    "person property breakdowns are not supported yet",
-                ));
-            }
             if b.limit == 0 || b.limit > 10_000 {
                 return Err(QueryError::new(
                     "breakdown.limit",
@@ -431,24 +588,126 @@ impl TrendsQuery {
                 ));
             }
         }
-        if self.formula.is_some() {
-            return Err(QueryError::new("formula", "formulas are not supported yet"));
-        }
-        if self.compare_previous {
-            return Err(QueryError::new(
-                "compare_previous",
-                "comparing to the previous period is not supported yet",
-            ));
-        }
-        if let Some(d) = &self.divide_by_zero
-            && d != "null"
-        {
+        if let Some(text) = &self.formula {
+            let formula = Formula::parse(text)
+                .map_err(|e| QueryError::new("formula", format!("cannot parse formula: {e}")))?;
+            for name in formula.series_ids() {
+                if !ids.contains(name) {
+                    let mut known: Vec<&str> = ids.iter().map(String::as_str).collect();
+                    known.sort_unstable();
+                    return Err(QueryError::new(
+                        "formula",
+                        format!("unknown series id `{name}` (series: {})", known.join(", ")),
+                    ));
+                }
+            }
+        } else if self.divide_by_zero.is_some() {
             return Err(QueryError::new(
                 "divide_by_zero",
-                format!("unknown value `{d}` (expected `null`)"),
+                "only a query with a `formula` divides",
             ));
         }
+        if self.compare_previous {
+            let DateRange { from, to } = self.date_range;
+            let days = (to - from).num_days() + 1;
+            if from
+                .checked_sub_signed(chrono::Duration::days(days))
+                .is_none()
+            {
+                return Err(QueryError::new(
+                    "compare_previous",
+                    "the previous period is before the earliest date",
+                ));
+            }
+        }
+        match (self.display, self.smoothing_intervals) {
+            (Display::MovingAverage, Some(k)) if k == 0 || k > MAX_BUCKETS as usize => {
+                return Err(QueryError::new(
+                    "smoothing_intervals",
+                    format!("must be between 1 and {MAX_BUCKETS}"),
+                ));
+            }
+            (Display::Linear | Display::Cumulative, Some(_)) => {
+                return Err(QueryError::new(
+                    "smoothing_intervals",
+                    "only `display: moving_average` takes smoothing intervals",
+                ));
+            }
+            _ => {}
+        }
+        if self.display == Display::Cumulative {
+            for (i, s) in self.series.iter().enumerate() {
+                // Rolling windows already look back, and a cumulative per-user value would
+                // need every person's state per bucket prefix: both are refused, not guessed.
+                if s.math.rolling_days().is_some() || s.math.per_user_aggregate().is_some() {
+                    return Err(QueryError::new(
+                        "display",
+                        format!(
+                            "`cumulative` is not defined for math `{}` of series[{i}]",
+                            s.math.name()
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The math of one series and the fields that go with it (`property`, `per_user`).
+    fn validate_math(&self, s: &Series, field: &str) -> Result<(), QueryError> {
+        let math = s.math.name();
+        if let Some(days) = s.math.rolling_days()
+            && self.interval != Interval::Day
+        {
+            return Err(QueryError::new(
+                format!("{field}.math"),
+                format!(
+                    "`{math}` counts persons active in the {days} days up to each day and needs \
+                     `interval: day` (use `unique_users` for distinct persons per calendar \
+                     week or month)"
+                ),
+            ));
+        }
+        let per_user = s.math.per_user_aggregate().is_some();
+        if s.per_user.is_some() && !per_user {
+            return Err(QueryError::new(
+                format!("{field}.per_user"),
+                format!("math `{math}` is not per-user math (`avg_per_user`, …)"),
+            ));
+        }
+        let needs_property = s.math.property_aggregate().is_some()
+            || (per_user && s.per_user.is_some_and(PerUnit::needs_property));
+        let takes_property = needs_property || (per_user && s.per_user.is_none());
+        match &s.property {
+            None if needs_property => Err(QueryError::new(
+                format!("{field}.property"),
+                format!("math `{math}` needs a numeric `property`"),
+            )),
+            Some(_) if !takes_property => Err(QueryError::new(
+                format!("{field}.property"),
+                if per_user {
+                    "`per_user: count` counts events and takes no property".to_string()
+                } else {
+                    format!("math `{math}` takes no property")
+                },
+            )),
+            Some(p) if p.is_empty() => Err(QueryError::new(
+                format!("{field}.property"),
+                "must not be empty",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stage 1 of per-user math of series `i`: as given, else a sum of the property if there
+    /// is one, else the event count.
+    pub fn per_unit(&self, i: usize) -> PerUnit {
+        let s = &self.series[i];
+        s.per_user.unwrap_or(if s.property.is_some() {
+            PerUnit::Sum
+        } else {
+            PerUnit::Count
+        })
     }
 }
 
@@ -485,7 +744,29 @@ impl Filter {
                 }
                 return validate_filters(&self.filters, &format!("{field}.filters"), depth + 1);
             }
+            InCohort | NotInCohort => {
+                if self.key.is_some() || self.value.is_some() || !self.filters.is_empty() {
+                    return Err(QueryError::new(
+                        field,
+                        "a cohort filter takes `cohort` (and `evaluate_at`), not `key`, `value` \
+                         or `filters`",
+                    ));
+                }
+                return match &self.cohort {
+                    None => Err(QueryError::new(
+                        format!("{field}.cohort"),
+                        "missing the cohort condition",
+                    )),
+                    Some(c) => c.validate(&format!("{field}.cohort"), 0),
+                };
+            }
             _ => {}
+        }
+        if self.cohort.is_some() || self.evaluate_at.is_some() {
+            return Err(QueryError::new(
+                format!("{field}.cohort"),
+                "only `in_cohort` / `not_in_cohort` filters take a cohort",
+            ));
         }
         if !self.filters.is_empty() {
             return Err(QueryError::new(
@@ -504,12 +785,6 @@ impl Filter {
                 return Err(QueryError::new(format!("{field}.key"), "must not be empty"));
             }
             Some(_) => {}
-        }
-        if self.source == PropertySource::Person {
-            return Err(QueryError::new(
-                format!("{field}.type"),
-                "person property filters are not supported yet",
-            ));
         }
         let value_field = format!("{field}.value");
         let value = self.value.as_ref();
@@ -582,7 +857,7 @@ impl Filter {
                     ));
                 }
             }
-            And | Or => {}
+            And | Or | InCohort | NotInCohort => {}
         }
         Ok(())
     }
@@ -675,7 +950,9 @@ mod tests {
 
     #[test]
     fn a_minimal_query_parses_with_defaults() {
-        let Query::Trends(q) = parse_query(BASE.as_bytes()).unwrap();
+        let Ok(Query::Trends(q)) = parse_query(BASE.as_bytes()) else {
+            panic!("a trends query")
+        };
         assert_eq!(q.timezone, "UTC");
         assert_eq!(q.interval, Interval::Day);
         assert_eq!(q.series[0].math, Math::Total);
@@ -733,5 +1010,112 @@ mod tests {
             Some(1_704_067_200_000)
         );
         assert_eq!(resolve_date_operand("yesterday", 0), None);
+    }
+
+    /// A trends query with `extra` fields merged into a one-day, one-series query.
+    fn trends_err(series: &str, extra: &str) -> QueryError {
+        err(&format!(
+            r#"{{"kind":"trends","date_range":{{"from":"2024-01-01","to":"2024-01-02"}},"series":[{series}]{extra}}}"#
+        ))
+    }
+
+    fn trends_ok(series: &str, extra: &str) -> TrendsQuery {
+        let json = format!(
+            r#"{{"kind":"trends","date_range":{{"from":"2024-01-01","to":"2024-01-07"}},"series":[{series}]{extra}}}"#
+        );
+        match parse_query(json.as_bytes()) {
+            Ok(Query::Trends(q)) => q,
+            other => panic!("{json}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn trends_math_checks_its_property() {
+        let e = trends_err(r#"{"event":"a","math":"sum"}"#, "");
+        assert_eq!(e.field, "series[0].property");
+        let e = trends_err(r#"{"event":"a","math":"unique_users","property":"x"}"#, "");
+        assert_eq!(e.field, "series[0].property");
+        let e = trends_err(r#"{"event":"a","math":"p90","property":""}"#, "");
+        assert_eq!(e.field, "series[0].property");
+        let e = trends_err(r#"{"event":"a","math":"total","per_user":"sum"}"#, "");
+        assert_eq!(e.field, "series[0].per_user");
+        let e = trends_err(
+            r#"{"event":"a","math":"avg_per_user","per_user":"count","property":"x"}"#,
+            "",
+        );
+        assert_eq!(e.field, "series[0].property");
+        let e = trends_err(
+            r#"{"event":"a","math":"avg_per_user","per_user":"max"}"#,
+            "",
+        );
+        assert_eq!(e.field, "series[0].property");
+        let e = trends_err(
+            r#"{"event":"a","math":"weekly_active"}"#,
+            r#","interval":"week""#,
+        );
+        assert_eq!(e.field, "series[0].math");
+        assert!(e.message.contains("interval: day"), "{e}");
+        let q = trends_ok(
+            r#"{"math":"median","property":"x"},{"math":"avg_per_user"},{"math":"max_per_user","property":"d"},{"math":"unique_sessions"},{"math":"monthly_active"}"#,
+            "",
+        );
+        assert_eq!(
+            q.series[0].math.property_aggregate(),
+            Some(Aggregate::Quantile(0.5))
+        );
+        assert_eq!(q.per_unit(1), PerUnit::Count);
+        assert_eq!(q.per_unit(2), PerUnit::Sum);
+    }
+
+    #[test]
+    fn formulas_name_the_formula_field() {
+        let q = trends_ok(
+            r#"{"id":"A"},{"id":"B"}"#,
+            r#","formula":"A / B * 100","divide_by_zero":"zero""#,
+        );
+        assert_eq!(q.divide_by_zero, Some(DivideByZero::Zero));
+        assert!(q.parsed_formula().is_some());
+        let e = trends_err(r#"{"id":"A"}"#, r#","formula":"A / C""#);
+        assert_eq!(e.field, "formula");
+        assert!(e.message.contains("unknown series id `C`"), "{e}");
+        let e = trends_err(r#"{"id":"A"}"#, r#","formula":"A /""#);
+        assert_eq!(e.field, "formula");
+        let e = trends_err(r#"{"id":"A"}"#, r#","formula":"A","divide_by_zero":"nan""#);
+        assert_eq!(e.field, "divide_by_zero");
+        let e = trends_err(r#"{"id":"A"}"#, r#","divide_by_zero":"zero""#);
+        assert_eq!(e.field, "divide_by_zero");
+        let e = trends_err(r#"{"id":"formula"}"#, r#","formula":"formula""#);
+        assert_eq!(e.field, "series[0].id");
+    }
+
+    #[test]
+    fn display_modes_and_previous_period() {
+        let q = trends_ok(
+            r#"{"event":"a"}"#,
+            r#","display":"moving_average","smoothing_intervals":2,"log_scale":true,"compare_previous":true"#,
+        );
+        assert_eq!(
+            (q.display, q.smoothing(), q.log_scale),
+            (Display::MovingAverage, 2, true)
+        );
+        let p = q.previous_range();
+        assert_eq!(
+            (p.from.to_string(), p.to.to_string()),
+            ("2023-12-25".into(), "2023-12-31".into())
+        );
+        let e = trends_err(r#"{"event":"a"}"#, r#","display":"stacked""#);
+        assert_eq!(e.field, "display");
+        let e = trends_err(r#"{"event":"a"}"#, r#","smoothing_intervals":3"#);
+        assert_eq!(e.field, "smoothing_intervals");
+        let e = trends_err(
+            r#"{"event":"a"}"#,
+            r#","display":"moving_average","smoothing_intervals":0"#,
+        );
+        assert_eq!(e.field, "smoothing_intervals");
+        let e = trends_err(
+            r#"{"event":"a","math":"weekly_active"}"#,
+            r#","display":"cumulative""#,
+        );
+        assert_eq!(e.field, "display");
     }
 }

@@ -6,7 +6,9 @@
 //! Weekly and monthly buckets are clipped to the range and labelled with their calendar start;
 //! every insight uses the same rule.
 
-use chrono::{Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, TimeZone, Weekday};
+use chrono::{
+    Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, Offset, TimeZone, Timelike, Weekday,
+};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
@@ -83,14 +85,29 @@ impl Buckets {
         let mut labels = Vec::new();
         match interval {
             Interval::Hour => {
-                let mut t = start_ms;
-                while t < end_ms {
-                    starts_ms.push(t);
+                // A bucket per local clock hour and UTC offset: a new bucket starts wherever
+                // the local (date, hour, offset) changes. Every offset in the tz database is a
+                // whole number of quarter hours, so scanning in 15-minute steps finds every
+                // start, including after 30-minute DST changes (Lord Howe) and in repeated hours.
+                let key = |t: i64| {
                     let local = tz.timestamp_millis_opt(t).single().expect("valid instant");
-                    labels.push(local.format("%Y-%m-%dT%H:%M:%S%:z").to_string());
-                    // Local hours start on whole UTC hours (or half hours) and every hour is
-                    // 3600 s long in UTC, so stepping the instant is exact across DST changes.
-                    t += 3_600_000;
+                    (
+                        local.date_naive(),
+                        local.hour(),
+                        local.offset().fix().local_minus_utc(),
+                    )
+                };
+                let mut t = start_ms;
+                let mut last = None;
+                while t < end_ms {
+                    let k = key(t);
+                    if last != Some(k) {
+                        starts_ms.push(t);
+                        let local = tz.timestamp_millis_opt(t).single().expect("valid instant");
+                        labels.push(local.format("%Y-%m-%dT%H:%M:%S%:z").to_string());
+                        last = Some(k);
+                    }
+                    t += 15 * 60_000;
                 }
             }
             Interval::Day => {

@@ -12,8 +12,11 @@ use datafusion::functions::expr_fn::{coalesce, lower, regexp_like, strpos};
 use datafusion::logical_expr::{Expr, lit};
 use datafusion::prelude::{cast, try_cast};
 use datafusion::scalar::ScalarValue;
-use optiprism_types::query::{Filter, FilterOp, json_number, json_render, resolve_date_operand};
+use optiprism_types::query::{
+    Filter, FilterOp, PropertySource, json_number, json_render, resolve_date_operand,
+};
 use std::ops::Not;
+use std::sync::Arc;
 
 /// Looks up the columns of a property key.
 pub trait ColumnLookup {
@@ -21,6 +24,18 @@ pub trait ColumnLookup {
     fn property(&self, key: &str) -> PropertyColumns;
     /// "Now" for relative dates, epoch ms.
     fn now_ms(&self) -> i64;
+    /// Identity merges and the members of the query's cohort filters.
+    fn identities(&self) -> &std::sync::Arc<crate::query::udf::IdentityView>;
+    /// The current value of person property `key` of each event's person (rendered).
+    fn person_property(&self, key: &str) -> PropertyColumns {
+        PropertyColumns {
+            computed: Some(
+                crate::query::udf::PersonPropertyUdf::udf(Arc::clone(self.identities()), key)
+                    .call(vec![column("person_id")]),
+            ),
+            ..PropertyColumns::default()
+        }
+    }
 }
 
 fn falsy(e: Expr) -> Expr {
@@ -44,6 +59,9 @@ fn typed_or_text(typed: Option<Expr>, text: Option<Expr>, none: ScalarValue) -> 
 
 /// The string rendering of a property (null when not set).
 pub fn rendered(cols: &PropertyColumns) -> Expr {
+    if let Some(e) = &cols.computed {
+        return e.clone();
+    }
     let typed = cols.typed.as_ref().map(|(name, ty)| match ty {
         DataType::Utf8 => column(name),
         DataType::Dictionary(_, _) => cast(column(name), DataType::Utf8),
@@ -55,6 +73,9 @@ pub fn rendered(cols: &PropertyColumns) -> Expr {
 
 /// The numeric value of a property (null when not set or not numeric).
 fn numeric(cols: &PropertyColumns) -> Expr {
+    if let Some(e) = &cols.computed {
+        return try_cast(e.clone(), DataType::Float64);
+    }
     let typed = cols.typed.as_ref().and_then(|(name, ty)| match ty {
         DataType::Float64 => Some(column(name)),
         DataType::Utf8 | DataType::Dictionary(_, _) => Some(try_cast(
@@ -72,6 +93,9 @@ fn numeric(cols: &PropertyColumns) -> Expr {
 
 /// The instant of a property in epoch ms (datetime properties, or ISO strings).
 fn instant_ms(cols: &PropertyColumns) -> Expr {
+    if let Some(e) = &cols.computed {
+        return ParseDatetime::udf().call(vec![e.clone()]);
+    }
     let typed = cols.typed.as_ref().and_then(|(name, ty)| match ty {
         DataType::Timestamp(_, _) => Some(cast(column(name), DataType::Int64)),
         DataType::Utf8 | DataType::Dictionary(_, _) => {
@@ -87,6 +111,9 @@ fn instant_ms(cols: &PropertyColumns) -> Expr {
 }
 
 fn is_set(cols: &PropertyColumns) -> Expr {
+    if let Some(e) = &cols.computed {
+        return e.clone().is_not_null();
+    }
     let typed = cols.typed.as_ref().map(|(n, _)| column(n).is_not_null());
     let text = cols.text.as_ref().map(|n| column(n).is_not_null());
     match (typed, text) {
@@ -128,9 +155,21 @@ pub fn filter_expr(f: &Filter, lookup: &dyn ColumnLookup) -> Expr {
             .map(|x| filter_expr(x, lookup))
             .reduce(Expr::or)
             .unwrap_or(lit(false)),
+        InCohort | NotInCohort => {
+            let member = crate::query::udf::InSegmentUdf::udf(Arc::clone(lookup.identities()), f)
+                .call(vec![column("person_id")]);
+            if f.op == InCohort {
+                member
+            } else {
+                member.not()
+            }
+        }
         _ => {
             let key = f.key.as_deref().unwrap_or_default();
-            let cols = lookup.property(key);
+            let cols = match f.source {
+                PropertySource::Event => lookup.property(key),
+                PropertySource::Person => lookup.person_property(key),
+            };
             let value = f.value.clone().unwrap_or(serde_json::Value::Null);
             match f.op {
                 Eq | In => equals_any(&cols, &value),
@@ -173,7 +212,7 @@ pub fn filter_expr(f: &Filter, lookup: &dyn ColumnLookup) -> Expr {
                         _ => x.eq(lit(at)),
                     })
                 }
-                And | Or => unreachable!("handled above"),
+                And | Or | InCohort | NotInCohort => unreachable!("handled above"),
             }
         }
     }
@@ -190,4 +229,17 @@ pub fn all_of(filters: &[Filter], lookup: &dyn ColumnLookup) -> Option<Expr> {
 /// A column reference by exact name.
 pub fn named(name: &str) -> Expr {
     column(name)
+}
+
+/// The event property keys `filters` read (nested groups included; person properties and
+/// cohorts are not columns of the rows).
+pub fn referenced_keys(filters: &[Filter], out: &mut Vec<String>) {
+    for f in filters {
+        if let Some(k) = &f.key
+            && f.source == PropertySource::Event
+        {
+            out.push(k.clone());
+        }
+        referenced_keys(&f.filters, out);
+    }
 }

@@ -19,6 +19,8 @@ pub struct PropertyColumns {
     pub typed: Option<(String, DataType)>,
     /// The column of mismatched values, if any batch has one.
     pub text: Option<String>,
+    /// An expression giving the rendered value instead of columns (person properties).
+    pub computed: Option<datafusion::logical_expr::Expr>,
 }
 
 /// Finds the field named `name` in any batch of any partition.
@@ -36,6 +38,7 @@ pub fn property_columns(parts: &[ProjectRows], key: &str) -> PropertyColumns {
     PropertyColumns {
         typed: find_field(parts, &typed_name).map(|f| (typed_name, f.data_type().clone())),
         text: find_field(parts, &text_name).map(|_| text_name),
+        computed: None,
     }
 }
 
@@ -69,4 +72,28 @@ pub fn project(parts: &[ProjectRows], names: &[String]) -> (SchemaRef, Vec<Vec<R
         })
         .collect();
     (schema, partitions)
+}
+
+/// Property columns of a project's rows, for filters over them (see
+/// [`crate::query::filter::ColumnLookup`]).
+#[derive(Debug)]
+pub struct RowsLookup<'a> {
+    /// The rows, one entry per partition.
+    pub parts: &'a [ProjectRows],
+    /// "Now" for relative dates, epoch ms.
+    pub now_ms: i64,
+    /// Identity merges, segments and person properties of the query.
+    pub identities: &'a Arc<crate::query::udf::IdentityView>,
+}
+
+impl crate::query::filter::ColumnLookup for RowsLookup<'_> {
+    fn property(&self, key: &str) -> PropertyColumns {
+        property_columns(self.parts, key)
+    }
+    fn now_ms(&self) -> i64 {
+        self.now_ms
+    }
+    fn identities(&self) -> &Arc<crate::query::udf::IdentityView> {
+        self.identities
+    }
 }

@@ -10,13 +10,19 @@
 //! (bucket, value, person) triples, and the counts are taken from sets of persons, so a range
 //! total is distinct over the range and `(other)` counts each person once across the values it
 //! folds — never a sum of per-bucket or per-partition uniques.
+//!
+//! Property math, per-user math, rolling active users, cumulative distinct counts, formulas and
+//! display transforms are in [`math`]. The previous period of `compare_previous` is the same
+//! query over the earlier dates.
+
+mod math;
 
 use crate::metadata::Project;
 use crate::query::QueryEngine;
 use crate::query::QueryFailure;
-use crate::query::filter::{ColumnLookup, all_of, named, rendered};
-use crate::query::frame::{PropertyColumns, project, property_columns};
-use crate::query::udf::{BucketIndex, IdentityUdf, IdentityView};
+use crate::query::filter::{ColumnLookup, all_of, named, referenced_keys, rendered};
+use crate::query::frame::{PropertyColumns, RowsLookup, project};
+use crate::query::udf::{BucketIndex, IdentityUdf, IdentityView, ToNumber};
 use crate::storage::partition::ProjectRows;
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Int32Type, Int64Type, UInt64Type};
@@ -24,12 +30,16 @@ use datafusion::datasource::MemTable;
 use datafusion::error::Result as DfResult;
 use datafusion::functions_aggregate::expr_fn::count;
 use datafusion::logical_expr::{Expr, lit};
-use datafusion::prelude::{DataFrame, SessionContext};
+use datafusion::prelude::{DataFrame, SessionContext, cast};
+use datafusion::scalar::ScalarValue;
+use math::Triple;
 use optiprism_types::answer::{
-    BreakdownAnswer, NONE_LABEL, OTHER_LABEL, SeriesAnswer, TrendsAnswer,
+    BreakdownAnswer, NONE_LABEL, OTHER_LABEL, PreviousAnswer, SeriesAnswer, TrendsAnswer,
 };
-use optiprism_types::query::{Math, TrendsQuery};
-use optiprism_types::time::Buckets;
+use optiprism_types::query::PropertySource;
+use optiprism_types::query::{Display, Math, TrendsQuery};
+use optiprism_types::stats::{moving_average, running_sum};
+use optiprism_types::time::{Buckets, Interval};
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
@@ -55,29 +65,6 @@ impl Hasher for PersonHasher {
 
 type PersonSet = HashSet<u64, BuildHasherDefault<PersonHasher>>;
 
-struct Lookup<'a> {
-    parts: &'a [ProjectRows],
-    now_ms: i64,
-}
-
-impl ColumnLookup for Lookup<'_> {
-    fn property(&self, key: &str) -> PropertyColumns {
-        property_columns(self.parts, key)
-    }
-    fn now_ms(&self) -> i64 {
-        self.now_ms
-    }
-}
-
-fn referenced_keys(filters: &[optiprism_types::query::Filter], out: &mut Vec<String>) {
-    for f in filters {
-        if let Some(k) = &f.key {
-            out.push(k.clone());
-        }
-        referenced_keys(&f.filters, out);
-    }
-}
-
 /// The breakdown value of an event. Dictionary-encoded strings stay dictionaries, so grouping
 /// compares small integer keys instead of strings.
 fn breakdown_value(cols: &PropertyColumns) -> Expr {
@@ -87,8 +74,43 @@ fn breakdown_value(cols: &PropertyColumns) -> Expr {
     }
 }
 
+/// The property that identifies a session (PostHog's and our SDKs' `$session_id`).
+const SESSION_KEY: &str = "$session_id";
+
+/// The numeric value of a property (§1.3): numbers, and strings that are numbers; null for
+/// anything else (booleans, datetimes, other text) and when not set.
+fn number(cols: &PropertyColumns) -> Expr {
+    let typed = cols.typed.as_ref().and_then(|(name, ty)| match ty {
+        DataType::Float64 => Some(ToNumber::udf().call(vec![named(name)])),
+        DataType::Utf8 | DataType::Dictionary(_, _) => {
+            Some(ToNumber::udf().call(vec![cast(named(name), DataType::Utf8)]))
+        }
+        _ => None,
+    });
+    let text = cols
+        .text
+        .as_ref()
+        .map(|n| ToNumber::udf().call(vec![named(n)]));
+    match (typed, text) {
+        // A row holds a value in at most one of the two columns.
+        (Some(t), Some(x)) => datafusion::functions::expr_fn::coalesce(vec![t, x]),
+        (Some(t), None) => t,
+        (None, Some(x)) => x,
+        (None, None) => lit(ScalarValue::Float64(None)),
+    }
+}
+
+/// Whether a math counts or aggregates per resolved person.
+fn needs_person(math: Math) -> bool {
+    math == Math::UniqueUsers
+        || math.rolling_days().is_some()
+        || math.per_user_aggregate().is_some()
+}
+
 /// The filtered, projected rows of one series: columns `b` (bucket), optional `v` (breakdown
-/// value), and for unique math `p` (resolved person). `None` when no partition has rows.
+/// value), for unique, rolling and per-user math `p` (resolved person), for unique sessions
+/// `k` (the session id, set and not empty), and with a property `x` (its numeric value; only
+/// rows that have one, for event-level property math). `None` when no partition has rows.
 fn filtered_frame(
     ctx: &SessionContext,
     parts: &[ProjectRows],
@@ -102,12 +124,22 @@ fn filtered_frame(
         return Ok(None);
     }
     let s = &q.series[series];
-    let lookup = Lookup { parts, now_ms };
+    let lookup = RowsLookup {
+        parts,
+        now_ms,
+        identities,
+    };
     let mut keys = Vec::new();
     referenced_keys(&s.filters, &mut keys);
     referenced_keys(&q.filters, &mut keys);
-    if let Some(b) = &q.breakdown {
+    if let Some(b) = &q.breakdown
+        && b.source == PropertySource::Event
+    {
         keys.push(b.property.clone());
+    }
+    keys.extend(s.property.clone());
+    if s.math == Math::UniqueSessions {
+        keys.push(SESSION_KEY.to_string());
     }
     let mut names: Vec<String> = vec!["timestamp".into(), "event".into(), "person_id".into()];
     for k in &keys {
@@ -136,16 +168,36 @@ fn filtered_frame(
     let bucket_udf = BucketIndex::udf(buckets.starts_ms.clone(), buckets.end_ms);
     let mut select = vec![bucket_udf.call(vec![named("timestamp")]).alias("b")];
     if let Some(b) = &q.breakdown {
-        select.push(breakdown_value(&lookup.property(&b.property)).alias("v"));
+        let cols = match b.source {
+            PropertySource::Event => lookup.property(&b.property),
+            PropertySource::Person => lookup.person_property(&b.property),
+        };
+        select.push(breakdown_value(&cols).alias("v"));
     }
-    if s.math == Math::UniqueUsers {
+    if needs_person(s.math) {
         select.push(
             IdentityUdf::resolve(Arc::clone(identities))
                 .call(vec![named("person_id")])
                 .alias("p"),
         );
     }
-    Ok(Some(df.select(select)?.filter(named("b").is_not_null())?))
+    if let Some(p) = &s.property {
+        select.push(number(&lookup.property(p)).alias("x"));
+    }
+    if s.math == Math::UniqueSessions {
+        select.push(rendered(&lookup.property(SESSION_KEY)).alias("k"));
+    }
+    let mut df = df.select(select)?.filter(named("b").is_not_null())?;
+    if s.math.property_aggregate().is_some() {
+        // Event-level property math ignores events without a numeric value (§1.3); per-user
+        // math keeps them, as they still count as the person's events.
+        df = df.filter(named("x").is_not_null())?;
+    }
+    if s.math == Math::UniqueSessions {
+        // Events without a session, or with an empty id, belong to no session.
+        df = df.filter(named("k").is_not_null().and(named("k").not_eq(lit(""))))?;
+    }
+    Ok(Some(df))
 }
 
 /// Column `v` of an aggregate's output as labels (`(none)` for not set).
@@ -236,8 +288,8 @@ async fn total_series(
     }
     let mut series = SeriesAnswer {
         id: q.series_id(i),
-        total: values.iter().sum(),
-        values,
+        total: Some(values.iter().sum()),
+        values: present(values),
         breakdown: Vec::new(),
     };
     if let Some(b) = &q.breakdown {
@@ -265,49 +317,71 @@ async fn total_series(
             let values = rows.remove(label.as_str()).unwrap_or_default();
             series.breakdown.push(BreakdownAnswer {
                 value: label.clone(),
-                total: values.iter().sum(),
-                values,
+                total: Some(values.iter().sum()),
+                values: present(values),
             });
         }
     }
     Ok(series)
 }
 
-/// A series of unique-user math: distinct (bucket, value, person) triples from DataFusion, then
-/// sets of persons per group.
-async fn unique_series(
+/// Wraps bucket values that are always defined (counts).
+fn present(values: Vec<f64>) -> Vec<Option<f64>> {
+    values.into_iter().map(Some).collect()
+}
+
+/// The distinct (bucket, value, unit) triples of a frame from DataFusion, the unit being the
+/// resolved person (column `p`) or, for unique sessions, the session id (column `k`, numbered
+/// here so the sets below hold integers).
+async fn distinct_triples(
     q: &TrendsQuery,
-    i: usize,
     frame: Option<DataFrame>,
-    buckets: &Buckets,
-) -> DfResult<SeriesAnswer> {
-    let mut triples: Vec<(i32, Option<String>, u64)> = Vec::new();
-    if let Some(frame) = frame {
-        let mut group = vec![named("b"), named("p")];
-        if q.breakdown.is_some() {
-            group.push(named("v"));
-        }
-        for batch in frame.aggregate(group, vec![])?.collect().await? {
-            let b = batch
-                .column_by_name("b")
-                .expect("b")
-                .as_primitive::<Int32Type>()
-                .clone();
-            let p = batch
-                .column_by_name("p")
-                .expect("p")
-                .as_primitive::<UInt64Type>()
-                .clone();
-            let v = labels(&batch)?;
-            for row in 0..batch.num_rows() {
-                triples.push((
-                    b.value(row),
-                    v.as_ref().map(|v| v[row].clone()),
-                    p.value(row),
-                ));
-            }
+    unit: &str,
+) -> DfResult<Vec<Triple>> {
+    let mut triples: Vec<Triple> = Vec::new();
+    let Some(frame) = frame else {
+        return Ok(triples);
+    };
+    let mut group = vec![named("b"), named(unit)];
+    if q.breakdown.is_some() {
+        group.push(named("v"));
+    }
+    let mut numbering: HashMap<String, u64> = HashMap::new();
+    for batch in frame.aggregate(group, vec![])?.collect().await? {
+        let b = batch
+            .column_by_name("b")
+            .expect("b")
+            .as_primitive::<Int32Type>()
+            .clone();
+        let column = batch.column_by_name(unit).expect("unit column");
+        let units: Vec<u64> = if column.data_type() == &DataType::UInt64 {
+            column.as_primitive::<UInt64Type>().values().to_vec()
+        } else {
+            let text = arrow::compute::cast(column, &DataType::Utf8)?;
+            let text = text.as_string::<i32>();
+            (0..text.len())
+                .map(|row| {
+                    let next = numbering.len() as u64;
+                    *numbering.entry(text.value(row).to_string()).or_insert(next)
+                })
+                .collect()
+        };
+        let v = labels(&batch)?;
+        for (row, unit) in units.into_iter().enumerate() {
+            triples.push((b.value(row), v.as_ref().map(|v| v[row].clone()), unit));
         }
     }
+    Ok(triples)
+}
+
+/// A series of unique math (users or sessions) from its distinct (bucket, value, unit)
+/// triples: sets of units per group.
+fn unique_series(
+    q: &TrendsQuery,
+    i: usize,
+    triples: Vec<Triple>,
+    buckets: &Buckets,
+) -> SeriesAnswer {
     let mut values = vec![0.0; buckets.len()];
     let mut all = PersonSet::default();
     if q.breakdown.is_some() {
@@ -329,8 +403,8 @@ async fn unique_series(
     }
     let mut series = SeriesAnswer {
         id: q.series_id(i),
-        values,
-        total: all.len() as f64,
+        values: present(values),
+        total: Some(all.len() as f64),
         breakdown: Vec::new(),
     };
     if let Some(b) = &q.breakdown {
@@ -367,12 +441,85 @@ async fn unique_series(
             let (by_bucket, total) = cells.remove(label.as_str()).unwrap_or_default();
             series.breakdown.push(BreakdownAnswer {
                 value: label.clone(),
-                values: by_bucket.iter().map(|s| s.len() as f64).collect(),
-                total: total.len() as f64,
+                values: by_bucket.iter().map(|s| Some(s.len() as f64)).collect(),
+                total: Some(total.len() as f64),
             });
         }
     }
-    Ok(series)
+    series
+}
+
+/// What every series of a query reads.
+struct Env<'a> {
+    engine: &'a QueryEngine,
+    project: &'a Project,
+    ctx: SessionContext,
+    identities: Arc<IdentityView>,
+    now_ms: i64,
+}
+
+/// The series of `q` over its date range, display transforms applied.
+async fn period_series(
+    env: &Env<'_>,
+    q: &TrendsQuery,
+    buckets: &Buckets,
+) -> Result<Vec<SeriesAnswer>, QueryFailure> {
+    let mut out = Vec::with_capacity(q.series.len());
+    for (i, s) in q.series.iter().enumerate() {
+        // Rolling windows also read the days before `from` (§2.2): the look-back days are
+        // buckets of their own, in front of the range's.
+        let rolling = s.math.rolling_days();
+        let read = match rolling {
+            Some(window) => Buckets::new(
+                q.date_range.from - chrono::Duration::days(window as i64 - 1),
+                q.date_range.to,
+                q.tz(),
+                Interval::Day,
+                q.week_start,
+            ),
+            None => buckets.clone(),
+        };
+        let events = s.event.as_ref().map(|e| vec![e.clone()]);
+        let parts = env
+            .engine
+            .rows(env.project, read.start_ms(), read.end_ms, events.as_deref())
+            .await?;
+        let frame = filtered_frame(&env.ctx, &parts, q, i, &read, &env.identities, env.now_ms)?;
+        let n = buckets.len();
+        let mut series = if let Some(window) = rolling {
+            let triples = distinct_triples(q, frame, "p").await?;
+            math::rolling_series(q, i, triples, window, n)
+        } else if let Some(agg) = s.math.property_aggregate() {
+            math::property_series(q, i, frame, agg, n).await?
+        } else if let Some(agg) = s.math.per_user_aggregate() {
+            math::per_user_series(q, i, frame, agg, n).await?
+        } else if matches!(s.math, Math::UniqueUsers | Math::UniqueSessions) {
+            let unit = if s.math == Math::UniqueSessions {
+                "k"
+            } else {
+                "p"
+            };
+            let triples = distinct_triples(q, frame, unit).await?;
+            if q.display == Display::Cumulative {
+                // Cumulative uniques are distinct over the prefix, not a running sum.
+                math::cumulative_distinct_series(q, i, triples, n)
+            } else {
+                unique_series(q, i, triples, buckets)
+            }
+        } else {
+            let mut series = total_series(q, i, frame, buckets).await?;
+            if q.display == Display::Cumulative {
+                math::map_rows(&mut series, &running_sum);
+            }
+            series
+        };
+        if q.display == Display::MovingAverage {
+            let k = q.smoothing();
+            math::map_rows(&mut series, &|values| moving_average(values, k));
+        }
+        out.push(series);
+    }
+    Ok(out)
 }
 
 /// Runs a trends query.
@@ -381,31 +528,43 @@ pub async fn run(
     project: &Project,
     q: &TrendsQuery,
 ) -> Result<TrendsAnswer, QueryFailure> {
+    let env = Env {
+        engine,
+        project,
+        ctx: engine.session(),
+        identities: Arc::new(engine.identity_view(project.id)),
+        now_ms: chrono::Utc::now().timestamp_millis(),
+    };
     let buckets = q.buckets();
-    let identities = Arc::new(engine.identity_view(project.id));
-    let now_ms = chrono::Utc::now().timestamp_millis();
-    let ctx = engine.session();
+    let series = period_series(&env, q, &buckets).await?;
+    let previous = if q.compare_previous {
+        // The same query over the previous period; percent change compares the series'
+        // totals, so the previous period carries no breakdown.
+        let mut pq = q.clone();
+        pq.date_range = q.previous_range();
+        pq.breakdown = None;
+        let previous_buckets = pq.buckets();
+        let series = period_series(&env, &pq, &previous_buckets).await?;
+        Some(PreviousAnswer {
+            buckets: previous_buckets.labels,
+            starts_ms: previous_buckets.starts_ms,
+            series,
+        })
+    } else {
+        None
+    };
+    let formula = q
+        .parsed_formula()
+        .map(|f| math::formula_series(q, &f, &series, buckets.len()));
     let mut answer = TrendsAnswer {
         buckets: buckets.labels.clone(),
         breakdown_property: q.breakdown.as_ref().map(|b| b.property.clone()),
-        series: Vec::new(),
+        series,
+        formula,
+        previous,
     };
-    for (i, s) in q.series.iter().enumerate() {
-        let events = s.event.as_ref().map(|e| vec![e.clone()]);
-        let parts = engine
-            .rows(
-                project,
-                buckets.start_ms(),
-                buckets.end_ms,
-                events.as_deref(),
-            )
-            .await?;
-        let frame = filtered_frame(&ctx, &parts, q, i, &buckets, &identities, now_ms)?;
-        let series = match s.math {
-            Math::UniqueUsers => unique_series(q, i, frame, &buckets).await?,
-            _ => total_series(q, i, frame, &buckets).await?,
-        };
-        answer.series.push(series);
+    if q.log_scale {
+        math::log_gaps(&mut answer);
     }
     Ok(answer)
 }

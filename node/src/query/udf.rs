@@ -202,11 +202,21 @@ impl ScalarUDFImpl for ParseDatetime {
     }
 }
 
-/// The identity merges of a project as queries apply them.
+/// The persons of a project as a query sees them: identity merges, and the members of the
+/// cohorts the query filters by (segments, computed before the query's plans are built).
 #[derive(Debug, Default)]
 pub struct IdentityView {
     /// Stamped person → current person.
     pub merged: HashMap<u64, u64>,
+    /// Members (current persons) of each cohort filter, by [`segment_key`].
+    pub segments: HashMap<String, Arc<std::collections::HashSet<u64>>>,
+    /// Current (rendered) value of each person property the query reads, by key and person.
+    pub person_properties: HashMap<String, Arc<HashMap<u64, String>>>,
+}
+
+/// The key of a cohort filter's members: its condition and evaluation instant.
+pub fn segment_key(f: &optiprism_types::query::Filter) -> String {
+    serde_json::to_string(&(&f.cohort, &f.evaluate_at)).unwrap_or_default()
 }
 
 impl IdentityView {
@@ -219,6 +229,18 @@ impl IdentityView {
             }
         }
         view
+    }
+
+    /// The same view with the members of a query's cohort filters and the person properties
+    /// it reads.
+    pub fn with_segments(
+        mut self,
+        segments: HashMap<String, Arc<std::collections::HashSet<u64>>>,
+        person_properties: HashMap<String, Arc<HashMap<u64, String>>>,
+    ) -> IdentityView {
+        self.segments = segments;
+        self.person_properties = person_properties;
+        self
     }
 
     /// The current person of a stamped person.
@@ -275,6 +297,175 @@ impl ScalarUDFImpl for IdentityUdf {
         let out: UInt64Array = ids
             .iter()
             .map(|v| v.map(|p| self.view.resolve(p)))
+            .collect();
+        Ok(ColumnarValue::Array(Arc::new(out)))
+    }
+}
+
+/// `to_number(x)`: the numeric value of a property (§1.3: numbers and numeric strings count),
+/// null for anything else. Text goes through [`optiprism_types::stats::parse_number`] rather
+/// than a SQL cast, so property math and the types crate agree on what a number is; casts
+/// accept `NaN` and `inf`, and so does ingestion for a number-typed key (the string `"NaN"`
+/// renders back to itself), so non-finite numbers are nulled too: they would poison every sum.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct ToNumber {
+    signature: Signature,
+}
+
+impl ToNumber {
+    /// The function.
+    pub fn udf() -> ScalarUDF {
+        ScalarUDF::new_from_impl(ToNumber {
+            signature: Signature::uniform(
+                1,
+                vec![DataType::Utf8, DataType::Float64],
+                Volatility::Immutable,
+            ),
+        })
+    }
+}
+
+impl ScalarUDFImpl for ToNumber {
+    fn name(&self) -> &str {
+        "to_number"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Float64)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let array = args.args[0].to_array(args.number_rows)?;
+        if array.data_type() == &DataType::Float64 {
+            let numbers = array.as_primitive::<Float64Type>();
+            if numbers.values().iter().all(|x| x.is_finite()) {
+                return Ok(ColumnarValue::Array(array));
+            }
+            let out: arrow::array::Float64Array = numbers
+                .iter()
+                .map(|v| v.filter(|x| x.is_finite()))
+                .collect();
+            return Ok(ColumnarValue::Array(Arc::new(out)));
+        }
+        let out: arrow::array::Float64Array = array
+            .as_string::<i32>()
+            .iter()
+            .map(|v| v.and_then(optiprism_types::stats::parse_number))
+            .collect();
+        Ok(ColumnarValue::Array(Arc::new(out)))
+    }
+}
+
+/// `in_segment(person_id)`: whether the current person of an event is a member of one cohort
+/// filter's cohort.
+#[derive(Debug)]
+pub struct InSegmentUdf {
+    view: Arc<IdentityView>,
+    members: Arc<std::collections::HashSet<u64>>,
+    key: String,
+    signature: Signature,
+}
+
+impl PartialEq for InSegmentUdf {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.view, &other.view) && self.key == other.key
+    }
+}
+impl Eq for InSegmentUdf {}
+impl Hash for InSegmentUdf {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.key.hash(state);
+    }
+}
+
+impl InSegmentUdf {
+    /// Membership in the cohort of `filter`, whose members `view` carries (a missing segment
+    /// has no members: [`crate::query::QueryEngine::insight`] computes every one first).
+    pub fn udf(view: Arc<IdentityView>, filter: &optiprism_types::query::Filter) -> ScalarUDF {
+        let key = segment_key(filter);
+        let members = view.segments.get(&key).cloned().unwrap_or_default();
+        ScalarUDF::new_from_impl(InSegmentUdf {
+            view,
+            members,
+            key,
+            signature: Signature::exact(vec![DataType::UInt64], Volatility::Immutable),
+        })
+    }
+}
+
+impl ScalarUDFImpl for InSegmentUdf {
+    fn name(&self) -> &str {
+        "in_segment"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Boolean)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let array = args.args[0].to_array(args.number_rows)?;
+        let ids = array.as_primitive::<arrow::datatypes::UInt64Type>();
+        let out: arrow::array::BooleanArray = ids
+            .iter()
+            .map(|v| Some(v.is_some_and(|p| self.members.contains(&self.view.resolve(p)))))
+            .collect();
+        Ok(ColumnarValue::Array(Arc::new(out)))
+    }
+}
+
+/// `person_property(person_id)`: the current value (rendered) of one person property of an
+/// event's current person; null when not set.
+#[derive(Debug)]
+pub struct PersonPropertyUdf {
+    view: Arc<IdentityView>,
+    values: Arc<HashMap<u64, String>>,
+    key: String,
+    signature: Signature,
+}
+
+impl PartialEq for PersonPropertyUdf {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.view, &other.view) && self.key == other.key
+    }
+}
+impl Eq for PersonPropertyUdf {}
+impl Hash for PersonPropertyUdf {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.key.hash(state);
+    }
+}
+
+impl PersonPropertyUdf {
+    /// Person property `key`, whose values `view` carries.
+    pub fn udf(view: Arc<IdentityView>, key: &str) -> ScalarUDF {
+        let values = view.person_properties.get(key).cloned().unwrap_or_default();
+        ScalarUDF::new_from_impl(PersonPropertyUdf {
+            view,
+            values,
+            key: key.to_string(),
+            signature: Signature::exact(vec![DataType::UInt64], Volatility::Immutable),
+        })
+    }
+}
+
+impl ScalarUDFImpl for PersonPropertyUdf {
+    fn name(&self) -> &str {
+        "person_property"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Utf8)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let array = args.args[0].to_array(args.number_rows)?;
+        let ids = array.as_primitive::<arrow::datatypes::UInt64Type>();
+        let out: arrow::array::StringArray = ids
+            .iter()
+            .map(|v| v.and_then(|p| self.values.get(&self.view.resolve(p)).map(String::as_str)))
             .collect();
         Ok(ColumnarValue::Array(Arc::new(out)))
     }

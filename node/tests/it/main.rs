@@ -3,6 +3,9 @@
 
 mod support;
 mod t10_spec_cases;
+mod t12_insight_cases;
+mod t15_trends_math;
+mod t16_query_fuzz;
 mod t20_bad_input;
 mod t30_sdks;
 mod t40_restart;

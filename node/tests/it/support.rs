@@ -57,26 +57,55 @@ pub(crate) fn assert_json_numbers(actual: &Value, expected: &Value, what: &str) 
     }
 }
 
-/// Compares every field of `expected` (`buckets`, `series`, `totals`) with `actual`.
+/// Compares every field of `expected` with `actual`: `buckets`, the per-series maps `series`,
+/// `totals`, `previous`, `previous_totals` and `change_pct`, and `formula`, `formula_total`.
+/// A null expected value must be null (and a number must not be null).
 pub(crate) fn assert_answer(actual: &Value, expected: &Value, case: &str) {
     if let Some(b) = expected.get("buckets") {
         assert_eq!(&actual["buckets"], b, "{case}: buckets");
     }
-    for field in ["series", "totals"] {
+    for field in [
+        "series",
+        "totals",
+        "previous",
+        "previous_totals",
+        "change_pct",
+    ] {
         if let Some(map) = expected.get(field).and_then(Value::as_object) {
             for (id, value) in map {
+                assert!(
+                    actual[field].get(id).is_some(),
+                    "{case}: {field}.{id} missing in {actual}"
+                );
                 assert_json_numbers(&actual[field][id], value, &format!("{case}: {field}.{id}"));
             }
         }
     }
+    for field in ["formula", "formula_total"] {
+        if let Some(value) = expected.get(field) {
+            assert!(
+                actual.get(field).is_some(),
+                "{case}: {field} missing in {actual}"
+            );
+            assert_json_numbers(&actual[field], value, &format!("{case}: {field}"));
+        }
+    }
 }
 
-/// The Arrow answer of a trends query back in the JSON shape (`series`, `totals`).
+/// The Arrow answer of a trends query back in the JSON shape: `buckets`, `series`, `totals`,
+/// and when present `formula`, `formula_total`, `previous_buckets`, `previous`,
+/// `previous_totals` and `change_pct` (unbroken rows only).
 pub(crate) fn arrow_to_json(batches: &[RecordBatch]) -> Value {
-    let mut series: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let number = |x: Option<f64>| x.map_or(Value::Null, |x| json!(x));
     let mut buckets: Vec<String> = Vec::new();
-    let mut first_series: Option<String> = None;
-    let mut totals: BTreeMap<String, f64> = BTreeMap::new();
+    let mut previous_buckets: Vec<String> = Vec::new();
+    let mut first: BTreeMap<String, String> = BTreeMap::new();
+    let mut series: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    let mut totals: BTreeMap<String, Value> = BTreeMap::new();
+    let mut previous: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    let mut previous_totals: BTreeMap<String, Value> = BTreeMap::new();
+    let mut change: BTreeMap<String, Value> = BTreeMap::new();
+    let mut out = serde_json::Map::new();
     for b in batches {
         let s = b.column_by_name("series").unwrap().as_string::<i32>();
         let br = b.column_by_name("breakdown").unwrap().as_string::<i32>();
@@ -85,20 +114,61 @@ pub(crate) fn arrow_to_json(batches: &[RecordBatch]) -> Value {
             .column_by_name("value")
             .unwrap()
             .as_primitive::<arrow::datatypes::Float64Type>();
+        let period = b.column_by_name("period").unwrap().as_string::<i32>();
+        let pct = b
+            .column_by_name("change_pct")
+            .unwrap()
+            .as_primitive::<arrow::datatypes::Float64Type>();
         for i in 0..b.num_rows() {
             if !br.is_null(i) {
                 continue;
             }
-            if bucket.is_null(i) {
-                totals.insert(s.value(i).to_string(), value.value(i));
-            } else {
-                let id = s.value(i).to_string();
-                if first_series.get_or_insert_with(|| id.clone()) == &id {
-                    buckets.push(bucket.value(i).to_string());
+            let id = s.value(i).to_string();
+            let v = number((!value.is_null(i)).then(|| value.value(i)));
+            let current = period.value(i) == "current";
+            if current && id == "formula" {
+                if bucket.is_null(i) {
+                    out.insert("formula_total".into(), v);
+                } else {
+                    out.entry("formula")
+                        .or_insert_with(|| json!([]))
+                        .as_array_mut()
+                        .unwrap()
+                        .push(v);
                 }
-                series.entry(id).or_default().push(value.value(i));
+                continue;
+            }
+            let (values, totals, labels) = if current {
+                (&mut series, &mut totals, &mut buckets)
+            } else {
+                (&mut previous, &mut previous_totals, &mut previous_buckets)
+            };
+            if bucket.is_null(i) {
+                totals.insert(id.clone(), v);
+                if current {
+                    change.insert(id, number((!pct.is_null(i)).then(|| pct.value(i))));
+                }
+            } else {
+                if first
+                    .entry(period.value(i).to_string())
+                    .or_insert_with(|| id.clone())
+                    == &id
+                {
+                    labels.push(bucket.value(i).to_string());
+                }
+                values.entry(id).or_default().push(v);
             }
         }
     }
-    json!({ "buckets": buckets, "series": series, "totals": totals })
+    out.insert("buckets".into(), json!(buckets));
+    out.insert("series".into(), json!(series));
+    out.insert("totals".into(), json!(totals));
+    if !previous.is_empty() {
+        change.retain(|id, _| previous.contains_key(id));
+        out.insert("previous_buckets".into(), json!(previous_buckets));
+        out.insert("previous".into(), json!(previous));
+        out.insert("previous_totals".into(), json!(previous_totals));
+        out.insert("change_pct".into(), json!(change));
+    }
+    Value::Object(out)
 }

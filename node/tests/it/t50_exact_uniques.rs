@@ -227,7 +227,10 @@ fn unique_users_across_partitions_match_a_naive_reference() {
                     "series": [{"event": "view", "math": "unique_users"}, {"event": "view", "math": "total"}],
                     "breakdown": {"property": "browser", "limit": 2},
                 });
-                let Query::Trends(_) = parse_query(query.to_string().as_bytes()).unwrap();
+                assert!(matches!(
+                    parse_query(query.to_string().as_bytes()),
+                    Ok(Query::Trends(_))
+                ));
                 node.query
                     .insight(&project, query.to_string().as_bytes())
                     .await
