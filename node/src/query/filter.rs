@@ -30,7 +30,7 @@ pub trait ColumnLookup {
     fn person_property(&self, key: &str) -> PropertyColumns {
         PropertyColumns {
             computed: Some(
-                crate::query::udf::PersonPropertyUdf::udf(Arc::clone(self.identities()), key)
+                crate::query::udf::PersonUdf::property(Arc::clone(self.identities()), key)
                     .call(vec![column("person_id")]),
             ),
             ..PropertyColumns::default()
@@ -156,7 +156,7 @@ pub fn filter_expr(f: &Filter, lookup: &dyn ColumnLookup) -> Expr {
             .reduce(Expr::or)
             .unwrap_or(lit(false)),
         InCohort | NotInCohort => {
-            let member = crate::query::udf::InSegmentUdf::udf(Arc::clone(lookup.identities()), f)
+            let member = crate::query::udf::PersonUdf::segment(Arc::clone(lookup.identities()), f)
                 .call(vec![column("person_id")]);
             if f.op == InCohort {
                 member

@@ -11,10 +11,10 @@ use crate::metadata::Project;
 use crate::query::units::{self, StreamSpec, UnitStreams, ValueSource};
 use crate::query::{QueryEngine, QueryFailure};
 use arrow::array::{
-    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, RecordBatch, StringBuilder,
-    TimestampMillisecondBuilder,
+    ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
+    TimestampMillisecondArray,
 };
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::datatypes::{Field, Schema};
 use chrono::{DateTime, SecondsFormat, Utc};
 use optiprism_types::answer::{NONE_LABEL, OTHER_LABEL, json_number};
 use optiprism_types::event::PropValue;
@@ -25,9 +25,9 @@ use optiprism_types::insight::paths::{self, PathGraph, PathsSpec};
 use optiprism_types::insight::retention::{self, RetentionSpec, RetentionTable};
 use optiprism_types::insight::{NO_VALUE, UnitEvent, pct, round4};
 use optiprism_types::query::behaviour::{
-    Attribution, CohortCondition, CohortQuery, CohortTimelineQuery, EventSelector, FunnelOrder,
-    FunnelQuery, IdentityQuery, LifecycleQuery, NewDefinition, PathsQuery, RetentionQuery,
-    StickinessQuery, TimeMode,
+    Attribution, CohortCondition, CohortQuery, CohortTimelineQuery, CountOp, EventSelector,
+    ExclusionPolicy, FunnelOrder, FunnelQuery, IdentityQuery, LifecycleQuery, NewDefinition,
+    PathsQuery, RetentionQuery, StickinessQuery, TimeMode, fixed_period_ms,
 };
 use optiprism_types::query::{
     Filter, FilterOp, PropertySource, json_number as operand_number, json_render,
@@ -59,54 +59,27 @@ struct Table {
 }
 
 impl Table {
-    fn text(mut self, name: &str, values: TextColumn) -> Table {
-        let mut b = StringBuilder::new();
-        for v in values {
-            b.append_option(v);
-        }
-        self.fields.push(Field::new(name, DataType::Utf8, true));
-        self.columns.push(Arc::new(b.finish()));
+    fn column(mut self, name: &str, array: ArrayRef) -> Table {
+        self.fields
+            .push(Field::new(name, array.data_type().clone(), true));
+        self.columns.push(array);
         self
     }
-    fn int(mut self, name: &str, values: IntColumn) -> Table {
-        let mut b = Int64Builder::new();
-        for v in values {
-            b.append_option(v);
-        }
-        self.fields.push(Field::new(name, DataType::Int64, true));
-        self.columns.push(Arc::new(b.finish()));
-        self
+    fn text(self, name: &str, values: TextColumn) -> Table {
+        self.column(name, Arc::new(StringArray::from(values)))
     }
-    fn float(mut self, name: &str, values: FloatColumn) -> Table {
-        let mut b = Float64Builder::new();
-        for v in values {
-            b.append_option(v);
-        }
-        self.fields.push(Field::new(name, DataType::Float64, true));
-        self.columns.push(Arc::new(b.finish()));
-        self
+    fn int(self, name: &str, values: IntColumn) -> Table {
+        self.column(name, Arc::new(Int64Array::from(values)))
     }
-    fn boolean(mut self, name: &str, values: Vec<bool>) -> Table {
-        let mut b = BooleanBuilder::new();
-        for v in values {
-            b.append_value(v);
-        }
-        self.fields.push(Field::new(name, DataType::Boolean, false));
-        self.columns.push(Arc::new(b.finish()));
-        self
+    fn float(self, name: &str, values: FloatColumn) -> Table {
+        self.column(name, Arc::new(Float64Array::from(values)))
     }
-    fn instant(mut self, name: &str, values: IntColumn) -> Table {
-        let mut b = TimestampMillisecondBuilder::new().with_timezone("UTC");
-        for v in values {
-            b.append_option(v);
-        }
-        self.fields.push(Field::new(
-            name,
-            crate::storage::chunk::timestamp_type(),
-            true,
-        ));
-        self.columns.push(Arc::new(b.finish()));
-        self
+    fn boolean(self, name: &str, values: Vec<bool>) -> Table {
+        self.column(name, Arc::new(BooleanArray::from(values)))
+    }
+    fn instant(self, name: &str, values: IntColumn) -> Table {
+        let array = TimestampMillisecondArray::from(values).with_timezone("UTC");
+        self.column(name, Arc::new(array))
     }
     fn finish(self) -> RecordBatch {
         RecordBatch::try_new(Arc::new(Schema::new(self.fields)), self.columns)
@@ -145,6 +118,9 @@ fn now_ms() -> i64 {
 struct FunnelRun {
     spec: FunnelSpec,
     streams: UnitStreams,
+    /// Properties held constant (values `first_held..` of the streams).
+    held: usize,
+    first_held: usize,
 }
 
 fn funnel_spec(q: &FunnelQuery) -> FunnelSpec {
@@ -189,6 +165,7 @@ async fn run_funnel(
         selectors: selectors.iter().collect(),
         common_filters: &[],
         all_events: q.order == FunnelOrder::Strict,
+        // The breakdown's value first (it labels units), then the properties held constant.
         values: q
             .breakdown
             .iter()
@@ -196,11 +173,83 @@ async fn run_funnel(
                 PropertySource::Event => ValueSource::Property(b.property.clone()),
                 PropertySource::Person => ValueSource::PersonProperty(b.property.clone()),
             })
+            .chain(
+                q.hold_constant
+                    .iter()
+                    .map(|p| ValueSource::Property(p.clone())),
+            )
             .collect(),
         raw_persons,
     };
     let streams = units::read(engine, project, &stream_spec).await?;
-    Ok(FunnelRun { spec, streams })
+    Ok(FunnelRun {
+        spec,
+        streams,
+        held: q.hold_constant.len(),
+        first_held: usize::from(q.breakdown.is_some()),
+    })
+}
+
+impl FunnelRun {
+    /// Calls `f` with the events of every counting unit, sorted for the funnel evaluator: a
+    /// person, or with properties held constant, a (person, held values) pair.
+    fn for_each_unit(&self, mut f: impl FnMut(&[UnitEvent])) {
+        let mut buffer = Vec::new();
+        for i in 0..self.streams.len() {
+            let range = self.streams.range(i);
+            if self.held == 0 {
+                buffer.clear();
+                buffer.extend_from_slice(&self.streams.events[range]);
+                funnel::sort_events(&self.spec, &mut buffer);
+                f(&buffer);
+                continue;
+            }
+            let mut by_values: BTreeMap<Vec<u32>, Vec<UnitEvent>> = BTreeMap::new();
+            for at in range {
+                let key = (0..self.held)
+                    .map(|h| self.streams.value(at, self.first_held + h))
+                    .collect();
+                by_values
+                    .entry(key)
+                    .or_default()
+                    .push(self.streams.events[at]);
+            }
+            for (_, mut events) in by_values {
+                funnel::sort_events(&self.spec, &mut events);
+                f(&events);
+            }
+        }
+    }
+}
+
+/// PostHog's time-to-convert histogram (§3.7): `bins` = ⌈∛n⌉ clamped to 1..=60 unless given,
+/// width ⌈(⌈max⌉ − ⌊min⌋) / bins⌉ (60 s when 0), bins starting at `min + k·width`, and an extra
+/// last bin holding `max`. `[[bin start seconds, units]]`.
+fn histogram(seconds: &[f64], bins: Option<usize>) -> Vec<(f64, u64)> {
+    if seconds.is_empty() {
+        return Vec::new();
+    }
+    let min = seconds
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        .floor();
+    let max = seconds
+        .iter()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max)
+        .ceil();
+    let n = bins.unwrap_or_else(|| ((seconds.len() as f64).cbrt().ceil() as usize).clamp(1, 60));
+    let mut width = ((max - min) / n as f64).ceil();
+    if width == 0.0 {
+        width = 60.0;
+    }
+    let mut out: Vec<(f64, u64)> = (0..=n).map(|k| (min + k as f64 * width, 0)).collect();
+    for s in seconds {
+        let k = (((s - min) / width).floor() as usize).min(n);
+        out[k].1 += 1;
+    }
+    out
 }
 
 /// The label of a unit in a funnel breakdown.
@@ -277,15 +326,10 @@ pub async fn funnel(
     let mut labels: Vec<u32> = Vec::new();
     let mut step_seconds: Vec<Vec<f64>> = vec![Vec::new(); n];
     let mut overall = Vec::new();
-    let mut buffer = Vec::new();
-    for i in 0..run.streams.len() {
-        let (_, events) = run.streams.unit(i);
-        buffer.clear();
-        buffer.extend_from_slice(events);
-        funnel::sort_events(&run.spec, &mut buffer);
-        let r = funnel::evaluate(&run.spec, &buffer);
+    run.for_each_unit(|events| {
+        let r = funnel::evaluate(&run.spec, events);
         if r.level == 0 {
-            continue;
+            return;
         }
         if q.order != FunnelOrder::Unordered
             && let Some(d) = &r.defining
@@ -297,9 +341,9 @@ pub async fn funnel(
                 overall.push((d.times[n - 1] - d.times[0]) as f64 / 1000.0);
             }
         }
-        labels.push(attribution(q, &run.spec, &buffer, &r));
+        labels.push(attribution(q, &run.spec, events, &r));
         levels.push(r.level);
-    }
+    });
     let counts = step_counts(&levels, n);
     let (from_start, from_previous) = conversions(&counts);
     let steps_json: Vec<Value> = q
@@ -336,9 +380,14 @@ pub async fn funnel(
                 s
             })
             .collect();
+        let mut total = seconds_summary(overall.clone());
+        total["histogram"] = histogram(&overall, q.histogram_bins)
+            .into_iter()
+            .map(|(start, units)| json!([json_number(start), units]))
+            .collect();
         out.insert(
             "time_to_convert".into(),
-            json!({ "steps": per_step, "overall": seconds_summary(overall) }),
+            json!({ "steps": per_step, "overall": total }),
         );
     }
     let mut table_rows: Vec<FunnelRow> = (0..n)
@@ -435,14 +484,9 @@ pub async fn funnel_trends(
     let n = q.steps.len();
     let mut entered = vec![0u64; nb];
     let mut converted = vec![0u64; nb];
-    let mut buffer = Vec::new();
-    for i in 0..run.streams.len() {
-        let (_, events) = run.streams.unit(i);
-        buffer.clear();
-        buffer.extend_from_slice(events);
-        funnel::sort_events(&run.spec, &mut buffer);
+    run.for_each_unit(|events| {
         let mut in_bucket = vec![(false, false); nb];
-        for a in funnel::attempts(&run.spec, &buffer) {
+        for a in funnel::attempts(&run.spec, events) {
             if let Some(b) = buckets.index_of(a.start_ms) {
                 in_bucket[b].0 = true;
                 in_bucket[b].1 |= a.level == n && !a.tainted;
@@ -452,7 +496,7 @@ pub async fn funnel_trends(
             entered[b] += u64::from(e);
             converted[b] += u64::from(c);
         }
-    }
+    });
     let now = now_ms();
     let mut by_entry = Map::new();
     let mut maturing = Vec::with_capacity(nb);
@@ -1131,6 +1175,113 @@ fn evaluate_condition<'a>(
                 let s = leaf_streams(engine, project, vec![a, b], vec![], w, false).await?;
                 per_unit(&s, &|e, _| cohort::sequence(e, w, within_seconds * 1000))
             }
+            CohortCondition::HadProperty {
+                entity,
+                filter,
+                window,
+            } => {
+                let w = WindowAt::new(at, window.ms());
+                let carrying = with_filters(entity, std::slice::from_ref(filter));
+                let s = leaf_streams(engine, project, vec![&carrying], vec![], w, false).await?;
+                per_unit(&s, &|e, _| cohort::event_count(e, w, CountOp::Gte, 1))
+            }
+            CohortCondition::Stopped {
+                entity,
+                window,
+                previous,
+            }
+            | CohortCondition::Restarted {
+                entity,
+                window,
+                previous,
+            } => {
+                let recent = window.ms().unwrap_or_default();
+                let before = previous.ms().unwrap_or_default();
+                let w = WindowAt::new(at, Some(recent.saturating_add(before)));
+                let s = leaf_streams(engine, project, vec![entity], vec![], w, false).await?;
+                let stopped = matches!(c, CohortCondition::Stopped { .. });
+                per_unit(&s, &|e, _| {
+                    if stopped {
+                        cohort::stopped(e, at, recent, before)
+                    } else {
+                        cohort::restarted(e, at, recent, before)
+                    }
+                })
+            }
+            CohortCondition::Regularly {
+                entity,
+                period,
+                total_periods,
+                min_periods,
+            } => {
+                let p = fixed_period_ms(*period);
+                let w = WindowAt::new(at, Some(p * i64::from(*total_periods)));
+                let s = leaf_streams(engine, project, vec![entity], vec![], w, false).await?;
+                per_unit(&s, &|e, _| {
+                    cohort::regularly(e, at, p, *total_periods, *min_periods)
+                })
+            }
+            CohortCondition::HistoricalCount {
+                entity,
+                nth,
+                window,
+            } => {
+                let w = WindowAt::new(at, window.ms());
+                let s = leaf_streams(engine, project, vec![entity], vec![], w, true).await?;
+                per_unit(&s, &|e, _| cohort::historical_count(e, w, *nth))
+            }
+            CohortCondition::Funnel {
+                funnel: f,
+                operator,
+                value,
+                window,
+            } => {
+                let w = WindowAt::new(at, window.ms());
+                let spec = FunnelSpec {
+                    steps: f.steps.len(),
+                    window_ms: f.window_seconds * 1000,
+                    order: f.order,
+                    attempt_policy: f.attempt_policy,
+                    exclusions: Vec::new(),
+                    exclusion_policy: ExclusionPolicy::DropUser,
+                    entry_start_ms: w.from.map_or(i64::MIN / 2, |from| from + 1),
+                    entry_end_ms: at.saturating_add(1),
+                };
+                // Later steps may follow up to T only: what happened by T.
+                let s = units::read(
+                    engine,
+                    project,
+                    &StreamSpec {
+                        start_ms: spec.entry_start_ms,
+                        end_ms: at.saturating_add(1),
+                        selectors: f.steps.iter().collect(),
+                        common_filters: &[],
+                        all_events: f.order == FunnelOrder::Strict,
+                        values: Vec::new(),
+                        raw_persons: false,
+                    },
+                )
+                .await?;
+                per_unit(&s, &|e, _| {
+                    let mut events = e.to_vec();
+                    funnel::sort_events(&spec, &mut events);
+                    let level = funnel::evaluate(&spec, &events).level;
+                    operator.holds(level as f64, *value as f64)
+                })
+            }
+            CohortCondition::Retention {
+                start,
+                return_event,
+                period,
+                returned_in,
+                window,
+            } => {
+                let w = WindowAt::new(at, window.ms());
+                let s = leaf_streams(engine, project, vec![start, return_event], vec![], w, false)
+                    .await?;
+                let p = fixed_period_ms(*period);
+                per_unit(&s, &|e, _| cohort::returned_in(e, w, p, *returned_in))
+            }
             CohortCondition::Property { filter } => {
                 let key = filter.key.clone().unwrap_or_default();
                 universe
@@ -1369,13 +1520,7 @@ pub async fn identity(
         }
         let run = run_funnel(engine, project, &fq, raw).await?;
         let mut levels = Vec::new();
-        let mut buffer = Vec::new();
-        for i in 0..run.streams.len() {
-            buffer.clear();
-            buffer.extend_from_slice(run.streams.unit(i).1);
-            funnel::sort_events(&run.spec, &mut buffer);
-            levels.push(funnel::evaluate(&run.spec, &buffer).level);
-        }
+        run.for_each_unit(|events| levels.push(funnel::evaluate(&run.spec, events).level));
         let counts = step_counts(&levels, fq.steps.len());
         let dau: Vec<usize> = daily.iter().map(HashSet::len).collect();
         let report = json!({

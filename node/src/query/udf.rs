@@ -357,116 +357,102 @@ impl ScalarUDFImpl for ToNumber {
     }
 }
 
-/// `in_segment(person_id)`: whether the current person of an event is a member of one cohort
-/// filter's cohort.
+/// What a [`PersonUdf`] looks up for an event's current person.
 #[derive(Debug)]
-pub struct InSegmentUdf {
+enum PersonLookup {
+    /// Membership in one cohort filter's cohort (Boolean).
+    Segment(Arc<std::collections::HashSet<u64>>),
+    /// The rendered current value of one person property (Utf8, null when not set).
+    Property(Arc<HashMap<u64, String>>),
+}
+
+/// `in_segment(person_id)` / `person_property(person_id)`: something about the current person
+/// (after identity merges) of each event, from values computed before the plan was built.
+#[derive(Debug)]
+pub struct PersonUdf {
     view: Arc<IdentityView>,
-    members: Arc<std::collections::HashSet<u64>>,
+    lookup: PersonLookup,
     key: String,
     signature: Signature,
 }
 
-impl PartialEq for InSegmentUdf {
+impl PartialEq for PersonUdf {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.view, &other.view) && self.key == other.key
     }
 }
-impl Eq for InSegmentUdf {}
-impl Hash for InSegmentUdf {
+impl Eq for PersonUdf {}
+impl Hash for PersonUdf {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.key.hash(state);
     }
 }
 
-impl InSegmentUdf {
-    /// Membership in the cohort of `filter`, whose members `view` carries (a missing segment
-    /// has no members: [`crate::query::QueryEngine::insight`] computes every one first).
-    pub fn udf(view: Arc<IdentityView>, filter: &optiprism_types::query::Filter) -> ScalarUDF {
-        let key = segment_key(filter);
-        let members = view.segments.get(&key).cloned().unwrap_or_default();
-        ScalarUDF::new_from_impl(InSegmentUdf {
+impl PersonUdf {
+    fn udf(view: Arc<IdentityView>, lookup: PersonLookup, key: String) -> ScalarUDF {
+        ScalarUDF::new_from_impl(PersonUdf {
             view,
-            members,
+            lookup,
             key,
             signature: Signature::exact(vec![DataType::UInt64], Volatility::Immutable),
         })
     }
+
+    /// Membership in the cohort of `filter`, whose members `view` carries (a missing segment
+    /// has no members: [`crate::query::QueryEngine::insight`] computes every one first).
+    pub fn segment(view: Arc<IdentityView>, filter: &optiprism_types::query::Filter) -> ScalarUDF {
+        let key = segment_key(filter);
+        let members = view.segments.get(&key).cloned().unwrap_or_default();
+        PersonUdf::udf(
+            view,
+            PersonLookup::Segment(members),
+            format!("segment:{key}"),
+        )
+    }
+
+    /// Person property `key`, whose values `view` carries.
+    pub fn property(view: Arc<IdentityView>, key: &str) -> ScalarUDF {
+        let values = view.person_properties.get(key).cloned().unwrap_or_default();
+        PersonUdf::udf(
+            view,
+            PersonLookup::Property(values),
+            format!("property:{key}"),
+        )
+    }
 }
 
-impl ScalarUDFImpl for InSegmentUdf {
+impl ScalarUDFImpl for PersonUdf {
     fn name(&self) -> &str {
-        "in_segment"
+        match self.lookup {
+            PersonLookup::Segment(_) => "in_segment",
+            PersonLookup::Property(_) => "person_property",
+        }
     }
     fn signature(&self) -> &Signature {
         &self.signature
     }
     fn return_type(&self, _: &[DataType]) -> Result<DataType> {
-        Ok(DataType::Boolean)
-    }
-    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let array = args.args[0].to_array(args.number_rows)?;
-        let ids = array.as_primitive::<arrow::datatypes::UInt64Type>();
-        let out: arrow::array::BooleanArray = ids
-            .iter()
-            .map(|v| Some(v.is_some_and(|p| self.members.contains(&self.view.resolve(p)))))
-            .collect();
-        Ok(ColumnarValue::Array(Arc::new(out)))
-    }
-}
-
-/// `person_property(person_id)`: the current value (rendered) of one person property of an
-/// event's current person; null when not set.
-#[derive(Debug)]
-pub struct PersonPropertyUdf {
-    view: Arc<IdentityView>,
-    values: Arc<HashMap<u64, String>>,
-    key: String,
-    signature: Signature,
-}
-
-impl PartialEq for PersonPropertyUdf {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.view, &other.view) && self.key == other.key
-    }
-}
-impl Eq for PersonPropertyUdf {}
-impl Hash for PersonPropertyUdf {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.key.hash(state);
-    }
-}
-
-impl PersonPropertyUdf {
-    /// Person property `key`, whose values `view` carries.
-    pub fn udf(view: Arc<IdentityView>, key: &str) -> ScalarUDF {
-        let values = view.person_properties.get(key).cloned().unwrap_or_default();
-        ScalarUDF::new_from_impl(PersonPropertyUdf {
-            view,
-            values,
-            key: key.to_string(),
-            signature: Signature::exact(vec![DataType::UInt64], Volatility::Immutable),
+        Ok(match self.lookup {
+            PersonLookup::Segment(_) => DataType::Boolean,
+            PersonLookup::Property(_) => DataType::Utf8,
         })
     }
-}
-
-impl ScalarUDFImpl for PersonPropertyUdf {
-    fn name(&self) -> &str {
-        "person_property"
-    }
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
-        Ok(DataType::Utf8)
-    }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let array = args.args[0].to_array(args.number_rows)?;
         let ids = array.as_primitive::<arrow::datatypes::UInt64Type>();
-        let out: arrow::array::StringArray = ids
-            .iter()
-            .map(|v| v.and_then(|p| self.values.get(&self.view.resolve(p)).map(String::as_str)))
-            .collect();
-        Ok(ColumnarValue::Array(Arc::new(out)))
+        let persons = ids.iter().map(|v| v.map(|p| self.view.resolve(p)));
+        let out: ArrayRef = match &self.lookup {
+            PersonLookup::Segment(members) => Arc::new(
+                persons
+                    .map(|p| Some(p.is_some_and(|p| members.contains(&p))))
+                    .collect::<arrow::array::BooleanArray>(),
+            ),
+            PersonLookup::Property(values) => Arc::new(
+                persons
+                    .map(|p| p.and_then(|p| values.get(&p).map(String::as_str)))
+                    .collect::<arrow::array::StringArray>(),
+            ),
+        };
+        Ok(ColumnarValue::Array(out))
     }
 }

@@ -126,6 +126,15 @@ impl UnitStreams {
         self.units.is_empty()
     }
 
+    /// Value `k` (in the order the values were requested) of the event at `at`.
+    pub fn value(&self, at: usize, k: usize) -> u32 {
+        if k == 0 {
+            self.events[at].value
+        } else {
+            self.more_values[k - 1][at]
+        }
+    }
+
     /// The range of unit `i` in `events`.
     pub fn range(&self, i: usize) -> std::ops::Range<usize> {
         self.offsets[i]..self.offsets[i + 1]

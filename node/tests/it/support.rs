@@ -172,3 +172,39 @@ pub(crate) fn arrow_to_json(batches: &[RecordBatch]) -> Value {
     }
     Value::Object(out)
 }
+
+/// A real node started in this process (no HTTP client in between), for property tests that
+/// ingest and query many small logs quickly. Dropped with its runtime and data directory.
+pub(crate) struct InProcessNode {
+    /// The runtime the node and its queries run on.
+    pub runtime: std::sync::Arc<tokio::runtime::Runtime>,
+    /// The node.
+    pub node: std::sync::Arc<optiprism_node::server::NodeShared>,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts an in-process node with `partitions` partitions on a two-thread runtime.
+pub(crate) fn in_process_node(partitions: u32) -> InProcessNode {
+    let runtime = std::sync::Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = optiprism_node::config::NodeConfig::default();
+    config.node.data_dir = dir.path().to_path_buf();
+    config.cluster.partitions = partitions;
+    let node = runtime
+        .block_on(optiprism_node::server::start(
+            config,
+            runtime.handle().clone(),
+        ))
+        .unwrap();
+    InProcessNode {
+        runtime,
+        node,
+        _dir: dir,
+    }
+}

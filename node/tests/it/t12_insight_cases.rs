@@ -425,3 +425,119 @@ fn person_properties_filter_and_break_down_by_the_current_value() {
         "trends by person plan",
     );
 }
+
+/// Time to convert (example 3.E): per step and overall, averages, medians and PostHog's
+/// histogram; and a property held constant makes (person, value) the counting unit.
+#[test]
+fn time_to_convert_and_held_properties() {
+    let node = TestNode::start();
+    let at = |m: u32| format!("2024-08-01T{:02}:{:02}:00Z", m / 60, m % 60);
+    let mut events = Vec::new();
+    for (user, a, b, c) in [
+        ("u1", 0, Some(10), Some(30)),
+        ("u2", 0, Some(60), Some(180)),
+        ("u3", 0, Some(5), None),
+        ("u4", 0, Some(0), Some(20)),
+    ] {
+        let a = json!({"user": user, "event": "A", "ts": at(a), "props": {}});
+        let b = b.map(|b| json!({"user": user, "event": "B", "ts": at(b), "props": {}}));
+        if user == "u4" {
+            // u4's B is sent before its A, in the same instant.
+            events.extend(b);
+            events.push(a);
+        } else {
+            events.push(a);
+            events.extend(b);
+        }
+        if let Some(c) = c {
+            events.push(json!({"user": user, "event": "C", "ts": at(c), "props": {}}));
+        }
+    }
+    for (user, second) in [("h1", "B"), ("h2", "A")] {
+        events.push(
+            json!({"user": user, "event": "view", "ts": at(600), "props": {"campaign": "A"}}),
+        );
+        events.push(
+            json!({"user": user, "event": "buy", "ts": at(630), "props": {"campaign": second}}),
+        );
+    }
+    let (status, body) = node.post("/batch/", &posthog_batch(&events, "ttc"));
+    assert_eq!(status, 200, "{body}");
+    let range = json!({"from": "2024-08-01", "to": "2024-08-01"});
+    let (status, answer) = node.query(&json!({
+        "kind": "funnel", "date_range": range, "window_seconds": 86400,
+        "steps": [{"event": "A"}, {"event": "B"}, {"event": "C"}], "histogram_bins": 2}));
+    assert_eq!(status, 200, "{answer}");
+    assert_subset(
+        &answer["time_to_convert"],
+        &json!({
+            "steps": [
+                {"from_step": 0, "to_step": 1, "units": 4, "avg_seconds": 1125, "median_seconds": 450},
+                {"from_step": 1, "to_step": 2, "units": 3, "avg_seconds": 3200, "median_seconds": 1200},
+            ],
+            "overall": {"units": 3, "avg_seconds": 4600, "median_seconds": 1800,
+                        "histogram": [[1200, 2], [6000, 0], [10800, 1]]},
+        }),
+        "time to convert",
+    );
+    let (status, answer) = node.query(&json!({
+        "kind": "funnel", "date_range": range, "window_seconds": 86400,
+        "steps": [{"event": "view"}, {"event": "buy"}], "hold_constant": ["campaign"]}));
+    assert_eq!(status, 200, "{answer}");
+    assert_subset(&answer["step_counts"], &json!([2, 1]), "held campaign");
+}
+
+/// The other conditions of §8.1: had a property value, stopped, restarted, did regularly,
+/// did it for the Nth time, converted in a funnel, returned in a retention period.
+#[test]
+fn every_cohort_condition_kind() {
+    let node = TestNode::start();
+    let ev = |user: &str, event: &str, ts: &str, props: Value| json!({"user": user, "event": event, "ts": ts, "props": props});
+    let events = vec![
+        ev("s1", "signup", "2024-06-09T10:00:00Z", json!({})),
+        ev("s1", "use", "2024-06-10T10:00:00Z", json!({"plan": "pro"})),
+        ev("s2", "use", "2024-06-28T10:00:00Z", json!({})),
+        ev("s2", "buy", "2024-06-28T12:00:00Z", json!({})),
+        ev("s3", "use", "2024-06-26T10:00:00Z", json!({})),
+        ev("s3", "use", "2024-06-28T10:00:00Z", json!({})),
+        ev("s3", "use", "2024-06-29T10:00:00Z", json!({})),
+    ];
+    let (status, body) = node.post("/batch/", &posthog_batch(&events, "conds"));
+    assert_eq!(status, 200, "{body}");
+    let used = json!({"event": "use"});
+    let query = json!({"kind": "cohort", "evaluate_at": "2024-06-30T00:00:00Z", "cohorts": {
+        "stopped": {"type": "stopped", "entity": used, "days": 7, "previous": {"days": 30}},
+        "restarted": {"type": "restarted", "entity": used, "days": 7, "previous": {"days": 30}},
+        "regular": {"type": "regularly", "entity": used, "period": "day",
+                    "total_periods": 4, "min_periods": 3},
+        "had_pro": {"type": "had_property", "days": 30,
+                    "filter": {"key": "plan", "op": "eq", "value": "pro"}},
+        "second_time": {"type": "historical_count", "entity": used, "nth": 2, "days": 7},
+        "converted": {"type": "funnel", "operator": "gte", "value": 2, "days": 30,
+                      "funnel": {"steps": [{"event": "use"}, {"event": "buy"}],
+                                 "window_seconds": 86400}},
+        "returned": {"type": "retention", "start": {"event": "signup"},
+                     "return": {"event": "use"}, "period": "day", "returned_in": 1,
+                     "days": 30},
+    }});
+    let (status, answer) = node.query(&query);
+    assert_eq!(status, 200, "{answer}");
+    assert_subset(
+        &answer["members"],
+        &json!({"stopped": ["s1"], "restarted": ["s2", "s3"], "regular": ["s3"],
+                "had_pro": ["s1"], "second_time": ["s3"], "converted": ["s2"],
+                "returned": ["s1"]}),
+        "members",
+    );
+    // A field a kind does not take is named.
+    let (status, answer) = node.query(&json!({"kind": "cohort", "cohorts": {
+        "x": {"type": "stopped", "entity": used, "days": 7, "previous": {"days": 30}, "nth": 2}}}));
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`nth`"),
+        "{answer}"
+    );
+}

@@ -4,10 +4,8 @@
 //! from sealed chunks), in JSON and in Arrow.
 
 use crate::support::{arrow_to_json, assert_json_numbers};
-use optiprism_node::config::NodeConfig;
 use optiprism_node::ingest::{Ingestor, Parsed};
 use optiprism_node::metadata::{MetaCommand, MetaResponse};
-use optiprism_node::server;
 use optiprism_types::event::{Event, PropValue};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -305,21 +303,9 @@ fn close(a: Option<f64>, b: Option<f64>) -> bool {
 
 #[test]
 fn property_per_user_and_rolling_math_match_a_naive_reference() {
-    let runtime = Arc::new(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap(),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig::default();
-    config.node.data_dir = dir.path().to_path_buf();
-    config.cluster.partitions = 8;
-    let node = runtime
-        .block_on(server::start(config, runtime.handle().clone()))
-        .unwrap();
-    let ingestor = Ingestor::new(Arc::clone(&node));
+    let started = crate::support::in_process_node(8);
+    let (runtime, node) = (&started.runtime, &started.node);
+    let ingestor = Ingestor::new(Arc::clone(node));
     let mut runner = TestRunner::new(Config {
         cases: 24,
         failure_persistence: None,

@@ -4,9 +4,7 @@
 //! node with data, and over HTTP against a real `prism` process that must stay up.
 
 use crate::support::{posthog_batch, spec_cases};
-use optiprism_node::config::NodeConfig;
 use optiprism_node::query::QueryFailure;
-use optiprism_node::server;
 use optiprism_testkit::TestNode;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -127,23 +125,11 @@ fn case_queries() -> Vec<Value> {
 
 #[test]
 fn mutated_queries_are_answered_or_refused_with_a_field_in_process() {
-    let runtime = Arc::new(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap(),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig::default();
-    config.node.data_dir = dir.path().to_path_buf();
-    config.cluster.partitions = 4;
-    let node = runtime
-        .block_on(server::start(config, runtime.handle().clone()))
-        .unwrap();
+    let started = crate::support::in_process_node(4);
+    let (runtime, node) = (&started.runtime, &started.node);
     let project = node.project("default").unwrap();
     // Data for the queries to run over: every case's events.
-    let ingestor = optiprism_node::ingest::Ingestor::new(Arc::clone(&node));
+    let ingestor = optiprism_node::ingest::Ingestor::new(Arc::clone(node));
     for (i, c) in spec_cases().iter().enumerate() {
         let batch = posthog_batch(c["events"].as_array().unwrap(), &format!("fuzz{i}"));
         let ctx = optiprism_node::ingest::ParseContext {

@@ -133,21 +133,9 @@ fn reference_counts(log: &Log, limit: usize) -> (Vec<f64>, f64, Vec<(String, f64
 
 #[test]
 fn unique_users_across_partitions_match_a_naive_reference() {
-    let runtime = Arc::new(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap(),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig::default();
-    config.node.data_dir = dir.path().to_path_buf();
-    config.cluster.partitions = 8;
-    let node = runtime
-        .block_on(server::start(config, runtime.handle().clone()))
-        .unwrap();
-    let ingestor = Ingestor::new(Arc::clone(&node));
+    let started = crate::support::in_process_node(8);
+    let (runtime, node) = (&started.runtime, &started.node);
+    let ingestor = Ingestor::new(Arc::clone(node));
     let mut runner = TestRunner::new(Config {
         cases: 40,
         failure_persistence: None,

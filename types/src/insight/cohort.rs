@@ -93,25 +93,87 @@ pub fn aggregate_property(
 }
 
 /// An `a` event followed by a different `b` event at most `within_ms` later, both inside the
-/// window (events sorted by time).
+/// window (events sorted by time). Events sharing an instant follow each other whatever their
+/// order in the list (as funnel steps do, §3.4): an `a` and a different `b` at one instant
+/// count.
 pub fn sequence(events: &[UnitEvent], w: WindowAt, within_ms: i64) -> bool {
-    let mut last_a: Option<(usize, i64)> = None;
-    for (i, e) in events.iter().enumerate() {
-        if !w.contains(e.ts) {
-            continue;
+    // The latest instant before the current one with an `a` event inside the window.
+    let mut last_a: Option<i64> = None;
+    let mut i = 0;
+    while i < events.len() {
+        let ts = events[i].ts;
+        let end = i + events[i..].iter().take_while(|e| e.ts == ts).count();
+        if w.contains(ts) {
+            let group = &events[i..end];
+            let a_here = group.iter().filter(|e| e.tags & MAIN != 0).count();
+            let followed = group.iter().filter(|e| e.tags & OTHER != 0).any(|b| {
+                // Another `a` at this instant, or one earlier within reach.
+                a_here > usize::from(b.tags & MAIN != 0)
+                    || last_a.is_some_and(|at| ts - at <= within_ms)
+            });
+            if followed {
+                return true;
+            }
+            if a_here > 0 {
+                last_a = Some(ts);
+            }
         }
-        if e.tags & OTHER != 0
-            && let Some((ai, at)) = last_a
-            && ai != i
-            && e.ts - at <= within_ms
-        {
-            return true;
-        }
-        if e.tags & MAIN != 0 {
-            last_a = Some((i, e.ts));
-        }
+        i = end;
     }
     false
+}
+
+/// Whether the unit did a `MAIN` event in `(from, to]`.
+fn any_in(events: &[UnitEvent], from: i64, to: i64) -> bool {
+    events
+        .iter()
+        .any(|e| e.tags & MAIN != 0 && e.ts > from && e.ts <= to)
+}
+
+/// Did it in the `previous_ms` before the recent window `(t − recent_ms, t]`, and not in it.
+pub fn stopped(events: &[UnitEvent], t: i64, recent_ms: i64, previous_ms: i64) -> bool {
+    let start = t - recent_ms;
+    any_in(events, start - previous_ms, start) && !any_in(events, start, t)
+}
+
+/// Did it in the recent window `(t − recent_ms, t]`, and not in the `previous_ms` before it.
+pub fn restarted(events: &[UnitEvent], t: i64, recent_ms: i64, previous_ms: i64) -> bool {
+    let start = t - recent_ms;
+    any_in(events, start, t) && !any_in(events, start - previous_ms, start)
+}
+
+/// Active in at least `min` of the `total` periods `(t − (k+1)·P, t − k·P]`, k = 0..total.
+pub fn regularly(events: &[UnitEvent], t: i64, period_ms: i64, total: u32, min: u32) -> bool {
+    let active = (0..i64::from(total))
+        .filter(|k| any_in(events, t - (k + 1) * period_ms, t - k * period_ms))
+        .count();
+    active >= min as usize
+}
+
+/// The unit's `nth` matching event ever (events cover all history, sorted) lies in the window.
+pub fn historical_count(events: &[UnitEvent], w: WindowAt, nth: u32) -> bool {
+    events
+        .iter()
+        .filter(|e| e.tags & MAIN != 0)
+        .nth(nth as usize - 1)
+        .is_some_and(|e| w.contains(e.ts))
+}
+
+/// After the unit's first start (`MAIN`) event in the window at `t0`, a return (`OTHER`) event
+/// in `[t0 + k·P, t0 + (k+1)·P)`, no later than the window's end (events sorted).
+pub fn returned_in(events: &[UnitEvent], w: WindowAt, period_ms: i64, k: u32) -> bool {
+    let Some(t0) = events
+        .iter()
+        .find(|e| e.tags & MAIN != 0 && w.contains(e.ts))
+        .map(|e| e.ts)
+    else {
+        return false;
+    };
+    let from = t0 + i64::from(k) * period_ms;
+    let to = from + period_ms;
+    events
+        .iter()
+        .any(|e| e.tags & OTHER != 0 && e.ts >= from && e.ts < to && e.ts <= w.to)
 }
 
 /// A change of membership.
@@ -200,11 +262,45 @@ mod tests {
     }
 
     #[test]
+    fn stopped_restarted_regularly_and_nth_occurrences() {
+        let day = 24 * H;
+        let t = 100 * day;
+        let at = |d: i64| ev(t - d * day, MAIN);
+        // Did it 20 days ago, not in the last 7: stopped, not restarted.
+        assert!(stopped(&[at(20)], t, 7 * day, 30 * day));
+        assert!(!restarted(&[at(20)], t, 7 * day, 30 * day));
+        // Did it 2 days ago only: restarted.
+        assert!(restarted(&[at(2)], t, 7 * day, 30 * day));
+        assert!(!stopped(&[at(2), at(20)], t, 7 * day, 30 * day));
+        // Active 3 of the last 4 days (day periods ending at t).
+        let events = [at(0), at(1), at(3)];
+        assert!(regularly(&events, t, day, 4, 3));
+        assert!(!regularly(&events, t, day, 4, 4));
+        // The second-ever event falls in the last 5 days, the first does not.
+        let w = WindowAt::new(t, Some(5 * day));
+        let events = [at(9), at(3), at(1)];
+        assert!(historical_count(&events, w, 2));
+        assert!(!historical_count(&events, w, 1));
+        // First start in the window, a return 1 period (a day) later.
+        let events = [ev(t - 3 * day, MAIN), ev(t - 2 * day + H, OTHER)];
+        assert!(returned_in(&events, w, day, 1));
+        assert!(!returned_in(&events, w, day, 2));
+    }
+
+    #[test]
     fn sequences_need_a_later_b_within_the_limit() {
         let w = WindowAt::new(100 * H, None);
         assert!(sequence(&[ev(0, MAIN), ev(H, OTHER)], w, H));
         assert!(!sequence(&[ev(0, MAIN), ev(2 * H, OTHER)], w, H));
         assert!(!sequence(&[ev(0, OTHER), ev(H, MAIN)], w, H));
         assert!(!sequence(&[ev(0, MAIN | OTHER)], w, H));
+        // One instant: an `a` and a different `b` count in either list order, also when the
+        // `a` matches `b` too (shrunk by the engine-level properties: `view` then any event,
+        // with a `view` and an `add` at one instant, was not counted when the `add` came
+        // first in the list).
+        assert!(sequence(&[ev(0, OTHER), ev(0, MAIN | OTHER)], w, H));
+        assert!(sequence(&[ev(0, OTHER), ev(0, MAIN)], w, H));
+        assert!(sequence(&[ev(0, MAIN | OTHER), ev(0, MAIN | OTHER)], w, H));
+        assert!(!sequence(&[ev(0, MAIN), ev(0, MAIN)], w, H));
     }
 }

@@ -821,7 +821,8 @@ proptest! {
             reference::relative_count(&events, t, window, op)
         );
         prop_assert_eq!(cohort::first_time(&events, w), reference::first_time(&events, t, window));
-        // The events are sorted by time; ties keep their generated order.
+        // The events are sorted by time; ties keep their generated order, which must not
+        // matter.
         prop_assert_eq!(
             cohort::sequence(&events, w, within),
             reference::sequence(&events, t, window, within)

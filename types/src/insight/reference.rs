@@ -22,8 +22,8 @@
 //!   (`k' < periods`, `c + k' < buckets`), not in periods beyond the table;
 //! * path depth with both a start and an end point keeps the first `step_limit` items (no
 //!   PostHog-style "..." node);
-//! * a cohort sequence's `a` and `b` at one instant count only in the order the events are
-//!   given (the caller's list order).
+//! * a cohort sequence's `a` and a different `b` at one instant count whatever their order
+//!   (as funnel steps sharing an instant fill in funnel order, §3.4).
 
 use super::UnitEvent;
 use super::funnel::FunnelSpec;
@@ -934,13 +934,15 @@ pub fn relative_count(events: &[UnitEvent], t: i64, window: Option<i64>, op: Cou
     )
 }
 
-/// `sequence`: an `a` event strictly earlier in the list than a `b` event, both inside the
-/// window, the `b` at most `within_ms` after the `a`, by trying every pair.
+/// `sequence`: an `a` event and a different `b` event, both inside the window, the `b` at
+/// the same instant as the `a` or at most `within_ms` after it, by trying every pair (the
+/// list order does not matter).
 pub fn sequence(events: &[UnitEvent], t: i64, window: Option<i64>, within_ms: i64) -> bool {
     let inside = |e: &UnitEvent| in_window(e.ts, t, window);
     (0..events.len()).any(|i| {
-        (i + 1..events.len()).any(|j| {
-            events[i].tags & COHORT_MAIN != 0
+        (0..events.len()).any(|j| {
+            i != j
+                && events[i].tags & COHORT_MAIN != 0
                 && events[j].tags & COHORT_OTHER != 0
                 && inside(&events[i])
                 && inside(&events[j])

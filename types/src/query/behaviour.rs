@@ -352,6 +352,13 @@ pub struct FunnelQuery {
     /// Optional breakdown.
     #[serde(default)]
     pub breakdown: Option<FunnelBreakdown>,
+    /// Event properties held constant (at most 3): every step event of an attempt carries
+    /// the same values, and the counting unit becomes (person, values) (§3.6).
+    #[serde(default)]
+    pub hold_constant: Vec<String>,
+    /// Bins of the time-to-convert histogram (default: ⌈∛n⌉ clamped to 1..=60).
+    #[serde(default)]
+    pub histogram_bins: Option<usize>,
     /// Buckets of entry for funnel trends (default day).
     #[serde(default = "default_day")]
     pub interval: Interval,
@@ -458,6 +465,28 @@ impl FunnelQuery {
                     ));
                 }
             }
+        }
+        if self.hold_constant.len() > 3 {
+            return Err(QueryError::new(
+                "hold_constant",
+                "at most 3 properties can be held constant",
+            ));
+        }
+        for (i, p) in self.hold_constant.iter().enumerate() {
+            if p.is_empty() || self.hold_constant[..i].contains(p) {
+                return Err(QueryError::new(
+                    format!("hold_constant[{i}]"),
+                    "must be a property name, given once",
+                ));
+            }
+        }
+        if let Some(bins) = self.histogram_bins
+            && !(1..=90).contains(&bins)
+        {
+            return Err(QueryError::new(
+                "histogram_bins",
+                "must be between 1 and 90",
+            ));
         }
         if let Some(b) = &self.breakdown {
             if b.property.is_empty() {
@@ -593,12 +622,7 @@ impl RetentionQuery {
 
     /// The length of a rolling period, ms.
     pub fn rolling_period_ms(&self) -> i64 {
-        match self.period {
-            Interval::Hour => 3_600_000,
-            Interval::Day => 86_400_000,
-            Interval::Week => 7 * 86_400_000,
-            Interval::Month => 30 * 86_400_000,
-        }
+        fixed_period_ms(self.period)
     }
 
     /// Checks what serde cannot.
@@ -614,6 +638,16 @@ impl RetentionQuery {
             ));
         }
         Ok(())
+    }
+}
+
+/// The fixed length of a rolling period: 1 hour, 24 hours, 7 days or 30 days (ms).
+pub fn fixed_period_ms(interval: Interval) -> i64 {
+    match interval {
+        Interval::Hour => 3_600_000,
+        Interval::Day => 86_400_000,
+        Interval::Week => 7 * 86_400_000,
+        Interval::Month => 30 * 86_400_000,
     }
 }
 
@@ -1018,6 +1052,81 @@ pub enum CohortCondition {
         /// The filter on the person's properties (`op`, `key`, `value`).
         filter: Filter,
     },
+    /// Some event in the window carried a property value: an event matching `entity` (any
+    /// event by default) whose property satisfies `filter` (values as stored on the event).
+    HadProperty {
+        /// The events.
+        entity: EventSelector,
+        /// The filter on the event's properties.
+        filter: Filter,
+        /// The window.
+        window: Window,
+    },
+    /// Did it in the `previous` window before the recent one and not in the recent `window`.
+    Stopped {
+        /// The events.
+        entity: EventSelector,
+        /// The recent window `(T − X, T]`.
+        window: Window,
+        /// The earlier window, ending where the recent one starts.
+        previous: Window,
+    },
+    /// Did it in the recent `window` and not in the `previous` window before it.
+    Restarted {
+        /// The events.
+        entity: EventSelector,
+        /// The recent window.
+        window: Window,
+        /// The earlier window.
+        previous: Window,
+    },
+    /// Active in at least `min_periods` of the last `total_periods` periods (`(T − (k+1)·P,
+    /// T − k·P]`, P = 1 h, 24 h, 7 days or 30 days).
+    Regularly {
+        /// The events.
+        entity: EventSelector,
+        /// The period length.
+        period: Interval,
+        /// Periods looked at.
+        total_periods: u32,
+        /// Periods with an event needed.
+        min_periods: u32,
+    },
+    /// The unit's `nth` matching event ever (N ≤ 5) lies in the window.
+    HistoricalCount {
+        /// The events.
+        entity: EventSelector,
+        /// Which occurrence, from 1.
+        nth: u32,
+        /// The window.
+        window: Window,
+    },
+    /// The steps reached in a funnel whose step 1 lies in the window, compared with `value`
+    /// (`gte` n: converted to step n; `eq` k: dropped after step k).
+    Funnel {
+        /// The funnel.
+        funnel: IdentityFunnel,
+        /// The comparison.
+        operator: CountOp,
+        /// Steps reached.
+        value: u64,
+        /// The entry window.
+        window: Window,
+    },
+    /// Returned in rolling period `returned_in` (`[t0 + k·P, t0 + (k+1)·P)`) after the unit's
+    /// first start event in the window.
+    Retention {
+        /// The start event.
+        start: EventSelector,
+        /// The return event.
+        return_event: EventSelector,
+        /// The period length.
+        period: Interval,
+        /// The period returned in, from 1.
+        returned_in: u32,
+        /// The window of the start event.
+        window: Window,
+    },
     /// Every condition holds.
     And {
         /// The conditions.
@@ -1045,6 +1154,13 @@ enum ConditionKind {
     AggregateProperty,
     Sequence,
     Property,
+    HadProperty,
+    Stopped,
+    Restarted,
+    Regularly,
+    HistoricalCount,
+    Funnel,
+    Retention,
     And,
     Or,
     Not,
@@ -1085,6 +1201,24 @@ struct RawCondition {
     conditions: Option<Vec<CohortCondition>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     condition: Option<Box<CohortCondition>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    previous: Option<Window>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    period: Option<Interval>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    total_periods: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    min_periods: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nth: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    funnel: Option<IdentityFunnel>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    start: Option<EventSelector>,
+    #[serde(default, rename = "return", skip_serializing_if = "Option::is_none")]
+    return_event: Option<EventSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    returned_in: Option<u32>,
 }
 
 impl RawCondition {
@@ -1105,6 +1239,15 @@ impl RawCondition {
             filter: None,
             conditions: None,
             condition: None,
+            previous: None,
+            period: None,
+            total_periods: None,
+            min_periods: None,
+            nth: None,
+            funnel: None,
+            start: None,
+            return_event: None,
+            returned_in: None,
         }
     }
 
@@ -1147,6 +1290,12 @@ impl TryFrom<RawCondition> for CohortCondition {
             ],
             K::Sequence => &["a", "b", "within_seconds", "window"],
             K::Property => &["filter"],
+            K::HadProperty => &["entity", "filter", "window"],
+            K::Stopped | K::Restarted => &["entity", "window", "previous"],
+            K::Regularly => &["entity", "period", "total_periods", "min_periods"],
+            K::HistoricalCount => &["entity", "nth", "window"],
+            K::Funnel => &["funnel", "operator", "value", "window"],
+            K::Retention => &["start", "return", "period", "returned_in", "window"],
             K::And | K::Or => &["conditions"],
             K::Not => &["condition"],
         };
@@ -1165,6 +1314,15 @@ impl TryFrom<RawCondition> for CohortCondition {
             ("filter", raw.filter.is_some()),
             ("conditions", raw.conditions.is_some()),
             ("condition", raw.condition.is_some()),
+            ("previous", raw.previous.is_some()),
+            ("period", raw.period.is_some()),
+            ("total_periods", raw.total_periods.is_some()),
+            ("min_periods", raw.min_periods.is_some()),
+            ("nth", raw.nth.is_some()),
+            ("funnel", raw.funnel.is_some()),
+            ("start", raw.start.is_some()),
+            ("return", raw.return_event.is_some()),
+            ("returned_in", raw.returned_in.is_some()),
         ];
         for (name, present) in given {
             let window_field = matches!(name, "days" | "hours" | "seconds");
@@ -1217,6 +1375,51 @@ impl TryFrom<RawCondition> for CohortCondition {
             },
             K::Property => CohortCondition::Property {
                 filter: required(raw.filter, "filter")?,
+            },
+            K::HadProperty => CohortCondition::HadProperty {
+                entity: raw.entity.unwrap_or_default(),
+                filter: required(raw.filter, "filter")?,
+                window,
+            },
+            K::Stopped => CohortCondition::Stopped {
+                entity: required(raw.entity, "entity")?,
+                window,
+                previous: required(raw.previous, "previous")?,
+            },
+            K::Restarted => CohortCondition::Restarted {
+                entity: required(raw.entity, "entity")?,
+                window,
+                previous: required(raw.previous, "previous")?,
+            },
+            K::Regularly => CohortCondition::Regularly {
+                entity: required(raw.entity, "entity")?,
+                period: required(raw.period, "period")?,
+                total_periods: required(raw.total_periods, "total_periods")?,
+                min_periods: required(raw.min_periods, "min_periods")?,
+            },
+            K::HistoricalCount => CohortCondition::HistoricalCount {
+                entity: required(raw.entity, "entity")?,
+                nth: required(raw.nth, "nth")?,
+                window,
+            },
+            K::Funnel => {
+                let value = required(raw.value, "value")?;
+                if value < 0.0 || value.fract() != 0.0 {
+                    return Err("`value` of a funnel condition is a number of steps".into());
+                }
+                CohortCondition::Funnel {
+                    funnel: required(raw.funnel, "funnel")?,
+                    operator: required(raw.operator, "operator")?,
+                    value: value as u64,
+                    window,
+                }
+            }
+            K::Retention => CohortCondition::Retention {
+                start: required(raw.start, "start")?,
+                return_event: required(raw.return_event, "return")?,
+                period: required(raw.period, "period")?,
+                returned_in: required(raw.returned_in, "returned_in")?,
+                window,
             },
             K::And => CohortCondition::And {
                 conditions: required(raw.conditions, "conditions")?,
@@ -1296,6 +1499,84 @@ impl From<CohortCondition> for RawCondition {
                 filter: Some(filter),
                 ..RawCondition::empty(K::Property)
             },
+            CohortCondition::HadProperty {
+                entity,
+                filter,
+                window,
+            } => RawCondition {
+                entity: Some(entity),
+                filter: Some(filter),
+                ..RawCondition::empty(K::HadProperty)
+            }
+            .with_window(window),
+            CohortCondition::Stopped {
+                entity,
+                window,
+                previous,
+            } => RawCondition {
+                entity: Some(entity),
+                previous: Some(previous),
+                ..RawCondition::empty(K::Stopped)
+            }
+            .with_window(window),
+            CohortCondition::Restarted {
+                entity,
+                window,
+                previous,
+            } => RawCondition {
+                entity: Some(entity),
+                previous: Some(previous),
+                ..RawCondition::empty(K::Restarted)
+            }
+            .with_window(window),
+            CohortCondition::Regularly {
+                entity,
+                period,
+                total_periods,
+                min_periods,
+            } => RawCondition {
+                entity: Some(entity),
+                period: Some(period),
+                total_periods: Some(total_periods),
+                min_periods: Some(min_periods),
+                ..RawCondition::empty(K::Regularly)
+            },
+            CohortCondition::HistoricalCount {
+                entity,
+                nth,
+                window,
+            } => RawCondition {
+                entity: Some(entity),
+                nth: Some(nth),
+                ..RawCondition::empty(K::HistoricalCount)
+            }
+            .with_window(window),
+            CohortCondition::Funnel {
+                funnel,
+                operator,
+                value,
+                window,
+            } => RawCondition {
+                funnel: Some(funnel),
+                operator: Some(operator),
+                value: Some(value as f64),
+                ..RawCondition::empty(K::Funnel)
+            }
+            .with_window(window),
+            CohortCondition::Retention {
+                start,
+                return_event,
+                period,
+                returned_in,
+                window,
+            } => RawCondition {
+                start: Some(start),
+                return_event: Some(return_event),
+                period: Some(period),
+                returned_in: Some(returned_in),
+                ..RawCondition::empty(K::Retention)
+            }
+            .with_window(window),
             CohortCondition::And { conditions } => RawCondition {
                 conditions: Some(conditions),
                 ..RawCondition::empty(K::And)
@@ -1386,6 +1667,116 @@ impl CohortCondition {
                 event_side.source = super::PropertySource::Event;
                 event_side.validate(&format!("{field}.filter"), 0)
             }
+            CohortCondition::HadProperty {
+                entity,
+                filter,
+                window,
+            } => {
+                entity.validate_in_cohort(&format!("{field}.entity"))?;
+                if matches!(
+                    filter.op,
+                    FilterOp::And | FilterOp::Or | FilterOp::InCohort | FilterOp::NotInCohort
+                ) {
+                    return Err(QueryError::new(
+                        format!("{field}.filter.op"),
+                        "a had_property condition takes one property filter",
+                    ));
+                }
+                filter.validate(&format!("{field}.filter"), 0)?;
+                window.validate(field)
+            }
+            CohortCondition::Stopped {
+                entity,
+                window,
+                previous,
+            }
+            | CohortCondition::Restarted {
+                entity,
+                window,
+                previous,
+            } => {
+                entity.validate_in_cohort(&format!("{field}.entity"))?;
+                window.validate(field)?;
+                previous.validate(&format!("{field}.previous"))?;
+                if window.ms().is_none() || previous.ms().is_none() {
+                    return Err(QueryError::new(
+                        field,
+                        "give both the recent window (`days`, `hours` or `seconds`) and \
+                         `previous`",
+                    ));
+                }
+                Ok(())
+            }
+            CohortCondition::Regularly {
+                entity,
+                total_periods,
+                min_periods,
+                ..
+            } => {
+                entity.validate_in_cohort(&format!("{field}.entity"))?;
+                if *total_periods == 0 || *total_periods > 400 {
+                    return Err(QueryError::new(
+                        format!("{field}.total_periods"),
+                        "must be between 1 and 400",
+                    ));
+                }
+                if *min_periods == 0 || min_periods > total_periods {
+                    return Err(QueryError::new(
+                        format!("{field}.min_periods"),
+                        "must be between 1 and total_periods",
+                    ));
+                }
+                Ok(())
+            }
+            CohortCondition::HistoricalCount {
+                entity,
+                nth,
+                window,
+            } => {
+                entity.validate_in_cohort(&format!("{field}.entity"))?;
+                if !(1..=5).contains(nth) {
+                    return Err(QueryError::new(
+                        format!("{field}.nth"),
+                        "must be between 1 and 5",
+                    ));
+                }
+                window.validate(field)
+            }
+            CohortCondition::Funnel { funnel, window, .. } => {
+                for (i, s) in funnel.steps.iter().enumerate() {
+                    s.validate_in_cohort(&format!("{field}.funnel.steps[{i}]"))?;
+                }
+                if funnel.steps.len() < 2 || funnel.steps.len() > MAX_STEPS {
+                    return Err(QueryError::new(
+                        format!("{field}.funnel.steps"),
+                        format!("a funnel has 2 to {MAX_STEPS} steps"),
+                    ));
+                }
+                if funnel.window_seconds <= 0 || funnel.window_seconds > MAX_WINDOW_SECONDS {
+                    return Err(QueryError::new(
+                        format!("{field}.funnel.window_seconds"),
+                        format!("must be between 1 and {MAX_WINDOW_SECONDS}"),
+                    ));
+                }
+                window.validate(field)
+            }
+            CohortCondition::Retention {
+                start,
+                return_event,
+                returned_in,
+                window,
+                ..
+            } => {
+                start.validate_in_cohort(&format!("{field}.start"))?;
+                return_event.validate_in_cohort(&format!("{field}.return"))?;
+                if *returned_in == 0 || *returned_in > 400 {
+                    return Err(QueryError::new(
+                        format!("{field}.returned_in"),
+                        "must be between 1 and 400",
+                    ));
+                }
+                window.validate(field)
+            }
             CohortCondition::And { conditions } | CohortCondition::Or { conditions } => {
                 if conditions.is_empty() {
                     return Err(QueryError::new(
@@ -1420,6 +1811,20 @@ impl CohortCondition {
             | CohortCondition::Sequence { a, b, .. } => {
                 out.push(a);
                 out.push(b);
+            }
+            CohortCondition::HadProperty { entity, .. }
+            | CohortCondition::Stopped { entity, .. }
+            | CohortCondition::Restarted { entity, .. }
+            | CohortCondition::Regularly { entity, .. }
+            | CohortCondition::HistoricalCount { entity, .. } => out.push(entity),
+            CohortCondition::Funnel { funnel, .. } => out.extend(funnel.steps.iter()),
+            CohortCondition::Retention {
+                start,
+                return_event,
+                ..
+            } => {
+                out.push(start);
+                out.push(return_event);
             }
             CohortCondition::Property { .. } => {}
             CohortCondition::And { conditions } | CohortCondition::Or { conditions } => {
@@ -1530,6 +1935,8 @@ impl IdentityQuery {
             exclusion_policy: ExclusionPolicy::DropUser,
             filters: Vec::new(),
             breakdown: None,
+            hold_constant: Vec::new(),
+            histogram_bins: None,
             interval: Interval::Day,
             week_start: WeekStart::Monday,
         }
