@@ -198,10 +198,17 @@ impl FunnelRun {
         for i in 0..self.streams.len() {
             let range = self.streams.range(i);
             if self.held == 0 {
-                buffer.clear();
-                buffer.extend_from_slice(&self.streams.events[range]);
-                funnel::sort_events(&self.spec, &mut buffer);
-                f(&buffer);
+                let events = &self.streams.events[range];
+                // Streams come sorted by (time, tags, value); with one step per event that is
+                // already the evaluator's order, and the copy is skipped.
+                if funnel::is_sorted(&self.spec, events) {
+                    f(events);
+                } else {
+                    buffer.clear();
+                    buffer.extend_from_slice(events);
+                    funnel::sort_events(&self.spec, &mut buffer);
+                    f(&buffer);
+                }
                 continue;
             }
             let mut by_values: BTreeMap<Vec<u32>, Vec<UnitEvent>> = BTreeMap::new();
@@ -686,6 +693,7 @@ pub async fn stickiness(
 
 /// The persons of a project after merges: created-at (earliest of the merged rows), current
 /// properties (the surviving person's win), and a display id.
+#[derive(Default)]
 struct Persons {
     created_at: HashMap<u64, i64>,
     properties: HashMap<u64, BTreeMap<String, PropValue>>,
@@ -942,6 +950,9 @@ pub async fn paths(
         for at in streams.range(i) {
             unit_events.push((streams.events[at].ts, rank[items[at].as_str()]));
         }
+        // Events sharing an instant are taken in item order (ranks follow the labels), so the
+        // order of `event_types` does not change the paths.
+        unit_events.sort_unstable();
         paths::add_unit(&spec, &unit_events, &mut graph);
     }
     let node = |(pos, id): (usize, u32)| format!("{pos}_{}", labels[id as usize - 1]);
@@ -1090,6 +1101,14 @@ fn evaluate_condition<'a>(
 ) -> futures::future::BoxFuture<'a, Result<BTreeSet<u64>, QueryFailure>> {
     Box::pin(async move {
         let per_unit = |streams: &UnitStreams, test: &dyn Fn(&[UnitEvent], usize) -> bool| {
+            // Units without events are members only when the condition holds for none; only
+            // then is the whole person universe walked (see `needs_universe`).
+            if !test(&[], usize::MAX) {
+                return (0..streams.len())
+                    .filter(|&i| test(streams.unit(i).1, i))
+                    .map(|i| streams.units[i])
+                    .collect::<BTreeSet<u64>>();
+            }
             let index: HashMap<u64, usize> = streams
                 .units
                 .iter()
@@ -1334,7 +1353,13 @@ pub async fn segment_members(
         .evaluate_at
         .map(|t| t.timestamp_millis())
         .unwrap_or_else(now_ms);
-    let people = persons(engine, project).await?;
+    // Reading every person is the dearest part of a segment: only conditions that persons
+    // without events can meet (counts of 0, negations, person properties) need them.
+    let people = if needs_universe(condition) {
+        persons(engine, project).await?
+    } else {
+        Persons::default()
+    };
     let universe: BTreeSet<u64> = people
         .created_at
         .iter()
@@ -1343,6 +1368,35 @@ pub async fn segment_members(
         .collect();
     let members = evaluate_condition(engine, project, condition, at, &universe, &people).await?;
     Ok(members.into_iter().collect())
+}
+
+/// Whether evaluating `c` reads the person universe: persons with no matching events are
+/// members of a leaf exactly when it holds for no events.
+fn needs_universe(c: &CohortCondition) -> bool {
+    match c {
+        CohortCondition::Not { .. } | CohortCondition::Property { .. } => true,
+        CohortCondition::And { conditions } | CohortCondition::Or { conditions } => {
+            conditions.iter().any(needs_universe)
+        }
+        CohortCondition::EventCount {
+            operator, value, ..
+        }
+        | CohortCondition::Funnel {
+            operator, value, ..
+        } => operator.holds(0.0, *value as f64),
+        CohortCondition::AggregateProperty {
+            operator, value, ..
+        } => operator.holds(0.0, *value),
+        CohortCondition::RelativeCount { operator, .. } => operator.holds(0.0, 0.0),
+        CohortCondition::FirstTime { .. }
+        | CohortCondition::Sequence { .. }
+        | CohortCondition::HadProperty { .. }
+        | CohortCondition::Stopped { .. }
+        | CohortCondition::Restarted { .. }
+        | CohortCondition::Regularly { .. }
+        | CohortCondition::HistoricalCount { .. }
+        | CohortCondition::Retention { .. } => false,
+    }
 }
 
 /// The current values (rendered) of person properties `keys`, by key and current person.

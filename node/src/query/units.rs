@@ -13,6 +13,7 @@ use crate::query::filter::{ColumnLookup, all_of, named, referenced_keys, rendere
 use crate::query::frame::{RowsLookup, project};
 use crate::query::udf::{IdentityUdf, IdentityView};
 use crate::query::{QueryEngine, QueryFailure};
+use crate::storage::partition::FoldHasher;
 use crate::storage::partition::ProjectRows;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Int64Type, UInt64Type};
@@ -25,6 +26,7 @@ use optiprism_types::insight::{NO_VALUE, UnitEvent};
 use optiprism_types::query::Filter;
 use optiprism_types::query::behaviour::EventSelector;
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 /// Interned strings; id 0 ([`NO_VALUE`]) is "not set".
@@ -174,7 +176,7 @@ pub async fn read(
         .rows(project, spec.start_ms, spec.end_ms, names.as_deref())
         .await?;
     let identities = Arc::new(engine.identity_view(project.id));
-    let streams = plan(engine, &parts, spec, identities).await?;
+    let streams = plan(engine, &parts, spec, Arc::clone(&identities)).await?;
     let values = spec.values.len();
     // Each output partition of the plan is grouped on its own task; units split across
     // partitions (identity merges) are joined afterwards.
@@ -194,7 +196,10 @@ pub async fn read(
                 .map_err(|e| QueryFailure::Internal(format!("grouping task failed: {e}")))??,
         );
     }
-    let mut merged = merge(partials, values);
+    // A person's events can sit in several partitions only through identity merges (or, by
+    // raw distinct id, when a merge moved an id's later events to another partition).
+    let may_split = spec.raw_persons || !identities.merged.is_empty();
+    let mut merged = merge(partials, values, may_split);
     canonicalize(&mut merged);
     Ok(merged)
 }
@@ -334,7 +339,10 @@ fn group(batches: Vec<RecordBatch>, values: usize) -> UnitStreams {
             ));
         }
     }
-    keyed.sort_unstable_by_key(|(p, e, at)| (*p, e.ts, e.tags, e.value, *at));
+    // Stable, so equal events keep their input order; the input is a concatenation of runs
+    // already sorted by (person, time) (sealed chunks sort by event, person, time), which the
+    // stable sort merges instead of sorting from scratch.
+    keyed.sort_by_key(|(p, e, _)| (*p, e.ts, e.tags, e.value));
     let mut out = UnitStreams {
         interner,
         more_values: vec![Vec::with_capacity(rows); extra.len()],
@@ -358,7 +366,7 @@ fn group(batches: Vec<RecordBatch>, values: usize) -> UnitStreams {
 /// Joins the groups of several plan partitions into one: value ids are renumbered into one
 /// interner, and a unit found in several partitions (its events were stamped with persons
 /// merged later) gets one group with its events in order.
-fn merge(partials: Vec<UnitStreams>, values: usize) -> UnitStreams {
+fn merge(partials: Vec<UnitStreams>, values: usize, may_split: bool) -> UnitStreams {
     let mut partials = partials;
     partials.retain(|p| !p.is_empty());
     if partials.len() == 1 {
@@ -370,7 +378,32 @@ fn merge(partials: Vec<UnitStreams>, values: usize) -> UnitStreams {
     };
     let total: usize = partials.iter().map(|p| p.events.len()).sum();
     out.events.reserve(total);
-    let mut seen: HashMap<u64, u32> = HashMap::new();
+    if !may_split {
+        // Every person's events are in one partition: the groups only need concatenating.
+        for p in partials {
+            let remap = remap_values(&p, &mut out.interner);
+            let base = out.events.len();
+            out.units.extend_from_slice(&p.units);
+            out.offsets
+                .extend(p.offsets[..p.units.len()].iter().map(|o| o + base));
+            match &remap {
+                None => out.events.extend_from_slice(&p.events),
+                Some(remap) => out.events.extend(p.events.iter().map(|e| UnitEvent {
+                    value: remap[e.value as usize],
+                    ..*e
+                })),
+            }
+            for (c, col) in p.more_values.iter().enumerate() {
+                out.more_values[c].extend(col.iter().map(|v| match &remap {
+                    None => *v,
+                    Some(remap) => remap[*v as usize],
+                }));
+            }
+        }
+        out.offsets.push(out.events.len());
+        return out;
+    }
+    let mut seen: HashMap<u64, u32, BuildHasherDefault<FoldHasher>> = HashMap::default();
     for p in &partials {
         for u in &p.units {
             *seen.entry(*u).or_default() += 1;
@@ -424,6 +457,18 @@ fn merge(partials: Vec<UnitStreams>, values: usize) -> UnitStreams {
     }
     out.offsets.push(out.events.len());
     out
+}
+
+/// The renumbering of a partial's value ids into `into`; `None` when it has no values.
+fn remap_values(p: &UnitStreams, into: &mut Interner) -> Option<Vec<u32>> {
+    if p.interner.names.is_empty() {
+        return None;
+    }
+    Some(
+        std::iter::once(NO_VALUE)
+            .chain(p.interner.names.iter().map(|n| into.intern(n)))
+            .collect(),
+    )
 }
 
 /// Numbers values in string order and re-sorts each unit's events by (time, tags, values), so

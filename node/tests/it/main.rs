@@ -11,3 +11,4 @@ mod t30_sdks;
 mod t40_restart;
 mod t50_exact_uniques;
 mod t60_cluster;
+mod t70_insight_properties;

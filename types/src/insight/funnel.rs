@@ -93,6 +93,12 @@ pub fn sort_events(spec: &FunnelSpec, events: &mut [UnitEvent]) {
     events.sort_by_key(|e| (e.ts, lowest_step(e, mask), e.tags, e.value));
 }
 
+/// Whether events are in the order of [`sort_events`] already.
+pub fn is_sorted(spec: &FunnelSpec, events: &[UnitEvent]) -> bool {
+    let mask = step_mask(spec);
+    events.is_sorted_by_key(|e| (e.ts, lowest_step(e, mask), e.tags, e.value))
+}
+
 /// Tries to extend a matching of steps `first..step` onto events `group` by step `step`
 /// (Kuhn's augmenting path). `owner[e]` is the step event `e` fills.
 fn augment(
@@ -181,6 +187,64 @@ fn ordered_chain(spec: &FunnelSpec, events: &[UnitEvent], start: usize) -> Attem
         i = end;
     }
     attempt
+}
+
+/// Where each step's events are, for units whose events each match at most one step: then an
+/// ordered chain is found by jumping to the next event of each step (a step's event sharing an
+/// instant with the previous step's sorts after it, so "next position" is exact), instead of
+/// scanning the window.
+struct StepPositions {
+    positions: Vec<Vec<u32>>,
+}
+
+impl StepPositions {
+    /// `None` when some event matches several steps (the general path handles those).
+    fn new(spec: &FunnelSpec, events: &[UnitEvent]) -> Option<StepPositions> {
+        let mask = step_mask(spec);
+        let mut positions = vec![Vec::new(); spec.steps];
+        for (i, e) in events.iter().enumerate() {
+            let steps = e.tags & mask;
+            if steps.count_ones() > 1 {
+                return None;
+            }
+            if steps != 0 {
+                positions[steps.trailing_zeros() as usize].push(i as u32);
+            }
+        }
+        Some(StepPositions { positions })
+    }
+
+    /// The first event of `step` at or after position `from`.
+    fn next(&self, step: usize, from: usize) -> Option<usize> {
+        let p = &self.positions[step];
+        p.get(p.partition_point(|&x| (x as usize) < from))
+            .map(|&x| x as usize)
+    }
+
+    /// The ordered chain of the attempt at the timestamp group starting at `start`.
+    fn chain(&self, spec: &FunnelSpec, events: &[UnitEvent], start: usize) -> Attempt {
+        let t1 = events[start].ts;
+        let mut attempt = Attempt {
+            start_ms: t1,
+            level: 0,
+            tainted: false,
+            times: Vec::with_capacity(spec.steps),
+            values: Vec::with_capacity(spec.steps),
+        };
+        let mut from = start;
+        for step in 0..spec.steps {
+            match self.next(step, from) {
+                Some(at) if events[at].ts <= t1 + spec.window_ms => {
+                    attempt.level += 1;
+                    attempt.times.push(events[at].ts);
+                    attempt.values.push(events[at].value);
+                    from = at + 1;
+                }
+                _ => break,
+            }
+        }
+        attempt
+    }
 }
 
 /// The strict chain of the attempt started by the step-1 event `events[start]`.
@@ -297,9 +361,13 @@ fn apply_exclusions(spec: &FunnelSpec, events: &[UnitEvent], attempt: &mut Attem
     }
 }
 
-/// Every attempt of a unit whose events are sorted by [`sort_events`], in start order.
-pub fn attempts(spec: &FunnelSpec, events: &[UnitEvent]) -> Vec<Attempt> {
-    let mut out = Vec::new();
+/// Calls `f` with every attempt of a unit whose events are sorted by [`sort_events`], in
+/// start order, until it returns `false`.
+fn for_each_attempt(spec: &FunnelSpec, events: &[UnitEvent], mut f: impl FnMut(Attempt) -> bool) {
+    let fast = match spec.order {
+        FunnelOrder::Ordered => StepPositions::new(spec, events),
+        _ => None,
+    };
     let mut i = 0;
     while i < events.len() {
         let e = events[i];
@@ -311,7 +379,10 @@ pub fn attempts(spec: &FunnelSpec, events: &[UnitEvent]) -> Vec<Attempt> {
             FunnelOrder::Ordered => {
                 let end = group_end(events, i);
                 let starts = in_range && events[i..end].iter().any(|e| e.tags & 1 != 0);
-                let a = starts.then(|| ordered_chain(spec, events, i));
+                let a = starts.then(|| match &fast {
+                    Some(positions) => positions.chain(spec, events, i),
+                    None => ordered_chain(spec, events, i),
+                });
                 i = end;
                 a
             }
@@ -337,13 +408,20 @@ pub fn attempts(spec: &FunnelSpec, events: &[UnitEvent]) -> Vec<Attempt> {
         };
         if let Some(mut a) = attempt.filter(|a| a.level > 0) {
             apply_exclusions(spec, events, &mut a);
-            let first_only = spec.attempt_policy == AttemptPolicy::FirstEntry;
-            out.push(a);
-            if first_only {
+            if !f(a) || spec.attempt_policy == AttemptPolicy::FirstEntry {
                 break;
             }
         }
     }
+}
+
+/// Every attempt of a unit whose events are sorted by [`sort_events`], in start order.
+pub fn attempts(spec: &FunnelSpec, events: &[UnitEvent]) -> Vec<Attempt> {
+    let mut out = Vec::new();
+    for_each_attempt(spec, events, |a| {
+        out.push(a);
+        true
+    });
     out
 }
 
@@ -370,9 +448,32 @@ pub fn result(spec: &FunnelSpec, attempts: &[Attempt]) -> UnitResult {
     }
 }
 
-/// A unit's funnel result from its events sorted by [`sort_events`].
+/// A unit's funnel result from its events sorted by [`sort_events`]: [`result`] of
+/// [`attempts`], without keeping every attempt. The attempts come in start order, so the first
+/// clean attempt that reaches the last step decides the result and ends the scan.
 pub fn evaluate(spec: &FunnelSpec, events: &[UnitEvent]) -> UnitResult {
-    result(spec, &attempts(spec, events))
+    let mut furthest = 0;
+    let mut defining: Option<Attempt> = None;
+    for_each_attempt(spec, events, |a| {
+        furthest = furthest.max(a.level);
+        let better = !a.tainted && defining.as_ref().is_none_or(|d| a.level > d.level);
+        let done = better && a.level == spec.steps;
+        if better {
+            defining = Some(a);
+        }
+        !done
+    });
+    let furthest_clean = defining.as_ref().map_or(0, |d| d.level);
+    if furthest == 0
+        || (spec.exclusion_policy == ExclusionPolicy::DropUser && furthest_clean < furthest)
+    {
+        return UnitResult::default();
+    }
+    // With `end_attempt` no attempt is tainted, so the defining attempt reaches `furthest`.
+    UnitResult {
+        level: furthest,
+        defining,
+    }
 }
 
 #[cfg(test)]
