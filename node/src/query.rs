@@ -14,7 +14,7 @@ pub mod units;
 use crate::metadata::{MetadataHandle, Project};
 use crate::storage::partition::{PartitionData, PersonRow, ProjectRows};
 use arrow::array::{
-    ArrayRef, Float64Builder, RecordBatch, StringBuilder, TimestampMillisecondBuilder,
+    ArrayRef, Float64Builder, RecordBatch, StringArray, StringBuilder, TimestampMillisecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -227,6 +227,9 @@ impl QueryEngine {
         project: &Project,
         json: &[u8],
     ) -> Result<InsightAnswer, QueryFailure> {
+        if let Some((rest, cohorts)) = split_cohort_breakdown(json)? {
+            return self.by_cohort(project, rest, cohorts).await;
+        }
         let query = parse_query(json)?;
         // Cohort filters (segments) are evaluated first; the plans then test membership.
         // Person properties are read once per query too.
@@ -261,6 +264,50 @@ impl QueryEngine {
         Box::pin(engine.run(project, query)).await
     }
 
+    /// Answers a query broken down by cohorts: the whole query, then the query once per
+    /// cohort with the cohort as a filter. JSON: the whole answer plus `by_cohort: {name:
+    /// answer}`; Arrow: the tables stacked, with a leading `cohort` column (null for the whole).
+    async fn by_cohort(
+        &self,
+        project: &Project,
+        rest: serde_json::Value,
+        cohorts: Vec<(String, serde_json::Value)>,
+    ) -> Result<InsightAnswer, QueryFailure> {
+        let whole = Box::pin(self.insight(project, rest.to_string().as_bytes())).await?;
+        let mut json = whole.json;
+        let mut parts = vec![(None, whole.batch)];
+        let mut by_cohort = serde_json::Map::new();
+        for (name, cohort) in cohorts {
+            let mut q = rest.clone();
+            let filter = serde_json::json!({"op": "in_cohort", "cohort": cohort});
+            match q.get_mut("filters") {
+                Some(serde_json::Value::Array(filters)) => filters.push(filter),
+                _ => q["filters"] = serde_json::json!([filter]),
+            }
+            let answer = Box::pin(self.insight(project, q.to_string().as_bytes())).await?;
+            by_cohort.insert(name.clone(), answer.json);
+            parts.push((Some(name), answer.batch));
+        }
+        json["by_cohort"] = serde_json::Value::Object(by_cohort);
+        let mut batches = Vec::with_capacity(parts.len());
+        for (name, batch) in parts {
+            let label: ArrayRef =
+                Arc::new(StringArray::from(vec![name.as_deref(); batch.num_rows()]));
+            let mut fields = vec![Arc::new(Field::new("cohort", DataType::Utf8, true))];
+            fields.extend(batch.schema().fields().iter().cloned());
+            let mut columns = vec![label];
+            columns.extend(batch.columns().iter().cloned());
+            batches.push(
+                RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+                    .map_err(|e| QueryFailure::Internal(e.to_string()))?,
+            );
+        }
+        let schema = batches[0].schema();
+        let batch = arrow::compute::concat_batches(&schema, &batches)
+            .map_err(|e| QueryFailure::Internal(e.to_string()))?;
+        Ok(InsightAnswer { json, batch })
+    }
+
     async fn run(&self, project: &Project, query: Query) -> Result<InsightAnswer, QueryFailure> {
         match query {
             Query::Trends(q) => {
@@ -288,6 +335,70 @@ impl QueryEngine {
             Query::Identity(q) => insights::identity(self, project, &q).await.map(Into::into),
         }
     }
+}
+
+/// The query kinds that take top-level `filters`, and so a cohort breakdown.
+const COHORT_BREAKDOWN_KINDS: &[&str] = &[
+    "trends",
+    "funnel",
+    "funnel_trends",
+    "retention",
+    "stickiness",
+    "lifecycle",
+    "paths",
+];
+
+/// The most cohorts one query may break down by.
+const MAX_COHORT_BREAKDOWN: usize = 20;
+
+/// Takes `cohort_breakdown` (`{name: cohort condition}`) out of a query: the rest of the query
+/// and the cohorts, or `None` when the query has none. Each condition is checked here, so an
+/// error names `cohort_breakdown.<name>…`.
+#[allow(clippy::type_complexity)]
+fn split_cohort_breakdown(
+    json: &[u8],
+) -> Result<Option<(serde_json::Value, Vec<(String, serde_json::Value)>)>, QueryFailure> {
+    let invalid =
+        |field: String, message: String| QueryFailure::Invalid(QueryError { field, message });
+    let Ok(serde_json::Value::Object(mut object)) = serde_json::from_slice(json) else {
+        // Not an object: parse_query names the problem.
+        return Ok(None);
+    };
+    let Some(cohorts) = object.remove("cohort_breakdown") else {
+        return Ok(None);
+    };
+    let kind = object
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default();
+    if !COHORT_BREAKDOWN_KINDS.contains(&kind) {
+        return Err(invalid(
+            "cohort_breakdown".into(),
+            format!("`{kind}` queries take no cohort breakdown"),
+        ));
+    }
+    let serde_json::Value::Object(cohorts) = cohorts else {
+        return Err(invalid(
+            "cohort_breakdown".into(),
+            "expected an object of named cohort conditions".into(),
+        ));
+    };
+    if cohorts.is_empty() || cohorts.len() > MAX_COHORT_BREAKDOWN {
+        return Err(invalid(
+            "cohort_breakdown".into(),
+            format!("name 1 to {MAX_COHORT_BREAKDOWN} cohorts"),
+        ));
+    }
+    let mut out = Vec::with_capacity(cohorts.len());
+    for (name, condition) in cohorts {
+        let field = format!("cohort_breakdown.{name}");
+        let parsed: optiprism_types::query::behaviour::CohortCondition =
+            serde_json::from_value(condition.clone())
+                .map_err(|e| invalid(field.clone(), e.to_string()))?;
+        parsed.validate(&field, 0)?;
+        out.push((name, condition));
+    }
+    Ok(Some((serde_json::Value::Object(object), out)))
 }
 
 /// The Arrow form of a trends answer: one row per (series, breakdown value, bucket), plus a row

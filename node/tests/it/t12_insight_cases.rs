@@ -541,3 +541,73 @@ fn every_cohort_condition_kind() {
         "{answer}"
     );
 }
+
+/// A cohort breakdown answers the query once per cohort (each as a segment) beside the whole:
+/// over the events of `cohort_event_count_window_boundaries`, persons with 3+ purchases
+/// (u1, u2, u3) made 10 of the 12, persons with at most 2 (u4, u5) the other 2.
+#[test]
+fn cohort_breakdowns_answer_every_cohort_beside_the_whole() {
+    let node = TestNode::start();
+    let c = spec_cases()
+        .into_iter()
+        .find(|c| c["name"] == "cohort_event_count_window_boundaries")
+        .unwrap();
+    let (status, _) = node.post(
+        "/batch/",
+        &posthog_batch(c["events"].as_array().unwrap(), "cb"),
+    );
+    assert_eq!(status, 200);
+    let cohorts = json!({
+        "buyers": {"type": "event_count", "entity": {"event": "purchase"}, "operator": "gte", "value": 3},
+        "few": {"type": "event_count", "entity": {"event": "purchase"}, "operator": "lte", "value": 2},
+    });
+    let range = json!({"from": "2024-03-20", "to": "2024-03-31"});
+    let trends = json!({"kind": "trends", "date_range": range,
+        "series": [{"id": "P", "event": "purchase"}], "cohort_breakdown": cohorts});
+    let (status, answer) = node.query(&trends);
+    assert_eq!(status, 200, "{answer}");
+    assert_subset(
+        &answer,
+        &json!({"totals": {"P": 12}, "by_cohort": {"buyers": {"totals": {"P": 10}},
+                                                   "few": {"totals": {"P": 2}}}}),
+        "trends by cohort",
+    );
+    let funnel = json!({"kind": "funnel", "date_range": range, "window_seconds": 604800,
+        "steps": [{"event": "purchase"}, {"event": "purchase"}], "cohort_breakdown": cohorts});
+    let (status, answer) = node.query(&funnel);
+    assert_eq!(status, 200, "{answer}");
+    assert_subset(
+        &answer,
+        &json!({"step_counts": [4, 4], "by_cohort": {"buyers": {"step_counts": [3, 3]},
+                                                     "few": {"step_counts": [1, 1]}}}),
+        "funnel by cohort",
+    );
+    // Flight: the tables stacked with a leading cohort column.
+    let batches = node.flight_query(&funnel).unwrap();
+    let labels: Vec<Option<String>> = rows(&batches).map(|(b, r)| text(b, "cohort", r)).collect();
+    assert_eq!(labels.len(), 6, "{labels:?}");
+    assert_eq!(
+        labels
+            .iter()
+            .filter(|l| l.as_deref() == Some("buyers"))
+            .count(),
+        2
+    );
+    // A kind without filters, and a bad condition, are refused naming the field.
+    let (status, answer) = node.query(
+        &json!({"kind": "cohort", "cohorts": {"a": cohorts["buyers"]},
+        "cohort_breakdown": cohorts}),
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["field"], "cohort_breakdown", "{answer}");
+    let (status, answer) = node.query(&json!({"kind": "trends", "date_range": range,
+        "series": [{"event": "purchase"}], "cohort_breakdown": {"x": {"type": "event_count"}}}));
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"]["field"]
+            .as_str()
+            .unwrap()
+            .starts_with("cohort_breakdown.x"),
+        "{answer}"
+    );
+}
