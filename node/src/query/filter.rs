@@ -6,11 +6,11 @@
 //! strings and ignore everything else.
 
 use crate::query::frame::PropertyColumns;
-use crate::query::udf::{ParseDatetime, RenderValue};
+use crate::query::udf::{ParseDatetime, RenderValue, ToNumber};
 use arrow::datatypes::DataType;
 use datafusion::functions::expr_fn::{coalesce, lower, regexp_like, strpos};
 use datafusion::logical_expr::{Expr, lit};
-use datafusion::prelude::{cast, try_cast};
+use datafusion::prelude::cast;
 use datafusion::scalar::ScalarValue;
 use optiprism_types::query::{
     Filter, FilterOp, PropertySource, json_number, json_render, resolve_date_operand,
@@ -73,21 +73,20 @@ pub fn rendered(cols: &PropertyColumns) -> Expr {
 
 /// The numeric value of a property (null when not set or not numeric).
 fn numeric(cols: &PropertyColumns) -> Expr {
+    // `to_number`, not a cast: casts accept `NaN` and `inf`, which are no numbers (§1.3) and
+    // would pass every `gt` in Arrow's total order.
+    let number = |e: Expr| ToNumber::udf().call(vec![e]);
     if let Some(e) = &cols.computed {
-        return try_cast(e.clone(), DataType::Float64);
+        return number(e.clone());
     }
     let typed = cols.typed.as_ref().and_then(|(name, ty)| match ty {
-        DataType::Float64 => Some(column(name)),
-        DataType::Utf8 | DataType::Dictionary(_, _) => Some(try_cast(
-            cast(column(name), DataType::Utf8),
-            DataType::Float64,
-        )),
+        DataType::Float64 => Some(number(column(name))),
+        DataType::Utf8 | DataType::Dictionary(_, _) => {
+            Some(number(cast(column(name), DataType::Utf8)))
+        }
         _ => None,
     });
-    let text = cols
-        .text
-        .as_ref()
-        .map(|n| try_cast(column(n), DataType::Float64));
+    let text = cols.text.as_ref().map(|n| number(column(n)));
     typed_or_text(typed, text, ScalarValue::Float64(None))
 }
 

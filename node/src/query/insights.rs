@@ -492,17 +492,29 @@ pub async fn funnel_trends(
     let mut entered = vec![0u64; nb];
     let mut converted = vec![0u64; nb];
     run.for_each_unit(|events| {
-        let mut in_bucket = vec![(false, false); nb];
+        // (bucket, converted) of each attempt, in start order: buckets come in order, so a
+        // unit's attempts in one bucket are adjacent (only its buckets are touched).
+        let mut current: Option<(usize, bool)> = None;
+        let mut flush = |c: Option<(usize, bool)>| {
+            if let Some((b, conv)) = c {
+                entered[b] += 1;
+                converted[b] += u64::from(conv);
+            }
+        };
         for a in funnel::attempts(&run.spec, events) {
-            if let Some(b) = buckets.index_of(a.start_ms) {
-                in_bucket[b].0 = true;
-                in_bucket[b].1 |= a.level == n && !a.tainted;
+            let Some(b) = buckets.index_of(a.start_ms) else {
+                continue;
+            };
+            let conv = a.level == n && !a.tainted;
+            match &mut current {
+                Some((cb, c)) if *cb == b => *c |= conv,
+                _ => {
+                    flush(current.take());
+                    current = Some((b, conv));
+                }
             }
         }
-        for (b, (e, c)) in in_bucket.into_iter().enumerate() {
-            entered[b] += u64::from(e);
-            converted[b] += u64::from(c);
-        }
+        flush(current);
     });
     let now = now_ms();
     let mut by_entry = Map::new();
@@ -1054,7 +1066,14 @@ pub fn property_matches(f: &Filter, value: Option<&PropValue>, now_ms: i64) -> b
         IsNotSet => value.is_none(),
         IsDateBefore => instant().is_some_and(|(x, at)| x < at),
         IsDateAfter => instant().is_some_and(|(x, at)| x > at),
-        IsDateExact => instant().is_some_and(|(x, at)| x == at),
+        // A bare date means that whole (UTC) day, as in event filters.
+        IsDateExact => instant().is_some_and(|(x, at)| {
+            if operand.as_str().is_some_and(|t| t.len() == 10) {
+                x >= at && x < at + 86_400_000
+            } else {
+                x == at
+            }
+        }),
         // Refused by validation: a property condition holds one property filter.
         InCohort | NotInCohort => false,
     }

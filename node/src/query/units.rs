@@ -97,7 +97,7 @@ pub enum ValueSource {
 /// The events of every unit, grouped by unit and sorted by time.
 #[derive(Debug, Default)]
 pub struct UnitStreams {
-    /// Unit ids, one per group, ascending.
+    /// Unit ids, one per group (ascending within each plan partition's groups).
     pub units: Vec<u64>,
     /// `offsets[i]..offsets[i + 1]` are unit `i`'s events.
     pub offsets: Vec<usize>,
@@ -176,7 +176,8 @@ pub async fn read(
         .rows(project, spec.start_ms, spec.end_ms, names.as_deref())
         .await?;
     let identities = Arc::new(engine.identity_view(project.id));
-    let streams = plan(engine, &parts, spec, Arc::clone(&identities)).await?;
+    let (streams, inputs) = plan(engine, &parts, spec, Arc::clone(&identities)).await?;
+    let outputs = streams.len();
     let values = spec.values.len();
     // Each output partition of the plan is grouped on its own task; units split across
     // partitions (identity merges) are joined afterwards.
@@ -198,7 +199,7 @@ pub async fn read(
     }
     // A person's events can sit in several partitions only through identity merges (or, by
     // raw distinct id, when a merge moved an id's later events to another partition).
-    let may_split = spec.raw_persons || !identities.merged.is_empty();
+    let may_split = spec.raw_persons || !identities.merged.is_empty() || outputs != inputs;
     let mut merged = merge(partials, values, may_split);
     canonicalize(&mut merged);
     Ok(merged)
@@ -209,9 +210,9 @@ async fn plan(
     parts: &[ProjectRows],
     spec: &StreamSpec<'_>,
     identities: Arc<IdentityView>,
-) -> Result<Vec<SendableRecordBatchStream>, QueryFailure> {
+) -> Result<(Vec<SendableRecordBatchStream>, usize), QueryFailure> {
     if parts.iter().all(|p| p.batches.is_empty()) {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0));
     }
     let lookup = RowsLookup {
         parts,
@@ -244,8 +245,18 @@ async fn plan(
     let (schema, partitions) = project(parts, &columns);
     let partitions: Vec<Vec<RecordBatch>> =
         partitions.into_iter().filter(|p| !p.is_empty()).collect();
+    let inputs = partitions.len();
     let table = MemTable::try_new(schema, partitions)?;
-    let ctx = engine.session();
+    // Output partition i must read input partition i only: a round-robin repartition would
+    // spread one person's batches over several outputs, and `merge` joins a person's groups
+    // only when identity merges can split them (it checks the counts match too).
+    let mut state = engine.state.clone();
+    state
+        .config_mut()
+        .options_mut()
+        .optimizer
+        .enable_round_robin_repartition = false;
+    let ctx = datafusion::prelude::SessionContext::new_with_state(state);
     let mut df = ctx.read_table(Arc::new(table))?;
     let ts = cast(named("timestamp"), DataType::Int64);
     let mut predicate = ts
@@ -293,7 +304,8 @@ async fn plan(
         };
         select.push(cast(e, DataType::Utf8).alias(format!("v{i}")));
     }
-    Ok(df.select(select)?.execute_stream_partitioned().await?)
+    let streams = df.select(select)?.execute_stream_partitioned().await?;
+    Ok((streams, inputs))
 }
 
 /// Groups rows by unit and sorts each unit's events by time (then tags and value, so the

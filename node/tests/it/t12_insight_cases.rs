@@ -624,3 +624,72 @@ fn cohort_breakdowns_answer_every_cohort_beside_the_whole() {
         "{answer}"
     );
 }
+
+/// One person's events read as several batches of one partition (sealed chunks are sliced per
+/// event name) stay one unit: the plan must not spread a partition's batches over several
+/// outputs, or the person would enter a funnel twice and never convert.
+#[test]
+fn a_person_in_several_batches_of_one_partition_is_one_unit() {
+    let started = crate::support::in_process_node(8);
+    let (runtime, node) = (&started.runtime, &started.node);
+    let project = node.project("default").unwrap();
+    let ingestor = optiprism_node::ingest::Ingestor::new(std::sync::Arc::clone(node));
+    let events = json!([
+        {"user": "solo", "event": "view", "ts": "2024-09-01T10:00:00Z", "props": {}},
+        {"user": "solo", "event": "buy", "ts": "2024-09-01T10:01:00Z", "props": {}},
+        {"user": "solo", "event": "view", "ts": "2024-09-02T10:00:00Z", "props": {}},
+    ]);
+    let ctx = optiprism_node::ingest::ParseContext {
+        received_ms: chrono::Utc::now().timestamp_millis(),
+        limits: Default::default(),
+    };
+    let body = serde_json::to_vec(&posthog_batch(events.as_array().unwrap(), "solo")).unwrap();
+    let mut parsed = optiprism_node::ingest::posthog::parse(&body, &ctx).unwrap();
+    parsed.write_key = None;
+    runtime.block_on(ingestor.ingest(&project, parsed)).unwrap();
+    node.seal_all();
+    let ask = |q: Value| {
+        runtime
+            .block_on(node.query.insight(&project, q.to_string().as_bytes()))
+            .unwrap()
+            .json
+    };
+    let range = json!({"from": "2024-09-01", "to": "2024-09-02"});
+    let funnel = ask(
+        json!({"kind": "funnel", "date_range": range, "window_seconds": 3600,
+        "steps": [{"event": "view"}, {"event": "buy"}]}),
+    );
+    assert_subset(&funnel["step_counts"], &json!([1, 1]), "funnel");
+    let sticky = ask(json!({"kind": "stickiness", "date_range": range, "series": {}}));
+    assert_subset(&sticky["histogram"], &json!([0, 1]), "stickiness");
+}
+
+/// Non-finite numeric strings are no numbers for numeric filters, and a bare date in
+/// `is_date_exact` means that whole day in cohort property conditions as in event filters.
+#[test]
+fn non_finite_numbers_and_bare_dates_filter_alike_everywhere() {
+    let node = TestNode::start();
+    let events = json!([
+        {"user": "n1", "event": "buy", "ts": "2024-10-01T10:00:00Z", "props": {"price": 10}},
+        {"user": "n2", "event": "buy", "ts": "2024-10-01T11:00:00Z", "props": {"price": "NaN"}},
+        {"user": "n3", "event": "buy", "ts": "2024-10-01T12:00:00Z",
+         "props": {"price": "inf", "$set": {"signup": "2024-01-05T10:00:00Z"}}},
+    ]);
+    let (status, body) = node.post("/batch/", &posthog_batch(events.as_array().unwrap(), "nan"));
+    assert_eq!(status, 200, "{body}");
+    let (status, answer) = node.query(&json!({"kind": "trends",
+        "date_range": {"from": "2024-10-01", "to": "2024-10-01"},
+        "series": [{"id": "B", "event": "buy"}],
+        "filters": [{"key": "price", "op": "gt", "value": 5}]}));
+    assert_eq!(status, 200, "{answer}");
+    assert_subset(&answer["totals"], &json!({"B": 1}), "price > 5");
+    let (status, answer) = node.query(&json!({"kind": "cohort",
+        "evaluate_at": "2024-10-02T00:00:00Z", "cohorts": {"jan5": {"type": "property",
+        "filter": {"key": "signup", "op": "is_date_exact", "value": "2024-01-05"}}}}));
+    assert_eq!(status, 200, "{answer}");
+    assert_subset(
+        &answer["members"],
+        &json!({"jan5": ["n3"]}),
+        "signup on Jan 5",
+    );
+}

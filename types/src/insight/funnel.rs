@@ -332,16 +332,20 @@ fn apply_exclusions(spec: &FunnelSpec, events: &[UnitEvent], attempt: &mut Attem
         }
         let bit = 1u64 << (spec.steps + x);
         let after = attempt.times[from];
+        // Events are sorted by time: start after `after` instead of at the first event.
+        let later = &events[events.partition_point(|e| e.ts <= after)..];
         let hit = if attempt.level > to {
             let before = attempt.times[to];
-            events
+            later
                 .iter()
-                .find(|e| e.tags & bit != 0 && e.ts > after && e.ts < before)
+                .take_while(|e| e.ts < before)
+                .find(|e| e.tags & bit != 0)
                 .map(|e| e.ts)
         } else {
-            events
+            later
                 .iter()
-                .find(|e| e.tags & bit != 0 && e.ts > after && e.ts <= deadline)
+                .take_while(|e| e.ts <= deadline)
+                .find(|e| e.tags & bit != 0)
                 .map(|e| e.ts)
         };
         if let Some(ts) = hit {

@@ -860,8 +860,11 @@ impl PathsQuery {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), QueryError> {
         check_calendar(&self.timezone, &self.date_range, Interval::Day)?;
-        if self.session_gap_seconds <= 0 {
-            return Err(QueryError::new("session_gap_seconds", "must be positive"));
+        if self.session_gap_seconds <= 0 || self.session_gap_seconds > MAX_WINDOW_SECONDS {
+            return Err(QueryError::new(
+                "session_gap_seconds",
+                format!("must be between 1 and {MAX_WINDOW_SECONDS}"),
+            ));
         }
         if !(2..=20).contains(&self.step_limit) {
             return Err(QueryError::new("step_limit", "must be between 2 and 20"));
