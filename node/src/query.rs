@@ -238,10 +238,12 @@ impl QueryEngine {
         if self.prepared || (cohort_filters.is_empty() && person_keys.is_empty()) {
             return self.run(project, query).await;
         }
+        // Person properties and segments read every person at most once between them.
+        let people = insights::PersonCache::default();
         let person_properties = if person_keys.is_empty() {
             std::collections::HashMap::new()
         } else {
-            insights::person_property_values(self, project, &person_keys).await?
+            insights::person_property_values(self, project, &person_keys, &people).await?
         };
         // The cohorts' own events may be selected by person properties too.
         let with_persons = QueryEngine {
@@ -253,7 +255,7 @@ impl QueryEngine {
         for f in cohort_filters {
             let key = udf::segment_key(f);
             if let std::collections::hash_map::Entry::Vacant(slot) = segments.entry(key) {
-                let members = insights::segment_members(&with_persons, project, f).await?;
+                let members = insights::segment_members(&with_persons, project, f, &people).await?;
                 slot.insert(Arc::new(members));
             }
         }

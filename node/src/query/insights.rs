@@ -160,10 +160,6 @@ async fn run_funnel(
         });
     }
     let stream_spec = StreamSpec {
-        start_ms: spec.entry_start_ms,
-        end_ms: spec.entry_end_ms.saturating_add(spec.window_ms + 1),
-        selectors: selectors.iter().collect(),
-        common_filters: &[],
         all_events: q.order == FunnelOrder::Strict,
         // The breakdown's value first (it labels units), then the properties held constant.
         values: q
@@ -180,6 +176,11 @@ async fn run_funnel(
             )
             .collect(),
         raw_persons,
+        ..StreamSpec::new(
+            spec.entry_start_ms,
+            spec.entry_end_ms.saturating_add(spec.window_ms + 1),
+            selectors.iter().collect(),
+        )
     };
     let streams = units::read(engine, project, &stream_spec).await?;
     Ok(FunnelRun {
@@ -599,15 +600,7 @@ pub async fn retention(
     let streams = units::read(
         engine,
         project,
-        &StreamSpec {
-            start_ms,
-            end_ms,
-            selectors: vec![&start, &ret],
-            common_filters: &[],
-            all_events: false,
-            values: Vec::new(),
-            raw_persons: false,
-        },
+        &StreamSpec::new(start_ms, end_ms, vec![&start, &ret]),
     )
     .await?;
     let mut table = RetentionTable::new(&spec);
@@ -667,15 +660,7 @@ pub async fn stickiness(
     let streams = units::read(
         engine,
         project,
-        &StreamSpec {
-            start_ms: buckets.start_ms(),
-            end_ms: buckets.end_ms,
-            selectors: vec![&series],
-            common_filters: &[],
-            all_events: false,
-            values: Vec::new(),
-            raw_persons: false,
-        },
+        &StreamSpec::new(buckets.start_ms(), buckets.end_ms, vec![&series]),
     )
     .await?;
     let mut s = Stickiness::new(buckets.len());
@@ -705,7 +690,7 @@ pub async fn stickiness(
 
 /// The persons of a project after merges: created-at (earliest of the merged rows), current
 /// properties (the surviving person's win), and a display id.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Persons {
     created_at: HashMap<u64, i64>,
     properties: HashMap<u64, BTreeMap<String, PropValue>>,
@@ -766,19 +751,15 @@ pub async fn lifecycle(
     let streams = units::read(
         engine,
         project,
-        &StreamSpec {
-            start_ms: if first_event {
+        &StreamSpec::new(
+            if first_event {
                 i64::MIN / 2
             } else {
                 previous_start
             },
-            end_ms: buckets.end_ms,
-            selectors: vec![&series],
-            common_filters: &[],
-            all_events: false,
-            values: Vec::new(),
-            raw_persons: false,
-        },
+            buckets.end_ms,
+            vec![&series],
+        ),
     )
     .await?;
     let created = if first_event {
@@ -899,18 +880,13 @@ pub async fn paths(
         engine,
         project,
         &StreamSpec {
-            start_ms,
-            end_ms,
-            selectors: selectors.iter().collect(),
-            common_filters: &[],
-            all_events: false,
             values: vec![
                 ValueSource::EventName,
                 ValueSource::Property("url".into()),
                 ValueSource::Property("$current_url".into()),
                 ValueSource::Property("$screen_name".into()),
             ],
-            raw_persons: false,
+            ..StreamSpec::new(start_ms, end_ms, selectors.iter().collect())
         },
     )
     .await?;
@@ -1097,13 +1073,8 @@ async fn leaf_streams(
         engine,
         project,
         &StreamSpec {
-            start_ms,
-            end_ms: window.to.saturating_add(1),
-            selectors,
-            common_filters: &[],
-            all_events: false,
             values,
-            raw_persons: false,
+            ..StreamSpec::new(start_ms, window.to.saturating_add(1), selectors)
         },
     )
     .await
@@ -1290,13 +1261,12 @@ fn evaluate_condition<'a>(
                     engine,
                     project,
                     &StreamSpec {
-                        start_ms: spec.entry_start_ms,
-                        end_ms: at.saturating_add(1),
-                        selectors: f.steps.iter().collect(),
-                        common_filters: &[],
                         all_events: f.order == FunnelOrder::Strict,
-                        values: Vec::new(),
-                        raw_persons: false,
+                        ..StreamSpec::new(
+                            spec.entry_start_ms,
+                            at.saturating_add(1),
+                            f.steps.iter().collect(),
+                        )
                     },
                 )
                 .await?;
@@ -1364,6 +1334,7 @@ pub async fn segment_members(
     engine: &QueryEngine,
     project: &Project,
     filter: &Filter,
+    people: &PersonCache,
 ) -> Result<HashSet<u64>, QueryFailure> {
     let Some(condition) = &filter.cohort else {
         return Ok(HashSet::new());
@@ -1374,10 +1345,11 @@ pub async fn segment_members(
         .unwrap_or_else(now_ms);
     // Reading every person is the dearest part of a segment: only conditions that persons
     // without events can meet (counts of 0, negations, person properties) need them.
+    let nobody = Persons::default();
     let people = if needs_universe(condition) {
-        persons(engine, project).await?
+        people.get(engine, project).await?
     } else {
-        Persons::default()
+        &nobody
     };
     let universe: BTreeSet<u64> = people
         .created_at
@@ -1385,8 +1357,19 @@ pub async fn segment_members(
         .filter(|(_, c)| **c <= at)
         .map(|(u, _)| *u)
         .collect();
-    let members = evaluate_condition(engine, project, condition, at, &universe, &people).await?;
+    let members = evaluate_condition(engine, project, condition, at, &universe, people).await?;
     Ok(members.into_iter().collect())
+}
+
+/// Every person of a project, read at most once for all the segments and person properties
+/// one query needs.
+#[derive(Debug, Default)]
+pub struct PersonCache(tokio::sync::OnceCell<Persons>);
+
+impl PersonCache {
+    async fn get(&self, engine: &QueryEngine, project: &Project) -> Result<&Persons, QueryFailure> {
+        self.0.get_or_try_init(|| persons(engine, project)).await
+    }
 }
 
 /// Whether evaluating `c` reads the person universe: persons with no matching events are
@@ -1423,8 +1406,9 @@ pub async fn person_property_values(
     engine: &QueryEngine,
     project: &Project,
     keys: &[String],
+    people: &PersonCache,
 ) -> Result<HashMap<String, Arc<HashMap<u64, String>>>, QueryFailure> {
-    let people = persons(engine, project).await?;
+    let people = people.get(engine, project).await?;
     Ok(keys
         .iter()
         .map(|k| {
@@ -1572,13 +1556,8 @@ pub async fn identity(
             engine,
             project,
             &StreamSpec {
-                start_ms: buckets.start_ms(),
-                end_ms: buckets.end_ms,
-                selectors: vec![&first],
-                common_filters: &[],
-                all_events: false,
-                values: Vec::new(),
                 raw_persons: raw,
+                ..StreamSpec::new(buckets.start_ms(), buckets.end_ms, vec![&first])
             },
         )
         .await?;

@@ -23,7 +23,6 @@ use datafusion::logical_expr::{Expr, lit, when};
 use datafusion::prelude::cast;
 use futures::TryStreamExt;
 use optiprism_types::insight::{NO_VALUE, UnitEvent};
-use optiprism_types::query::Filter;
 use optiprism_types::query::behaviour::EventSelector;
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
@@ -56,11 +55,6 @@ impl Interner {
             self.names.get(id as usize - 1).map(String::as_str)
         }
     }
-
-    /// The id of `s` if it was interned.
-    pub fn get(&self, s: &str) -> Option<u32> {
-        self.ids.get(s).copied()
-    }
 }
 
 /// What to read.
@@ -72,8 +66,6 @@ pub struct StreamSpec<'a> {
     pub end_ms: i64,
     /// Selector `i` sets tag bit `i`.
     pub selectors: Vec<&'a EventSelector>,
-    /// Filters every selector also needs.
-    pub common_filters: &'a [Filter],
     /// Keep events matching no selector too (strict funnels see the whole stream).
     pub all_events: bool,
     /// Per event, the value of each of these (strings; not set → `None`).
@@ -81,6 +73,21 @@ pub struct StreamSpec<'a> {
     /// Count units by the raw distinct id each event was sent with, ignoring identity merges
     /// (the identity report shows what merges change).
     pub raw_persons: bool,
+}
+
+impl<'a> StreamSpec<'a> {
+    /// The events of `[start_ms, end_ms)` matching `selectors`, by person after merges, with no
+    /// values; the other fields are set with struct update syntax where an insight needs them.
+    pub fn new(start_ms: i64, end_ms: i64, selectors: Vec<&'a EventSelector>) -> StreamSpec<'a> {
+        StreamSpec {
+            start_ms,
+            end_ms,
+            selectors,
+            all_events: false,
+            values: Vec::new(),
+            raw_persons: false,
+        }
+    }
 }
 
 /// A value read per event.
@@ -143,13 +150,12 @@ impl UnitStreams {
     }
 }
 
-fn selector_predicate(s: &EventSelector, common: &[Filter], lookup: &RowsLookup<'_>) -> Expr {
+fn selector_predicate(s: &EventSelector, lookup: &RowsLookup<'_>) -> Expr {
     let mut parts = Vec::new();
     if let Some(event) = &s.event {
         parts.push(named("event").eq(lit(event.clone())));
     }
     parts.extend(all_of(&s.filters, lookup));
-    parts.extend(all_of(common, lookup));
     parts.into_iter().reduce(Expr::and).unwrap_or(lit(true))
 }
 
@@ -223,7 +229,6 @@ async fn plan(
     for s in &spec.selectors {
         referenced_keys(&s.filters, &mut keys);
     }
-    referenced_keys(spec.common_filters, &mut keys);
     for v in &spec.values {
         if let ValueSource::Property(k) = v {
             keys.push(k.clone());
@@ -263,28 +268,25 @@ async fn plan(
         .clone()
         .gt_eq(lit(spec.start_ms))
         .and(ts.clone().lt(lit(spec.end_ms)));
-    let tag_terms: Vec<Expr> = spec
+    // Each selector's predicate tags the events; unless every event is kept, their OR filters.
+    let predicates: Vec<Expr> = spec
         .selectors
         .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            when(
-                selector_predicate(s, spec.common_filters, &lookup),
-                lit(1i64 << i),
-            )
-            .otherwise(lit(0i64))
-            .expect("a case with an else")
-        })
+        .map(|s| selector_predicate(s, &lookup))
         .collect();
-    let tags = tag_terms
-        .into_iter()
+    let tags = predicates
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            when(p.clone(), lit(1i64 << i))
+                .otherwise(lit(0i64))
+                .expect("a case with an else")
+        })
         .reduce(|a, b| a + b)
         .unwrap_or(lit(0i64));
     if !spec.all_events {
-        let any = spec
-            .selectors
-            .iter()
-            .map(|s| selector_predicate(s, spec.common_filters, &lookup))
+        let any = predicates
+            .into_iter()
             .reduce(Expr::or)
             .unwrap_or(lit(false));
         predicate = predicate.and(any);

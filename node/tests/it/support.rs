@@ -208,3 +208,42 @@ pub(crate) fn in_process_node(partitions: u32) -> InProcessNode {
         _dir: dir,
     }
 }
+
+/// Creates project `name` on an in-process node (its keys derived from the name).
+pub(crate) async fn new_project(
+    node: &optiprism_node::server::NodeShared,
+    name: &str,
+) -> optiprism_node::metadata::Project {
+    use optiprism_node::metadata::{MetaCommand, MetaResponse};
+    let response = node
+        .propose_metadata(MetaCommand::UpsertProject {
+            name: name.to_string(),
+            write_key: format!("wk_{name}_key"),
+            api_token: format!("pat_{name}_token"),
+        })
+        .await
+        .expect("project");
+    assert!(matches!(response, MetaResponse::Project(_)), "{response:?}");
+    node.project(name).expect("project")
+}
+
+/// Ingests case events (`{user, event, ts, props}`) into `project` of an in-process node, as
+/// a PostHog batch with message ids `{prefix}-{i}`.
+pub(crate) async fn ingest_case_events(
+    node: &std::sync::Arc<optiprism_node::server::NodeShared>,
+    project: &optiprism_node::metadata::Project,
+    events: &[Value],
+    prefix: &str,
+) {
+    let ctx = optiprism_node::ingest::ParseContext {
+        received_ms: chrono::Utc::now().timestamp_millis(),
+        limits: Default::default(),
+    };
+    let body = serde_json::to_vec(&posthog_batch(events, prefix)).unwrap();
+    let mut parsed = optiprism_node::ingest::posthog::parse(&body, &ctx).expect("events parse");
+    parsed.write_key = None;
+    optiprism_node::ingest::Ingestor::new(std::sync::Arc::clone(node))
+        .ingest(project, parsed)
+        .await
+        .expect("ingest");
+}

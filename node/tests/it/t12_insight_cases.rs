@@ -633,20 +633,17 @@ fn a_person_in_several_batches_of_one_partition_is_one_unit() {
     let started = crate::support::in_process_node(8);
     let (runtime, node) = (&started.runtime, &started.node);
     let project = node.project("default").unwrap();
-    let ingestor = optiprism_node::ingest::Ingestor::new(std::sync::Arc::clone(node));
     let events = json!([
         {"user": "solo", "event": "view", "ts": "2024-09-01T10:00:00Z", "props": {}},
         {"user": "solo", "event": "buy", "ts": "2024-09-01T10:01:00Z", "props": {}},
         {"user": "solo", "event": "view", "ts": "2024-09-02T10:00:00Z", "props": {}},
     ]);
-    let ctx = optiprism_node::ingest::ParseContext {
-        received_ms: chrono::Utc::now().timestamp_millis(),
-        limits: Default::default(),
-    };
-    let body = serde_json::to_vec(&posthog_batch(events.as_array().unwrap(), "solo")).unwrap();
-    let mut parsed = optiprism_node::ingest::posthog::parse(&body, &ctx).unwrap();
-    parsed.write_key = None;
-    runtime.block_on(ingestor.ingest(&project, parsed)).unwrap();
+    runtime.block_on(crate::support::ingest_case_events(
+        node,
+        &project,
+        events.as_array().unwrap(),
+        "solo",
+    ));
     node.seal_all();
     let ask = |q: Value| {
         runtime

@@ -5,7 +5,6 @@
 
 use crate::support::{arrow_to_json, assert_json_numbers};
 use optiprism_node::ingest::{Ingestor, Parsed};
-use optiprism_node::metadata::{MetaCommand, MetaResponse};
 use optiprism_types::event::{Event, PropValue};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -342,18 +341,7 @@ fn property_per_user_and_rolling_math_match_a_naive_reference() {
             let case_no = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
             let name = format!("math{case_no}");
             let (answer, arrow, broken_answer) = runtime.block_on(async {
-                let MetaResponse::Project(_) = node
-                    .propose_metadata(MetaCommand::UpsertProject {
-                        name: name.clone(),
-                        write_key: format!("wk_{name}_key"),
-                        api_token: format!("pat_{name}_token"),
-                    })
-                    .await
-                    .unwrap()
-                else {
-                    panic!("no project")
-                };
-                let project = node.project(&name).unwrap();
+                let project = crate::support::new_project(node, &name).await;
                 let events: Vec<Event> = log.iter().enumerate().map(|(n, e)| event(n, e)).collect();
                 ingestor
                     .ingest(

@@ -3,13 +3,12 @@
 //! dropped or added), is answered or refused with a named field, in process against a real
 //! node with data, and over HTTP against a real `prism` process that must stay up.
 
-use crate::support::{posthog_batch, spec_cases};
+use crate::support::spec_cases;
 use optiprism_node::query::QueryFailure;
 use optiprism_testkit::TestNode;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Value, json};
-use std::sync::Arc;
 
 /// One mutation: which node of the JSON tree (by pre-order index), what to do, and a value.
 #[derive(Debug, Clone)]
@@ -129,20 +128,14 @@ fn mutated_queries_are_answered_or_refused_with_a_field_in_process() {
     let (runtime, node) = (&started.runtime, &started.node);
     let project = node.project("default").unwrap();
     // Data for the queries to run over: every case's events.
-    let ingestor = optiprism_node::ingest::Ingestor::new(Arc::clone(node));
     for (i, c) in spec_cases().iter().enumerate() {
-        let batch = posthog_batch(c["events"].as_array().unwrap(), &format!("fuzz{i}"));
-        let ctx = optiprism_node::ingest::ParseContext {
-            received_ms: chrono::Utc::now().timestamp_millis(),
-            limits: Default::default(),
-        };
-        let mut parsed =
-            optiprism_node::ingest::posthog::parse(&serde_json::to_vec(&batch).unwrap(), &ctx)
-                .expect("case events parse");
-        parsed.write_key = None;
-        runtime
-            .block_on(ingestor.ingest(&project, parsed))
-            .expect("ingest");
+        let events = c["events"].as_array().unwrap();
+        runtime.block_on(crate::support::ingest_case_events(
+            node,
+            &project,
+            events,
+            &format!("fuzz{i}"),
+        ));
     }
     let bases = case_queries();
     let mut runner = TestRunner::new(Config {

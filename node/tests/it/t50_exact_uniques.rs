@@ -3,7 +3,6 @@
 
 use optiprism_node::config::NodeConfig;
 use optiprism_node::ingest::{Ingestor, Parsed};
-use optiprism_node::metadata::{MetaCommand, MetaResponse};
 use optiprism_node::server;
 use optiprism_types::event::{Event, PropValue};
 use optiprism_types::query::{Query, parse_query};
@@ -147,18 +146,7 @@ fn unique_users_across_partitions_match_a_naive_reference() {
             let case_no = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
             let name = format!("case{case_no}");
             let result = runtime.block_on(async {
-                let MetaResponse::Project(_) = node
-                    .propose_metadata(MetaCommand::UpsertProject {
-                        name: name.clone(),
-                        write_key: format!("wk_{name}_key"),
-                        api_token: format!("pat_{name}_token"),
-                    })
-                    .await
-                    .unwrap()
-                else {
-                    panic!("no project")
-                };
-                let project = node.project(&name).unwrap();
+                let project = crate::support::new_project(node, &name).await;
                 // Round one, the merges (as `$identify` would make them), round two.
                 for round in [false, true] {
                     let events: Vec<Event> = log

@@ -58,7 +58,7 @@
 
 use optiprism_node::config::NodeConfig;
 use optiprism_node::ingest::{Ingestor, Parsed};
-use optiprism_node::metadata::{MetaCommand, MetaResponse, Project};
+use optiprism_node::metadata::Project;
 use optiprism_node::server::{self, NodeShared};
 use optiprism_types::event::{Event, PropValue};
 use optiprism_types::insight::UnitEvent;
@@ -535,17 +535,7 @@ impl Harness {
         let case = self.cases.fetch_add(1, Ordering::SeqCst) + 1;
         let name = format!("{}{case}", self.label);
         self.runtime.block_on(async {
-            let response = self
-                .node
-                .propose_metadata(MetaCommand::UpsertProject {
-                    name: name.clone(),
-                    write_key: format!("wk_{name}_key"),
-                    api_token: format!("pat_{name}_token"),
-                })
-                .await
-                .expect("project");
-            assert!(matches!(response, MetaResponse::Project(_)));
-            let project = self.node.project(&name).expect("project");
+            let project = crate::support::new_project(&self.node, &name).await;
             for (round, (events, merges)) in w.batches.iter().enumerate() {
                 let events: Vec<Event> = events
                     .iter()

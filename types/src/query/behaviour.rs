@@ -1270,6 +1270,14 @@ impl RawCondition {
     }
 }
 
+/// `value` as a count: a whole number, at least 0 (`what` names it in the error).
+fn whole(value: f64, what: &str) -> Result<u64, String> {
+    if value < 0.0 || value.fract() != 0.0 {
+        return Err(format!("`value` is {what}: a whole number, at least 0"));
+    }
+    Ok(value as u64)
+}
+
 fn required<T>(v: Option<T>, name: &str) -> Result<T, String> {
     v.ok_or_else(|| format!("missing field `{name}`"))
 }
@@ -1341,14 +1349,11 @@ impl TryFrom<RawCondition> for CohortCondition {
         let window = raw.window();
         Ok(match raw.kind {
             K::EventCount => {
-                let value = required(raw.value, "value")?;
-                if value < 0.0 || value.fract() != 0.0 {
-                    return Err("`value` of an event count is a whole number".into());
-                }
+                let value = whole(required(raw.value, "value")?, "an event count")?;
                 CohortCondition::EventCount {
                     entity: required(raw.entity, "entity")?,
                     operator: required(raw.operator, "operator")?,
-                    value: value as u64,
+                    value,
                     window,
                 }
             }
@@ -1406,14 +1411,11 @@ impl TryFrom<RawCondition> for CohortCondition {
                 window,
             },
             K::Funnel => {
-                let value = required(raw.value, "value")?;
-                if value < 0.0 || value.fract() != 0.0 {
-                    return Err("`value` of a funnel condition is a number of steps".into());
-                }
+                let value = whole(required(raw.value, "value")?, "a number of steps")?;
                 CohortCondition::Funnel {
                     funnel: required(raw.funnel, "funnel")?,
                     operator: required(raw.operator, "operator")?,
-                    value: value as u64,
+                    value,
                     window,
                 }
             }
