@@ -429,32 +429,9 @@ pub fn attempts(spec: &FunnelSpec, events: &[UnitEvent]) -> Vec<Attempt> {
     out
 }
 
-/// A unit's result from its attempts (see the module documentation).
-pub fn result(spec: &FunnelSpec, attempts: &[Attempt]) -> UnitResult {
-    let furthest = attempts.iter().map(|a| a.level).max().unwrap_or(0);
-    let furthest_clean = attempts
-        .iter()
-        .filter(|a| !a.tainted)
-        .map(|a| a.level)
-        .max()
-        .unwrap_or(0);
-    if furthest == 0
-        || (spec.exclusion_policy == ExclusionPolicy::DropUser && furthest_clean < furthest)
-    {
-        return UnitResult::default();
-    }
-    UnitResult {
-        level: furthest,
-        defining: attempts
-            .iter()
-            .find(|a| a.level == furthest && !a.tainted)
-            .cloned(),
-    }
-}
-
-/// A unit's funnel result from its events sorted by [`sort_events`]: [`result`] of
-/// [`attempts`], without keeping every attempt. The attempts come in start order, so the first
-/// clean attempt that reaches the last step decides the result and ends the scan.
+/// A unit's funnel result from its events sorted by [`sort_events`] (see the module
+/// documentation), without keeping every attempt. The attempts come in start order, so the
+/// first clean attempt that reaches the last step decides the result and ends the scan.
 pub fn evaluate(spec: &FunnelSpec, events: &[UnitEvent]) -> UnitResult {
     let mut furthest = 0;
     let mut defining: Option<Attempt> = None;
