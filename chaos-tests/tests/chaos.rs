@@ -171,7 +171,9 @@ fn stored_ids_when_available(node: &TestNode) -> HashMap<String, u64> {
 /// Kills the member leading the most partitions with `kill -9` while clients stream batches to
 /// another member, restarts it, and repeats. Every acknowledged event must be stored exactly
 /// once at the end. Prints how long ingestion stalled after each kill (from the kill to the
-/// first acknowledgement of a batch sent after it), for `docs/benchmarks.md`.
+/// first acknowledgement of a batch sent after it), for `docs/benchmarks.md`. With
+/// `CHAOS_DUMP=<dir>`, every member's log so far is written to `<dir>/round-<n>.log` after each
+/// round, to see how an election went.
 #[test]
 fn leader_kills_in_a_row_during_ingestion_lose_and_double_nothing() {
     let seed = env_u64("CHAOS_SEED", 0x5eed);
@@ -232,6 +234,9 @@ fn leader_kills_in_a_row_during_ingestion_lose_and_double_nothing() {
             stall.as_millis()
         );
         stalls.push(stall);
+        if let Ok(dir) = std::env::var("CHAOS_DUMP") {
+            std::fs::write(format!("{dir}/round-{round}.log"), cluster.logs()).unwrap();
+        }
         cluster.node_mut(victim).restart();
     }
     // What no client got acknowledged is retried until acknowledged, as SDKs do.

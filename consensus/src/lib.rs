@@ -8,7 +8,8 @@
 //! openraft's state-machine traits to a small deterministic [`StateMachineCore`]
 //! ([`state_machine`]), the transport abstraction that carries RPCs of every group between
 //! nodes ([`network`]) with its QUIC implementation ([`quic`]) and the cluster's certificates
-//! ([`tls`]), and starting groups ([`group`]). What it does not know: events, persons,
+//! ([`tls`]), fast failover after a leader dies (`failover`), leader transfer ([`transfer`]), and
+//! starting groups ([`group`]). What it does not know: events, persons,
 //! projects. Those live with the state machines in the node crate.
 
 // openraft's error types (StorageError, RPCError) are large by design and fixed by its trait
@@ -16,6 +17,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod error;
+mod failover;
 pub mod flusher;
 pub mod group;
 pub mod log_store;

@@ -107,6 +107,9 @@ pub(crate) enum Request {
         /// The node to lead.
         to: u64,
     },
+    /// This node's standing in the group, for a voter deciding whether to campaign (see
+    /// [`crate::failover`]).
+    Standing,
 }
 
 /// Why a leader did not commit a forwarded command or confirm a read index.
@@ -154,6 +157,7 @@ pub(crate) enum Reply {
     Propose(Result<Response, LeaderError>),
     ReadIndex(Result<u64, LeaderError>),
     Done(Result<(), LeaderError>),
+    Standing(crate::failover::Standing),
     NoGroup,
 }
 
@@ -171,6 +175,12 @@ pub struct QuicTransport {
     peers: RwLock<HashMap<u64, String>>,
     connections: parking_lot::Mutex<HashMap<u64, Slot>>,
     pub(crate) holds: Arc<crate::transfer::Holds>,
+    /// When this transport started: a group not heard from since has been silent as long.
+    pub(crate) started: tokio::time::Instant,
+    /// When each group last took an append from its leader here.
+    pub(crate) heard: parking_lot::Mutex<HashMap<GroupId, tokio::time::Instant>>,
+    /// When this node last campaigned for each group on its own initiative.
+    pub(crate) campaigned: parking_lot::Mutex<HashMap<GroupId, tokio::time::Instant>>,
 }
 
 impl std::fmt::Debug for QuicTransport {
@@ -205,8 +215,12 @@ impl QuicTransport {
             peers: RwLock::default(),
             connections: parking_lot::Mutex::default(),
             holds: Arc::default(),
+            started: tokio::time::Instant::now(),
+            heard: parking_lot::Mutex::default(),
+            campaigned: parking_lot::Mutex::default(),
         });
         tokio::spawn(accept(endpoint, Arc::downgrade(&transport)));
+        crate::failover::start(&transport);
         Ok(transport)
     }
 
@@ -295,6 +309,15 @@ impl QuicTransport {
     /// This node's Raft instance of `group`, if it serves one.
     pub(crate) fn group(&self, group: GroupId) -> Option<Raft> {
         self.groups.read().get(&group).cloned()
+    }
+
+    /// Every group this node serves.
+    pub(crate) fn groups_snapshot(&self) -> Vec<(GroupId, Raft)> {
+        self.groups
+            .read()
+            .iter()
+            .map(|(g, r)| (*g, r.clone()))
+            .collect()
     }
 
     /// A request only a group's leader answers (or one to a chosen node).
@@ -448,7 +471,18 @@ async fn answer(
     let reply = match raft {
         None => Reply::NoGroup,
         Some(raft) => match frame.request {
-            Request::Append(rpc) => Reply::Append(raft.append_entries(rpc).await),
+            Request::Append(rpc) => {
+                let answer = raft.append_entries(rpc).await;
+                // Unless the sender was deposed (a higher vote), the append renewed the
+                // follower's lease, whether or not its entries matched.
+                if answer
+                    .as_ref()
+                    .is_ok_and(|a| !matches!(a, AppendEntriesResponse::HigherVote(_)))
+                {
+                    transport.heard_from_leader(frame.group);
+                }
+                Reply::Append(answer)
+            }
             Request::Vote(rpc) => Reply::Vote(raft.vote(rpc).await),
             Request::Snapshot(rpc) => Reply::Snapshot(raft.install_snapshot(rpc).await),
             Request::Propose(command) => {
@@ -471,6 +505,7 @@ async fn answer(
             Request::TransferLeader { to } => {
                 Reply::Done(transport.transfer_leader(frame.group, to).await)
             }
+            Request::Standing => Reply::Standing(transport.standing(&raft, frame.group)),
         },
     };
     send.write_all(&crate::encode(&reply))

@@ -50,6 +50,14 @@ impl Holds {
         });
     }
 
+    /// Whether a leader transfer holds this node's elections of `group`.
+    pub(crate) fn elections_held(&self, group: GroupId) -> bool {
+        self.elections
+            .lock()
+            .get(&group)
+            .is_some_and(|&until| until > Instant::now())
+    }
+
     /// Waits while proposals of `group` are held.
     async fn wait_for_proposals(&self, group: GroupId) {
         loop {
