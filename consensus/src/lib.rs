@@ -192,6 +192,21 @@ pub fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) {
         .expect("bincode encoding of in-memory values into a Vec cannot fail");
 }
 
+/// Decodes a serde value encoded by [`encode`], borrowing from `bytes` where `T` borrows.
+pub fn decode_borrowed<'de, T: serde::Deserialize<'de>>(
+    bytes: &'de [u8],
+) -> std::result::Result<T, bincode::error::DecodeError> {
+    bincode::serde::borrow_decode_from_slice(bytes, bincode_config()).map(|(v, _)| v)
+}
+
+/// Decodes with a serde seed (to decode into a value that already exists).
+pub fn decode_seed<'de, S: serde::de::DeserializeSeed<'de>>(
+    seed: S,
+    bytes: &'de [u8],
+) -> std::result::Result<S::Value, bincode::error::DecodeError> {
+    bincode::serde::seed_decode_from_slice(seed, bytes, bincode_config()).map(|(v, _)| v)
+}
+
 /// Decodes a serde value encoded by [`encode`].
 pub fn decode<T: serde::de::DeserializeOwned>(
     bytes: &[u8],

@@ -1132,12 +1132,26 @@ async fn ensure_default_project(
 /// cores, was a burst that held acknowledgements up by hundreds of milliseconds.
 pub fn spawn_sealer(node: Arc<NodeShared>) -> tokio::task::JoinHandle<()> {
     let interval = node.config.storage.seal_interval.0;
+    // Members of a cluster start their rounds at the same moment and host the same
+    // partitions, so without an offset every replica of a partition would seal it at once:
+    // the bursts of all members would land together on shared cores, and a partition whose
+    // voters all pause apply at the same moment stalls its commits. Each member therefore
+    // starts at its own point of the round (by the golden ratio of its id: spread for any
+    // number of members) and at its own moment within a step.
+    let phase = (node.node_id as f64 * 0.618_033_988_75).fract();
     tokio::spawn(async move {
-        let mut turn = 0usize;
+        let mut turn = (phase * node.hosted().len() as f64) as usize;
+        let mut first = true;
         loop {
             let hosted = node.hosted();
             let step = interval / u32::try_from(hosted.len().max(1)).unwrap_or(u32::MAX);
-            tokio::time::sleep(step).await;
+            tokio::time::sleep(if first {
+                step.mul_f64(1.0 + phase)
+            } else {
+                step
+            })
+            .await;
+            first = false;
             if node.is_shutting_down() {
                 return;
             }

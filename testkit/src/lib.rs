@@ -155,6 +155,11 @@ impl TestNode {
         self.child = Some(child);
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process is running (not killed or stopped by the test).
     pub fn is_running(&self) -> bool {
         self.child.is_some()

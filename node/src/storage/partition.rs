@@ -73,10 +73,86 @@ pub fn encode_events(events: &[StoredEvent]) -> Vec<u8> {
 /// The largest scratch buffer [`encode_events`] keeps between calls.
 const SCRATCH_KEEP_BYTES: usize = 8 << 20;
 
+/// The largest decoded size a command's events may claim: a corrupt length must fail the
+/// command, not allocate gigabytes (the transport refuses larger frames anyway).
+const MAX_DECODED_EVENTS_BYTES: usize = 512 << 20;
+
+/// Decodes what [`encode_events`] wrote, appending the events to `out`. Replicas apply every
+/// entry this way, so the decompressed bytes go to a buffer kept per thread and the events into
+/// the caller's vector: a fresh allocation of each entry's size cost more in page faults (the
+/// allocator returns freed large blocks to the system, and each new one is zeroed again) than
+/// the decoding itself.
+pub fn decode_events_into(bytes: &[u8], out: &mut Vec<StoredEvent>) -> Result<(), CoreError> {
+    thread_local! {
+        static RAW: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let (len, body) = lz4_flex::block::uncompressed_size(bytes)?;
+    if len > MAX_DECODED_EVENTS_BYTES {
+        return Err(format!("a command claims {len} bytes of events").into());
+    }
+    RAW.with_borrow_mut(|raw| {
+        raw.clear();
+        raw.resize(len, 0);
+        let written = lz4_flex::block::decompress_into(body, raw)?;
+        if written != len {
+            return Err(
+                format!("a command's events decompress to {written} bytes, not {len}").into(),
+            );
+        }
+        let decoded = optiprism_consensus::decode_seed(ExtendEvents(out), raw);
+        if raw.capacity() > SCRATCH_KEEP_BYTES {
+            *raw = Vec::new();
+        }
+        Ok(decoded?)
+    })
+}
+
 /// Decodes what [`encode_events`] wrote.
 pub fn decode_events(bytes: &[u8]) -> Result<Vec<StoredEvent>, CoreError> {
-    let raw = lz4_flex::decompress_size_prepended(bytes)?;
-    Ok(optiprism_consensus::decode(&raw)?)
+    let mut events = Vec::new();
+    decode_events_into(bytes, &mut events)?;
+    Ok(events)
+}
+
+/// Deserializes a sequence of events onto the end of a vector that already exists.
+struct ExtendEvents<'a>(&'a mut Vec<StoredEvent>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for ExtendEvents<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ExtendEvents<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a sequence of events")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        // The length is the command's claim: reserve no more than a sane batch up front.
+        self.0.reserve(seq.size_hint().unwrap_or(0).min(1 << 16));
+        while let Some(event) = seq.next_element()? {
+            self.0.push(event);
+        }
+        Ok(())
+    }
+}
+
+/// [`PartitionCommand`] as apply reads it: the encoded events borrowed from the log entry
+/// instead of copied out of it. It must stay field for field the same as the command.
+#[derive(Deserialize)]
+enum PartitionCommandRef<'a> {
+    Ingest {
+        project: ProjectId,
+        token: u128,
+        parts: Vec<u32>,
+        #[serde(borrow)]
+        events: &'a [u8],
+    },
 }
 
 /// Events this node proposed, already decoded, keyed by the proposal's token: applying its own
@@ -268,6 +344,8 @@ pub struct PartitionCore {
     seal_rows: usize,
     marker: Option<Vec<u8>>,
     local: LocalProposals,
+    /// Events of the entry being applied, decoded; kept between entries for its allocation.
+    decoded: Vec<StoredEvent>,
     sealer: Sealer,
     next_job: u64,
 }
@@ -518,6 +596,7 @@ impl PartitionCore {
             seal_rows,
             marker,
             local: LocalProposals::default(),
+            decoded: Vec::new(),
         })
     }
 
@@ -531,18 +610,59 @@ impl PartitionCore {
         self.local.clone()
     }
 
-    fn ingest(&mut self, project: ProjectId, mut events: Vec<StoredEvent>) -> IngestOutcome {
+    /// Applies an ingest command: the events of each part, deduplicated, become unsealed rows
+    /// and update their persons. Fails (changing nothing) when the command cannot be read.
+    fn apply_ingest(&mut self, command: &[u8]) -> Result<Vec<IngestOutcome>, CoreError> {
+        let PartitionCommandRef::Ingest {
+            project,
+            token,
+            parts,
+            events,
+        } = optiprism_consensus::decode_borrowed(command)?;
+        let local = self.local.take(token);
+        let mut decoded = std::mem::take(&mut self.decoded);
+        decoded.clear();
+        let events: &[StoredEvent] = match &local {
+            Some(events) => events,
+            None => {
+                decode_events_into(events, &mut decoded)?;
+                &decoded
+            }
+        };
+        let total: u64 = parts.iter().map(|&n| u64::from(n)).sum();
+        if total != events.len() as u64 {
+            return Err(format!(
+                "parts name {total} events, the command holds {}",
+                events.len()
+            )
+            .into());
+        }
+        let mut rest = events;
+        let outcomes = parts
+            .iter()
+            .map(|&n| {
+                let (part, after) = rest.split_at(n as usize);
+                rest = after;
+                self.ingest(project, part)
+            })
+            .collect();
+        decoded.clear();
+        self.decoded = decoded;
+        Ok(outcomes)
+    }
+
+    fn ingest(&mut self, project: ProjectId, events: &[StoredEvent]) -> IngestOutcome {
         let mut outcome = IngestOutcome::default();
         let mut data = self.data.write();
         let data = &mut *data;
-        let seen = &mut data.seen;
-        // Duplicates leave the batch; the rest is appended to the unsealed rows.
-        events.retain(|e| {
-            let fresh = seen.insert(message_key(project, &e.message_id));
-            outcome.duplicates += u32::from(!fresh);
-            fresh
-        });
-        for e in &events {
+        // (An empty entry is harmless: empty rows are neither read nor sealed.)
+        let pending = data.pending.entry(project).or_default();
+        for e in events {
+            // Duplicates are dropped; the rest is appended to the unsealed rows.
+            if !data.seen.insert(message_key(project, &e.message_id)) {
+                outcome.duplicates += 1;
+                continue;
+            }
             let key = (project, PersonId(e.person_id));
             let person = data.persons.entry(key).or_insert_with(|| PersonRow {
                 created_at_ms: e.timestamp_ms,
@@ -562,11 +682,8 @@ impl PartitionCore {
                     .or_insert_with(|| v.clone());
             }
             self.dirty_persons.insert(key);
-        }
-        outcome.accepted = events.len() as u32;
-        if !events.is_empty() {
-            let pending = data.pending.entry(project).or_default();
-            events.iter().for_each(|e| pending.rows.append(e));
+            pending.rows.append(e);
+            outcome.accepted += 1;
         }
         self.unsealed += outcome.accepted as usize;
         outcome
@@ -638,44 +755,11 @@ fn add_seen(seen: &mut KeySet, project: ProjectId, batch: &RecordBatch) {
 
 impl StateMachineCore for PartitionCore {
     fn apply(&mut self, _index: u64, command: &[u8]) -> Vec<u8> {
-        let decoded = optiprism_consensus::decode::<PartitionCommand>(command)
-            .map_err(CoreError::from)
-            .and_then(
-                |PartitionCommand::Ingest {
-                     project,
-                     token,
-                     parts,
-                     events,
-                 }| {
-                    let events = match self.local.take(token) {
-                        Some(events) => events,
-                        None => decode_events(&events)?,
-                    };
-                    let total: u64 = parts.iter().map(|&n| u64::from(n)).sum();
-                    if total != events.len() as u64 {
-                        return Err(format!(
-                            "parts name {total} events, the command holds {}",
-                            events.len()
-                        )
-                        .into());
-                    }
-                    Ok((project, parts, events))
-                },
-            );
-        let outcomes = match decoded {
-            Ok((project, parts, events)) => {
-                let mut events = events.into_iter();
-                parts
-                    .iter()
-                    .map(|&n| self.ingest(project, events.by_ref().take(n as usize).collect()))
-                    .collect()
-            }
+        let outcomes = self.apply_ingest(command).unwrap_or_else(|e| {
             // A command this version cannot read changes nothing, on every replica alike.
-            Err(e) => {
-                tracing::error!(partition_id = %self.partition, error = %e, "undecodable partition command skipped");
-                Vec::<IngestOutcome>::new()
-            }
-        };
+            tracing::error!(partition_id = %self.partition, error = %e, "undecodable partition command skipped");
+            Vec::new()
+        });
         optiprism_consensus::encode(&outcomes)
     }
 

@@ -117,3 +117,27 @@ fn json_logs_are_one_object_per_line_with_fields() {
     assert!(log.contains("\"hosting partition\""), "{log}");
     assert!(lines >= 2, "{log}");
 }
+
+/// The `THP_enabled` line of a process's status (Linux).
+#[cfg(target_os = "linux")]
+fn transparent_huge_pages(pid: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .expect("the kernel reports THP_enabled")
+        .trim()
+        .to_string()
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn nodes_opt_out_of_transparent_huge_pages_unless_asked() {
+    let node = TestNode::start();
+    let pid = node.pid().unwrap().to_string();
+    assert_eq!(transparent_huge_pages(&pid), "0");
+    // Asked, the node keeps the system's policy, as this test process does.
+    let node = TestNode::start_with(&["--huge-pages"]);
+    let pid = node.pid().unwrap().to_string();
+    assert_eq!(transparent_huge_pages(&pid), transparent_huge_pages("self"));
+}
