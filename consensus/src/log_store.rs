@@ -186,20 +186,22 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        // Entries go in one insert each, in index order, not as one sled batch: a batch holds
+        // sled's process-wide write lock, so the appends of every group (and the flushes that
+        // acknowledge them) took turns. sled recovers a prefix of its writes after a crash, so
+        // an append cut short leaves a shorter log, never a gap, as an unflushed append does.
         let mut cache = self.cache.lock();
         for entry in entries {
             let index = entry.log_id.index;
-            batch.insert(&index.to_be_bytes(), encode(&entry));
+            self.log
+                .insert(index.to_be_bytes(), encode(&entry))
+                .map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
             cache.insert(index, entry);
         }
         while cache.len() > CACHE_ENTRIES {
             cache.pop_first();
         }
         drop(cache);
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
         self.flusher.flush_then(callback);
         Ok(())
     }
@@ -231,14 +233,15 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
             .await
             .map_err(|e| StorageIOError::write(&io_err(e)))?;
         self.cache.lock().retain(|&i, _| i > log_id.index);
-        let mut batch = sled::Batch::default();
+        // One removal at a time rather than one batch: a sled batch holds sled's process-wide
+        // write lock throughout, and thousands of removals held up the appends and flushes of
+        // every group meanwhile. Nothing here needs to be atomic: the purge point is durable.
         for item in self.log.range(..=log_id.index.to_be_bytes()) {
             let (key, _) = item.map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
-            batch.remove(key);
+            self.log
+                .remove(key)
+                .map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(&io_err(e)))?;
         Ok(())
     }
 }

@@ -469,7 +469,16 @@ fn write_sealed(
     let mut sealed = Vec::with_capacity(job.rows.len());
     for (project, id, rows) in &job.rows {
         let (meta, bytes, arrow_batch) = chunk::seal(*project, *id, rows);
-        put_chunk(&mut batch, &meta, bytes);
+        // The body goes in on its own, ahead of the batch that makes it part of the partition
+        // (its metadata): a sled batch holds the process-wide write lock of sled for as long
+        // as it writes, and a chunk body is megabytes, during which every Raft append and log
+        // flush of the node waited. A single insert takes the shared lock. A crash in between
+        // leaves a body that no metadata names; the next seal of that id overwrites it.
+        tree.insert(chunk_key(b'c', meta.project, meta.id), bytes)?;
+        batch.insert(
+            chunk_key(b'm', meta.project, meta.id),
+            optiprism_consensus::encode(&meta),
+        );
         sealed.push(Arc::new(Chunk {
             meta,
             batch: arrow_batch,
