@@ -187,12 +187,12 @@ impl PropBuilder {
         true
     }
 
-    fn finish(self) -> (DataType, ArrayRef) {
+    fn finish(&mut self) -> (DataType, ArrayRef) {
         match self {
-            PropBuilder::Str(mut b) => (dictionary_type(), Arc::new(b.finish())),
-            PropBuilder::Num(mut b) => (DataType::Float64, Arc::new(b.finish())),
-            PropBuilder::Bool(mut b) => (DataType::Boolean, Arc::new(b.finish())),
-            PropBuilder::Time(mut b) => (timestamp_type(), Arc::new(b.finish())),
+            PropBuilder::Str(b) => (dictionary_type(), Arc::new(b.finish())),
+            PropBuilder::Num(b) => (DataType::Float64, Arc::new(b.finish())),
+            PropBuilder::Bool(b) => (DataType::Boolean, Arc::new(b.finish())),
+            PropBuilder::Time(b) => (timestamp_type(), Arc::new(b.finish())),
         }
     }
 
@@ -294,26 +294,22 @@ impl ChunkBuilder {
 
     /// The rows so far as a batch, in the order they were appended; the builder keeps them.
     pub fn snapshot(&self) -> RecordBatch {
-        let rows = self.rows;
-        let mut columns: Vec<ArrayRef> = vec![
-            Arc::new(self.uuid.finish_cloned()),
+        let fixed = [
+            Arc::new(self.uuid.finish_cloned()) as ArrayRef,
             Arc::new(self.event.finish_cloned()),
             Arc::new(self.timestamp.finish_cloned()),
             Arc::new(self.distinct.finish_cloned()),
             Arc::new(self.person.finish_cloned()),
         ];
-        let mut fields = fixed_fields();
-        for (key, b) in &self.props {
-            let (ty, array) = b.finish_cloned();
-            fields.push(Field::new(property_column(key), ty, true));
-            columns.push(pad_with_nulls(array, rows));
-        }
-        for (key, b) in &self.texts {
-            fields.push(Field::new(property_text_column(key), DataType::Utf8, true));
-            columns.push(pad_with_nulls(Arc::new(b.finish_cloned()), rows));
-        }
-        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
-            .expect("columns match their fields")
+        let props = self
+            .props
+            .iter()
+            .map(|(k, b)| (k.as_str(), b.finish_cloned()));
+        let texts = self
+            .texts
+            .iter()
+            .map(|(k, b)| (k.as_str(), Arc::new(b.finish_cloned()) as ArrayRef));
+        assemble(self.rows, fixed, props, texts)
     }
 
     /// The rows as a batch, in the order they were appended; the builder is left empty. The
@@ -323,28 +319,46 @@ impl ChunkBuilder {
     pub fn finish(&mut self) -> RecordBatch {
         let mut built = std::mem::take(self);
         let rows = built.rows;
-        let mut columns: Vec<ArrayRef> = vec![
-            Arc::new(built.uuid.finish()),
+        let fixed = [
+            Arc::new(built.uuid.finish()) as ArrayRef,
             Arc::new(built.event.finish()),
             Arc::new(built.timestamp.finish()),
             Arc::new(built.distinct.finish()),
             Arc::new(built.person.finish()),
         ];
-        let mut fields = fixed_fields();
-        for (key, mut b) in built.props {
+        // Padded in the builders, so `assemble` has nothing to copy.
+        let props = built.props.iter_mut().map(|(k, b)| {
             b.pad_to(rows);
-            let (ty, array) = b.finish();
-            fields.push(Field::new(property_column(&key), ty, true));
-            columns.push(array);
-        }
-        for (key, mut b) in built.texts {
+            (k.as_str(), b.finish())
+        });
+        let texts = built.texts.iter_mut().map(|(k, b)| {
             (b.len()..rows).for_each(|_| b.append_null());
-            fields.push(Field::new(property_text_column(&key), DataType::Utf8, true));
-            columns.push(Arc::new(b.finish()));
-        }
-        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
-            .expect("columns match their fields")
+            (k.as_str(), Arc::new(b.finish()) as ArrayRef)
+        });
+        assemble(rows, fixed, props, texts)
     }
+}
+
+/// A batch of `rows` rows from the fixed columns, then the property columns and the columns of
+/// mismatched values, each in key order and padded with nulls to `rows`.
+fn assemble<'a>(
+    rows: usize,
+    fixed: [ArrayRef; 5],
+    props: impl Iterator<Item = (&'a str, (DataType, ArrayRef))>,
+    texts: impl Iterator<Item = (&'a str, ArrayRef)>,
+) -> RecordBatch {
+    let mut fields = fixed_fields();
+    let mut columns: Vec<ArrayRef> = fixed.into();
+    for (key, (ty, array)) in props {
+        fields.push(Field::new(property_column(key), ty, true));
+        columns.push(pad_with_nulls(array, rows));
+    }
+    for (key, array) in texts {
+        fields.push(Field::new(property_text_column(key), DataType::Utf8, true));
+        columns.push(pad_with_nulls(array, rows));
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .expect("columns match their fields")
 }
 
 /// `array` extended with nulls to `rows` (rows after a property's last value have none).
