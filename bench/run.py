@@ -177,7 +177,6 @@ def bench_cluster(events, seed, workdir, rounds=3):
     by_rate = sorted(zip(full_runs, single_runs), key=lambda fs: fs[0]["events_per_second"] / fs[1]["events_per_second"])
     full, single = by_rate[len(by_rate) // 2]
     return {"members": 3, "replication_factor": 3, "full": full, "single": single,
-            "single_node_events_per_second": single["events_per_second"],
             "rounds": [{"single": s, "full": f} for s, f in zip(single_runs, full_runs)],
             "half_load": sorted(paced_runs, key=lambda p: p["latency_ms_p99"])[len(paced_runs) // 2],
             "half_load_runs": paced_runs}
@@ -802,7 +801,7 @@ def write_markdown(results):
     c = results.get("cluster")
     if c:
         full, half = c["full"], c["half_load"]
-        share = full["events_per_second"] / c["single_node_events_per_second"]
+        share = full["events_per_second"] / c["single"]["events_per_second"]
         lines += ["", "## Ingestion into a three-node cluster (replication factor 3, same machine)", "",
                   "Three `prism node` members on 127.0.0.1–3 share the two cores with the load generator; every",
                   "partition is replicated on all three, and an event is acknowledged once a majority flushed it.",
@@ -812,10 +811,9 @@ def write_markdown(results):
                   "the cluster, each on fresh data directories); the table shows the round with the median share.", "",
                   "| load | events | events/s | share of one node | ack latency p50 | p99 |",
                   "|---|---:|---:|---:|---:|---:|"]
-        if "single" in c:
-            single = c["single"]
-            lines.append(f"| one node, same round, 16 clients | {single['events']:,} | {single['events_per_second']:,.0f} |"
-                         f" | {single['latency_ms_p50']:.1f} ms | {single['latency_ms_p99']:.1f} ms |")
+        single = c["single"]
+        lines.append(f"| one node, same round, 16 clients | {single['events']:,} | {single['events_per_second']:,.0f} |"
+                     f" | {single['latency_ms_p50']:.1f} ms | {single['latency_ms_p99']:.1f} ms |")
         lines += [f"| three members, full speed, 16 clients | {full['events']:,} | {full['events_per_second']:,.0f} |"
                   f" {share:.0%} | {full['latency_ms_p50']:.1f} ms | {full['latency_ms_p99']:.1f} ms |",
                   f"| three members, paced at half of that | {half['events']:,} | {half['events_per_second']:,.0f} | |"

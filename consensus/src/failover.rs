@@ -87,23 +87,22 @@ impl QuicTransport {
         tokio::time::timeout(ASK_TIMEOUT, ask).await.ok()?.ok()
     }
 
-    /// Campaigns for `group` when its leader is gone and this node is the voter the others
-    /// would elect; see the module documentation.
-    async fn campaign_if_best(&self, group: GroupId, raft: &Raft) {
-        let (voters, silent_leader, lease) = {
+    /// Campaigns for `group`, silent past `lease`, when its leader is gone and this node is
+    /// the voter the others would elect; see the module documentation.
+    async fn campaign_if_best(&self, group: GroupId, raft: &Raft, lease: Duration) {
+        let (voters, silent_leader) = {
             let metrics = raft.metrics();
             let m = metrics.borrow();
             if !matches!(m.state, ServerState::Follower | ServerState::Candidate) {
                 return;
             }
             let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
-            let lease = Duration::from_millis(raft.config().election_timeout_max);
-            (voters, m.current_leader, lease)
+            (voters, m.current_leader)
         };
         if voters.len() < 2 || !voters.contains(&self.node_id) {
             return;
         }
-        if self.holds.elections_held(group) || self.silence(group) <= lease + MARGIN {
+        if self.holds.elections_held(group) {
             return;
         }
         if self
@@ -184,12 +183,14 @@ pub(crate) async fn watch(transport: Weak<QuicTransport>) {
             return;
         };
         for (group, raft) in transport.groups_snapshot() {
-            if !checking.lock().insert(group) {
+            // A group that heard from its leader lately needs no task at all.
+            let lease = Duration::from_millis(raft.config().election_timeout_max);
+            if transport.silence(group) <= lease + MARGIN || !checking.lock().insert(group) {
                 continue;
             }
             let (transport, checking) = (Arc::clone(&transport), Arc::clone(&checking));
             tokio::spawn(async move {
-                transport.campaign_if_best(group, &raft).await;
+                transport.campaign_if_best(group, &raft, lease).await;
                 checking.lock().remove(&group);
             });
         }

@@ -107,13 +107,6 @@ pub fn decode_events_into(bytes: &[u8], out: &mut Vec<StoredEvent>) -> Result<()
     })
 }
 
-/// Decodes what [`encode_events`] wrote.
-pub fn decode_events(bytes: &[u8]) -> Result<Vec<StoredEvent>, CoreError> {
-    let mut events = Vec::new();
-    decode_events_into(bytes, &mut events)?;
-    Ok(events)
-}
-
 /// Deserializes a sequence of events onto the end of a vector that already exists.
 struct ExtendEvents<'a>(&'a mut Vec<StoredEvent>);
 
