@@ -105,6 +105,21 @@ impl TestNode {
     }
 
     fn spawn(&mut self) {
+        // A port `free_port` found free can be taken by another process before prism binds
+        // it; `prism up` then exits at once saying so, and starts again on fresh ports.
+        for _ in 0..2 {
+            self.spawn_process();
+            match self.ready_or_exited() {
+                Ok(()) => return,
+                Err(log)
+                    if matches!(self.launch, Launch::Up)
+                        && log.contains("Address already in use") =>
+                {
+                    self.child = None;
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
         self.spawn_process();
         self.wait_ready();
     }
@@ -181,17 +196,28 @@ impl TestNode {
     /// Waits until the node answers `/readyz` (panics with its log after two minutes, or if
     /// it exits).
     pub fn wait_ready(&mut self) {
+        if let Err(message) = self.ready_or_exited() {
+            panic!("{message}");
+        }
+    }
+
+    /// Waits until the node answers `/readyz`; fails with its log if it exits first (panics
+    /// after two minutes).
+    fn ready_or_exited(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!("prism exited with {status} while starting:\n{}", self.log());
+                return Err(format!(
+                    "prism exited with {status} while starting:\n{}",
+                    self.log()
+                ));
             }
             if let Ok(r) = self.client.get(format!("{}/readyz", self.http)).send()
                 && r.status().is_success()
             {
-                return;
+                return Ok(());
             }
             if Instant::now() > deadline {
                 panic!("prism was not ready within 120 s:\n{}", self.log());
