@@ -47,7 +47,13 @@ impl Flusher {
                 while let Ok(first) = rx.recv() {
                     let mut pending = vec![first];
                     pending.extend(rx.try_iter());
+                    let started = std::time::Instant::now();
                     let result = db.flush().map(|_| ());
+                    tracing::trace!(
+                        waiters = pending.len(),
+                        ms = started.elapsed().as_secs_f64() * 1e3,
+                        "flushed the log"
+                    );
                     let outcome = || match &result {
                         Ok(()) => Ok(()),
                         Err(e) => Err(std::io::Error::other(e.to_string())),

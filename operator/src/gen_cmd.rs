@@ -57,6 +57,11 @@ pub(crate) struct GenArgs {
     /// Print the sending report as JSON (for scripts).
     #[arg(long)]
     json: bool,
+    /// Also write one CSV line per batch (`sent_unix_ms,latency_ms`: when it left and how long
+    /// its acknowledgement took) to this file, to line slow batches up with what the nodes
+    /// logged at that moment.
+    #[arg(long, requires = "target")]
+    latency_log: Option<PathBuf>,
 }
 
 fn config(args: &GenArgs) -> anyhow::Result<GenConfig> {
@@ -241,6 +246,34 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1_000.0
 }
 
+/// Writes `(sent, latency)` pairs as CSV in the order they were sent.
+fn write_latency_log(
+    path: &std::path::Path,
+    started: std::time::SystemTime,
+    latencies: &mut [(Duration, Duration)],
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    latencies.sort();
+    let file = std::fs::File::create(path)
+        .with_context(|| format!("creating the latency log {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let epoch = started
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    writeln!(out, "sent_unix_ms,latency_ms")?;
+    for (sent, latency) in latencies.iter() {
+        writeln!(
+            out,
+            "{:.3},{:.3}",
+            (epoch + *sent).as_secs_f64() * 1e3,
+            latency.as_secs_f64() * 1e3
+        )?;
+    }
+    out.flush()
+        .with_context(|| format!("writing the latency log {}", path.display()))?;
+    Ok(())
+}
+
 fn send(args: &GenArgs, config: GenConfig, target: &str) -> anyhow::Result<()> {
     let write_key = args
         .write_key
@@ -286,6 +319,7 @@ fn send(args: &GenArgs, config: GenConfig, target: &str) -> anyhow::Result<()> {
             .rate
             .map(|rate| Duration::from_secs_f64(args.batch_size as f64 / rate));
         let started = Instant::now();
+        let started_at = std::time::SystemTime::now();
         let mut workers = Vec::new();
         for _ in 0..args.concurrency {
             let (queue, client, url, key, bar) = (
@@ -326,7 +360,7 @@ fn send(args: &GenArgs, config: GenConfig, target: &str) -> anyhow::Result<()> {
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    latencies.push(sent.elapsed());
+                    latencies.push((sent - started, sent.elapsed()));
                     bar.inc(n as u64);
                 }
                 Ok::<_, anyhow::Error>(latencies)
@@ -338,6 +372,10 @@ fn send(args: &GenArgs, config: GenConfig, target: &str) -> anyhow::Result<()> {
         }
         let elapsed = started.elapsed();
         bar.finish_and_clear();
+        if let Some(path) = &args.latency_log {
+            write_latency_log(path, started_at, &mut latencies)?;
+        }
+        let mut latencies: Vec<Duration> = latencies.into_iter().map(|(_, l)| l).collect();
         latencies.sort();
         Ok::<_, anyhow::Error>(serde_json::json!({
             "events": total,

@@ -59,6 +59,37 @@ impl PropValue {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Properties(pub Vec<(String, PropValue)>);
 
+/// Whether a key occurs twice. JSON allows it and SDKs do send it; every later stage (a
+/// column per key, one value per row) needs each key once.
+fn has_duplicate_keys<V>(items: &[(String, V)]) -> bool {
+    if items.len() <= 16 {
+        // Quadratic, but without allocating: objects this small are nearly all of them.
+        items
+            .iter()
+            .enumerate()
+            .any(|(i, (k, _))| items[..i].iter().any(|(seen, _)| seen == k))
+    } else {
+        let mut seen = std::collections::HashSet::with_capacity(items.len());
+        items.iter().any(|(k, _)| !seen.insert(k.as_str()))
+    }
+}
+
+/// Keeps only the last occurrence of each key (a later `null` included, which unsets it), as
+/// JavaScript's `JSON.parse` and `serde_json`'s maps read such an object.
+fn keep_last_of_each_key<V>(items: &mut Vec<(String, V)>) {
+    let last: std::collections::HashMap<String, usize> = items
+        .iter()
+        .enumerate()
+        .map(|(i, (k, _))| (k.clone(), i))
+        .collect();
+    let mut i = 0;
+    items.retain(|(k, _)| {
+        let keep = last[k] == i;
+        i += 1;
+        keep
+    });
+}
+
 struct OptionalPropValue(Option<PropValue>);
 
 impl<'de> Deserialize<'de> for OptionalPropValue {
@@ -137,14 +168,20 @@ impl<'de> Deserialize<'de> for Properties {
                 self,
                 mut map: A,
             ) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                let mut out: Vec<(String, Option<PropValue>)> =
+                    Vec::with_capacity(map.size_hint().unwrap_or(8).min(64));
                 while let Some(key) = map.next_key::<String>()? {
                     let OptionalPropValue(v) = map.next_value()?;
-                    if let Some(v) = v {
-                        out.push((key, v));
-                    }
+                    out.push((key, v));
                 }
-                Ok(Properties(out))
+                if has_duplicate_keys(&out) {
+                    keep_last_of_each_key(&mut out);
+                }
+                Ok(Properties(
+                    out.into_iter()
+                        .filter_map(|(k, v)| v.map(|v| (k, v)))
+                        .collect(),
+                ))
             }
         }
         d.deserialize_any(V)
@@ -326,6 +363,28 @@ mod tests {
             ]
         );
         assert!(serde_json::from_str::<Properties>("[1]").is_err());
+    }
+
+    #[test]
+    fn a_repeated_key_keeps_its_last_value() {
+        let p: Properties =
+            serde_json::from_str(r#"{"a":1,"b":"x","a":"two","c":true,"b":null}"#).unwrap();
+        assert_eq!(
+            p.0,
+            vec![
+                ("a".to_string(), PropValue::Str("two".into())),
+                ("c".to_string(), PropValue::Bool(true)),
+            ]
+        );
+        // Past the small-object path too.
+        let mut text: Vec<String> = (0..40).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        text.push(r#""k3":"last""#.into());
+        let p: Properties = serde_json::from_str(&format!("{{{}}}", text.join(","))).unwrap();
+        assert_eq!(p.0.len(), 40);
+        assert_eq!(
+            p.0.iter().filter(|(k, _)| k == "k3").collect::<Vec<_>>(),
+            vec![&("k3".to_string(), PropValue::Str("last".into()))]
+        );
     }
 
     #[test]

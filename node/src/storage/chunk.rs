@@ -89,6 +89,134 @@ pub struct StoredEvent {
     pub person_set_once: Vec<(String, PropValue)>,
 }
 
+/// A property value as a replica reads it from a log entry: [`Coerced`] with its text borrowed
+/// from the entry instead of copied out of it. Variant for variant the same as [`Coerced`], so
+/// it decodes what `Coerced` encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub enum CoercedRef<'a> {
+    /// Text of a string-typed key.
+    Str(&'a str),
+    /// A number-typed key's value.
+    Num(f64),
+    /// A boolean-typed key's value.
+    Bool(bool),
+    /// A datetime-typed key's value in epoch milliseconds.
+    DateTimeMs(i64),
+    /// A value that does not fit the key's type, as its string rendering.
+    Mismatch(&'a str),
+}
+
+impl<'a> From<&'a Coerced> for CoercedRef<'a> {
+    fn from(v: &'a Coerced) -> CoercedRef<'a> {
+        match v {
+            Coerced::Str(s) => CoercedRef::Str(s),
+            Coerced::Num(n) => CoercedRef::Num(*n),
+            Coerced::Bool(b) => CoercedRef::Bool(*b),
+            Coerced::DateTimeMs(ms) => CoercedRef::DateTimeMs(*ms),
+            Coerced::Mismatch(s) => CoercedRef::Mismatch(s),
+        }
+    }
+}
+
+/// [`StoredEvent`] as a replica reads it from a log entry: field for field the same, with its
+/// text borrowed from the entry. Replicas decode every entry they apply, and allocating a
+/// string per id, name and property value was most of what decoding cost.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct StoredEventRef<'a> {
+    /// Message id (dedupe key).
+    pub message_id: &'a str,
+    /// The id the SDK sent.
+    pub distinct_id: &'a str,
+    /// The person at ingestion.
+    pub person_id: u64,
+    /// Event name.
+    pub event: &'a str,
+    /// Epoch milliseconds.
+    pub timestamp_ms: i64,
+    /// Event properties, coerced to the project's types.
+    #[serde(borrow)]
+    pub props: Vec<(&'a str, CoercedRef<'a>)>,
+    /// Person properties to set (rare: owned).
+    pub person_set: Vec<(String, PropValue)>,
+    /// Person properties to set once (rare: owned).
+    pub person_set_once: Vec<(String, PropValue)>,
+}
+
+/// What apply reads of an event, whether the node decoded it from the log
+/// ([`StoredEventRef`]) or proposed it itself and still holds it ([`StoredEvent`]).
+pub trait EventRow {
+    /// Message id (dedupe key).
+    fn message_id(&self) -> &str;
+    /// The id the SDK sent.
+    fn distinct_id(&self) -> &str;
+    /// The person at ingestion.
+    fn person_id(&self) -> u64;
+    /// Event name.
+    fn event(&self) -> &str;
+    /// Epoch milliseconds.
+    fn timestamp_ms(&self) -> i64;
+    /// Event properties, coerced to the project's types.
+    fn props(&self) -> impl Iterator<Item = (&str, CoercedRef<'_>)>;
+    /// Person properties to set.
+    fn person_set(&self) -> &[(String, PropValue)];
+    /// Person properties to set once.
+    fn person_set_once(&self) -> &[(String, PropValue)];
+}
+
+impl EventRow for StoredEvent {
+    fn message_id(&self) -> &str {
+        &self.message_id
+    }
+    fn distinct_id(&self) -> &str {
+        &self.distinct_id
+    }
+    fn person_id(&self) -> u64 {
+        self.person_id
+    }
+    fn event(&self) -> &str {
+        &self.event
+    }
+    fn timestamp_ms(&self) -> i64 {
+        self.timestamp_ms
+    }
+    fn props(&self) -> impl Iterator<Item = (&str, CoercedRef<'_>)> {
+        self.props.iter().map(|(k, v)| (k.as_str(), v.into()))
+    }
+    fn person_set(&self) -> &[(String, PropValue)] {
+        &self.person_set
+    }
+    fn person_set_once(&self) -> &[(String, PropValue)] {
+        &self.person_set_once
+    }
+}
+
+impl EventRow for StoredEventRef<'_> {
+    fn message_id(&self) -> &str {
+        self.message_id
+    }
+    fn distinct_id(&self) -> &str {
+        self.distinct_id
+    }
+    fn person_id(&self) -> u64 {
+        self.person_id
+    }
+    fn event(&self) -> &str {
+        self.event
+    }
+    fn timestamp_ms(&self) -> i64 {
+        self.timestamp_ms
+    }
+    fn props(&self) -> impl Iterator<Item = (&str, CoercedRef<'_>)> {
+        self.props.iter().copied()
+    }
+    fn person_set(&self) -> &[(String, PropValue)] {
+        &self.person_set
+    }
+    fn person_set_once(&self) -> &[(String, PropValue)] {
+        &self.person_set_once
+    }
+}
+
 /// What is known about a chunk without reading it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChunkMeta {
@@ -144,15 +272,15 @@ enum PropBuilder {
 }
 
 impl PropBuilder {
-    fn for_value(v: &Coerced) -> Option<PropBuilder> {
+    fn for_value(v: CoercedRef<'_>) -> Option<PropBuilder> {
         Some(match v {
-            Coerced::Str(_) => PropBuilder::Str(StringDictionaryBuilder::new()),
-            Coerced::Num(_) => PropBuilder::Num(Float64Builder::new()),
-            Coerced::Bool(_) => PropBuilder::Bool(BooleanBuilder::new()),
-            Coerced::DateTimeMs(_) => {
+            CoercedRef::Str(_) => PropBuilder::Str(StringDictionaryBuilder::new()),
+            CoercedRef::Num(_) => PropBuilder::Num(Float64Builder::new()),
+            CoercedRef::Bool(_) => PropBuilder::Bool(BooleanBuilder::new()),
+            CoercedRef::DateTimeMs(_) => {
                 PropBuilder::Time(TimestampMillisecondBuilder::new().with_timezone("UTC"))
             }
-            Coerced::Mismatch(_) => return None,
+            CoercedRef::Mismatch(_) => return None,
         })
     }
 
@@ -176,12 +304,12 @@ impl PropBuilder {
     }
 
     /// Appends `v` if it has this builder's type; returns false otherwise.
-    fn append(&mut self, v: &Coerced) -> bool {
+    fn append(&mut self, v: CoercedRef<'_>) -> bool {
         match (self, v) {
-            (PropBuilder::Str(b), Coerced::Str(s)) => b.append_value(s),
-            (PropBuilder::Num(b), Coerced::Num(n)) => b.append_value(*n),
-            (PropBuilder::Bool(b), Coerced::Bool(x)) => b.append_value(*x),
-            (PropBuilder::Time(b), Coerced::DateTimeMs(ms)) => b.append_value(*ms),
+            (PropBuilder::Str(b), CoercedRef::Str(s)) => b.append_value(s),
+            (PropBuilder::Num(b), CoercedRef::Num(n)) => b.append_value(n),
+            (PropBuilder::Bool(b), CoercedRef::Bool(x)) => b.append_value(x),
+            (PropBuilder::Time(b), CoercedRef::DateTimeMs(ms)) => b.append_value(ms),
             _ => return false,
         }
         true
@@ -256,20 +384,24 @@ impl ChunkBuilder {
     }
 
     /// Appends one event as a row.
-    pub fn append(&mut self, e: &StoredEvent) {
+    pub fn append(&mut self, e: &impl EventRow) {
         let row = self.rows;
-        self.uuid.append_value(&e.message_id);
-        self.event.append_value(&e.event);
-        self.timestamp.append_value(e.timestamp_ms);
-        self.distinct.append_value(&e.distinct_id);
-        self.person.append_value(e.person_id);
-        for (key, value) in &e.props {
-            let typed = match self.props.get_mut(key.as_str()) {
+        self.uuid.append_value(e.message_id());
+        self.event.append_value(e.event());
+        self.timestamp.append_value(e.timestamp_ms());
+        self.distinct.append_value(e.distinct_id());
+        self.person.append_value(e.person_id());
+        for (key, value) in e.props() {
+            let typed = match self.props.get_mut(key) {
                 Some(b) => Some(b),
                 None => PropBuilder::for_value(value)
-                    .map(|b| self.props.entry(key.clone()).or_insert(b)),
+                    .map(|b| self.props.entry(key.to_string()).or_insert(b)),
             };
+            // A key given twice in one event keeps its first value: a second would make the
+            // column a row longer than the chunk. (Ingestion keeps one value per key; this
+            // guards entries written before it did.)
             let stored = match typed {
+                Some(b) if b.len() > row => continue,
                 Some(b) => {
                     b.pad_to(row);
                     b.append(value)
@@ -277,14 +409,14 @@ impl ChunkBuilder {
                 None => false,
             };
             if !stored {
-                let text = match value {
-                    Coerced::Mismatch(s) => s.clone(),
-                    other => render_coerced(other),
-                };
-                let b = match self.texts.get_mut(key.as_str()) {
+                let b = match self.texts.get_mut(key) {
                     Some(b) => b,
-                    None => self.texts.entry(key.clone()).or_default(),
+                    None => self.texts.entry(key.to_string()).or_default(),
                 };
+                if b.len() > row {
+                    continue;
+                }
+                let text = render_coerced(value);
                 (b.len()..row).for_each(|_| b.append_null());
                 b.append_value(text);
             }
@@ -370,12 +502,12 @@ fn pad_with_nulls(array: ArrayRef, rows: usize) -> ArrayRef {
     arrow::compute::concat(&[array.as_ref(), nulls.as_ref()]).expect("same data type")
 }
 
-fn render_coerced(v: &Coerced) -> String {
+fn render_coerced(v: CoercedRef<'_>) -> String {
     match v {
-        Coerced::Str(s) | Coerced::Mismatch(s) => s.clone(),
-        Coerced::Num(n) => optiprism_types::event::render_number(*n),
-        Coerced::Bool(b) => b.to_string(),
-        Coerced::DateTimeMs(ms) => chrono::DateTime::from_timestamp_millis(*ms)
+        CoercedRef::Str(s) | CoercedRef::Mismatch(s) => s.to_string(),
+        CoercedRef::Num(n) => optiprism_types::event::render_number(n),
+        CoercedRef::Bool(b) => b.to_string(),
+        CoercedRef::DateTimeMs(ms) => chrono::DateTime::from_timestamp_millis(ms)
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
             .unwrap_or_default(),
     }
@@ -488,6 +620,28 @@ mod tests {
             person_set: vec![],
             person_set_once: vec![],
         }
+    }
+
+    #[test]
+    fn a_key_given_twice_in_one_event_keeps_its_first_value() {
+        let mut builder = ChunkBuilder::default();
+        builder.append(&event(
+            0,
+            vec![
+                ("n".into(), Coerced::Num(1.0)),
+                ("n".into(), Coerced::Num(2.0)),
+                ("s".into(), Coerced::Mismatch("a".into())),
+                ("s".into(), Coerced::Mismatch("b".into())),
+            ],
+        ));
+        builder.append(&event(1, vec![("n".into(), Coerced::Num(3.0))]));
+        let batch = builder.finish();
+        assert_eq!(batch.num_rows(), 2);
+        let n = batch.column_by_name("properties.n").unwrap();
+        let n = n.as_primitive::<arrow::datatypes::Float64Type>();
+        assert_eq!(n.values().to_vec(), vec![1.0, 3.0]);
+        let s = batch.column_by_name("properties.s#text").unwrap();
+        assert_eq!(s.as_string::<i32>().value(0), "a");
     }
 
     #[test]

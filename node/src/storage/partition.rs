@@ -10,7 +10,9 @@
 //! sled layout (tree `p{partition}.data`): `c/{project}{chunk}` chunk bodies, `m/{project}{chunk}`
 //! chunk metadata, `p/{project}{person}` persons, `marker` the applied marker.
 
-use crate::storage::chunk::{self, Chunk, ChunkBuilder, ChunkMeta, StoredEvent};
+use crate::storage::chunk::{
+    self, Chunk, ChunkBuilder, ChunkMeta, EventRow, StoredEvent, StoredEventRef,
+};
 use arrow::array::RecordBatch;
 use optiprism_consensus::state_machine::{
     CoreError, DurableCut, DurableSnapshot, StateMachineCore,
@@ -77,62 +79,32 @@ const SCRATCH_KEEP_BYTES: usize = 8 << 20;
 /// command, not allocate gigabytes (the transport refuses larger frames anyway).
 const MAX_DECODED_EVENTS_BYTES: usize = 512 << 20;
 
-/// Decodes what [`encode_events`] wrote, appending the events to `out`. Replicas apply every
-/// entry this way, so the decompressed bytes go to a buffer kept per thread and the events into
-/// the caller's vector: a fresh allocation of each entry's size cost more in page faults (the
-/// allocator returns freed large blocks to the system, and each new one is zeroed again) than
-/// the decoding itself.
-pub fn decode_events_into(bytes: &[u8], out: &mut Vec<StoredEvent>) -> Result<(), CoreError> {
-    thread_local! {
-        static RAW: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
+/// Decompresses what [`encode_events`] wrote into `raw`, for the events to be decoded from it
+/// borrowing their text ([`StoredEventRef`]). Replicas apply every entry this way, so `raw`
+/// is a buffer kept between entries: a fresh allocation of each entry's size cost more in page
+/// faults (the allocator returns freed large blocks to the system, and each new one is zeroed
+/// again) than the decoding itself.
+fn decompress_events<'r>(bytes: &[u8], raw: &'r mut Vec<u8>) -> Result<&'r [u8], CoreError> {
     let (len, body) = lz4_flex::block::uncompressed_size(bytes)?;
     if len > MAX_DECODED_EVENTS_BYTES {
         return Err(format!("a command claims {len} bytes of events").into());
     }
-    RAW.with_borrow_mut(|raw| {
-        raw.clear();
-        raw.resize(len, 0);
-        let written = lz4_flex::block::decompress_into(body, raw)?;
-        if written != len {
-            return Err(
-                format!("a command's events decompress to {written} bytes, not {len}").into(),
-            );
-        }
-        let decoded = optiprism_consensus::decode_seed(ExtendEvents(out), raw);
-        if raw.capacity() > SCRATCH_KEEP_BYTES {
-            *raw = Vec::new();
-        }
-        Ok(decoded?)
-    })
+    raw.clear();
+    raw.resize(len, 0);
+    let written = lz4_flex::block::decompress_into(body, raw)?;
+    if written != len {
+        return Err(format!("a command's events decompress to {written} bytes, not {len}").into());
+    }
+    Ok(raw)
 }
 
-/// Deserializes a sequence of events onto the end of a vector that already exists.
-struct ExtendEvents<'a>(&'a mut Vec<StoredEvent>);
-
-impl<'de> serde::de::DeserializeSeed<'de> for ExtendEvents<'_> {
-    type Value = ();
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_seq(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for ExtendEvents<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a sequence of events")
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        // The length is the command's claim: reserve no more than a sane batch up front.
-        self.0.reserve(seq.size_hint().unwrap_or(0).min(1 << 16));
-        while let Some(event) = seq.next_element()? {
-            self.0.push(event);
-        }
-        Ok(())
-    }
+/// Decodes what [`encode_events`] wrote into owned events (apply borrows instead).
+#[cfg(test)]
+fn decode_events(bytes: &[u8]) -> Result<Vec<StoredEvent>, CoreError> {
+    let mut raw = Vec::new();
+    Ok(optiprism_consensus::decode(decompress_events(
+        bytes, &mut raw,
+    )?)?)
 }
 
 /// [`PartitionCommand`] as apply reads it: the encoded events borrowed from the log entry
@@ -337,8 +309,9 @@ pub struct PartitionCore {
     seal_rows: usize,
     marker: Option<Vec<u8>>,
     local: LocalProposals,
-    /// Events of the entry being applied, decoded; kept between entries for its allocation.
-    decoded: Vec<StoredEvent>,
+    /// The decompressed events of the entry being applied, kept between entries for its
+    /// allocation.
+    raw: Vec<u8>,
     sealer: Sealer,
     next_job: u64,
 }
@@ -401,7 +374,7 @@ fn sealer_queue() -> &'static std::sync::mpsc::Sender<SealerMessage> {
                             if failure.lock().is_some() {
                                 continue;
                             }
-                            if let Err(e) = write_sealed(&tree, &data, &cut, job) {
+                            if let Err(e) = write_sealed(partition, &tree, &data, &cut, job) {
                                 tracing::error!(partition_id = %partition, error = %e, "sealing failed; unsealed rows stay in the Raft log");
                                 *failure.lock() = Some(e.to_string());
                             }
@@ -453,11 +426,13 @@ impl Sealer {
 }
 
 fn write_sealed(
+    partition: PartitionId,
     tree: &sled::Tree,
     data: &RwLock<PartitionData>,
     cut: &Mutex<()>,
     job: SealJob,
 ) -> Result<(), CoreError> {
+    let started = std::time::Instant::now();
     let mut batch = sled::Batch::default();
     let mut sealed = Vec::with_capacity(job.rows.len());
     for (project, id, rows) in &job.rows {
@@ -488,11 +463,13 @@ fn write_sealed(
         let _cut = cut.lock();
         tree.apply_batch(batch)?;
     }
+    let rows: u64 = sealed.iter().map(|c| c.meta.rows).sum();
     let mut data = data.write();
     data.sealing.remove(&job.id);
     for c in sealed {
         data.chunks.entry(c.meta.project).or_default().push(c);
     }
+    tracing::debug!(partition_id = %partition, rows, ms = started.elapsed().as_secs_f64() * 1e3, "sealed");
     Ok(())
 }
 
@@ -598,7 +575,7 @@ impl PartitionCore {
             seal_rows,
             marker,
             local: LocalProposals::default(),
-            decoded: Vec::new(),
+            raw: Vec::new(),
         })
     }
 
@@ -621,16 +598,31 @@ impl PartitionCore {
             parts,
             events,
         } = optiprism_consensus::decode_borrowed(command)?;
-        let local = self.local.take(token);
-        let mut decoded = std::mem::take(&mut self.decoded);
-        decoded.clear();
-        let events: &[StoredEvent] = match &local {
-            Some(events) => events,
+        let outcomes = match self.local.take(token) {
+            Some(events) => self.ingest_parts(project, &parts, &events)?,
             None => {
-                decode_events_into(events, &mut decoded)?;
-                &decoded
+                let mut raw = std::mem::take(&mut self.raw);
+                let decoded: Vec<StoredEventRef<'_>> =
+                    optiprism_consensus::decode_borrowed(decompress_events(events, &mut raw)?)?;
+                let outcomes = self.ingest_parts(project, &parts, &decoded)?;
+                drop(decoded);
+                // Keep the buffer from pinning the memory of one unusually large entry.
+                if raw.capacity() <= SCRATCH_KEEP_BYTES {
+                    self.raw = raw;
+                }
+                outcomes
             }
         };
+        Ok(outcomes)
+    }
+
+    /// Ingests the events of each part in turn, one outcome per part.
+    fn ingest_parts(
+        &mut self,
+        project: ProjectId,
+        parts: &[u32],
+        events: &[impl EventRow],
+    ) -> Result<Vec<IngestOutcome>, CoreError> {
         let total: u64 = parts.iter().map(|&n| u64::from(n)).sum();
         if total != events.len() as u64 {
             return Err(format!(
@@ -640,20 +632,17 @@ impl PartitionCore {
             .into());
         }
         let mut rest = events;
-        let outcomes = parts
+        Ok(parts
             .iter()
             .map(|&n| {
                 let (part, after) = rest.split_at(n as usize);
                 rest = after;
                 self.ingest(project, part)
             })
-            .collect();
-        decoded.clear();
-        self.decoded = decoded;
-        Ok(outcomes)
+            .collect())
     }
 
-    fn ingest(&mut self, project: ProjectId, events: &[StoredEvent]) -> IngestOutcome {
+    fn ingest(&mut self, project: ProjectId, events: &[impl EventRow]) -> IngestOutcome {
         let mut outcome = IngestOutcome::default();
         let mut data = self.data.write();
         let data = &mut *data;
@@ -661,23 +650,23 @@ impl PartitionCore {
         let pending = data.pending.entry(project).or_default();
         for e in events {
             // Duplicates are dropped; the rest is appended to the unsealed rows.
-            if !data.seen.insert(message_key(project, &e.message_id)) {
+            if !data.seen.insert(message_key(project, e.message_id())) {
                 outcome.duplicates += 1;
                 continue;
             }
-            let key = (project, PersonId(e.person_id));
+            let key = (project, PersonId(e.person_id()));
             let person = data.persons.entry(key).or_insert_with(|| PersonRow {
-                created_at_ms: e.timestamp_ms,
+                created_at_ms: e.timestamp_ms(),
                 ..PersonRow::default()
             });
-            person.created_at_ms = person.created_at_ms.min(e.timestamp_ms);
-            if !person.distinct_ids.contains(&e.distinct_id) {
-                person.distinct_ids.push(e.distinct_id.clone());
+            person.created_at_ms = person.created_at_ms.min(e.timestamp_ms());
+            if !person.distinct_ids.iter().any(|d| d == e.distinct_id()) {
+                person.distinct_ids.push(e.distinct_id().to_string());
             }
-            for (k, v) in &e.person_set {
+            for (k, v) in e.person_set() {
                 person.properties.insert(k.clone(), v.clone());
             }
-            for (k, v) in &e.person_set_once {
+            for (k, v) in e.person_set_once() {
                 person
                     .properties
                     .entry(k.clone())
@@ -1068,5 +1057,92 @@ mod tests {
         assert_eq!(marker, b"m5");
         let snapshot: PartitionSnapshot = optiprism_consensus::decode(&sealed).unwrap();
         assert_eq!(snapshot.chunks.iter().map(|c| c.rows).sum::<u64>(), 5);
+    }
+
+    fn any_coerced() -> impl proptest::strategy::Strategy<Value = optiprism_types::event::Coerced> {
+        use optiprism_types::event::Coerced;
+        use proptest::prelude::*;
+        prop_oneof![
+            "\\PC{0,8}".prop_map(Coerced::Str),
+            any::<f64>().prop_map(Coerced::Num),
+            any::<bool>().prop_map(Coerced::Bool),
+            any::<i64>().prop_map(Coerced::DateTimeMs),
+            "\\PC{0,8}".prop_map(Coerced::Mismatch),
+        ]
+    }
+
+    fn any_event() -> impl proptest::strategy::Strategy<Value = StoredEvent> {
+        use proptest::prelude::*;
+        let person_value = prop_oneof![
+            "\\PC{0,6}".prop_map(PropValue::Str),
+            (-1e9f64..1e9).prop_map(PropValue::Num),
+            any::<bool>().prop_map(PropValue::Bool),
+            "\\PC{0,6}".prop_map(PropValue::Json),
+        ];
+        let person_props = proptest::collection::vec(("[a-c]{1,2}", person_value), 0..3);
+        (
+            (
+                "\\PC{1,12}",
+                "\\PC{0,12}",
+                any::<u64>(),
+                "\\PC{0,10}",
+                any::<i64>(),
+            ),
+            proptest::collection::vec(("[a-e]{1,3}", any_coerced()), 0..6),
+            person_props.clone(),
+            person_props,
+        )
+            .prop_map(
+                |(
+                    (message_id, distinct_id, person_id, event, timestamp_ms),
+                    props,
+                    person_set,
+                    person_set_once,
+                )| {
+                    StoredEvent {
+                        message_id,
+                        distinct_id,
+                        person_id,
+                        event,
+                        timestamp_ms,
+                        props,
+                        person_set,
+                        person_set_once,
+                    }
+                },
+            )
+    }
+
+    proptest::proptest! {
+        /// Replicas decode entries into [`StoredEventRef`], borrowing the text; the node that
+        /// proposed them applies the [`StoredEvent`]s it holds. Both must be the same events,
+        /// and give the same rows, or replicas would drift apart.
+        #[test]
+        fn borrowed_decoding_reads_what_owned_events_hold(events in proptest::collection::vec(any_event(), 0..40)) {
+            use chunk::CoercedRef;
+            let bytes = encode_events(&events);
+            let mut raw = Vec::new();
+            let borrowed: Vec<StoredEventRef<'_>> =
+                optiprism_consensus::decode_borrowed(decompress_events(&bytes, &mut raw).unwrap()).unwrap();
+            proptest::prop_assert_eq!(&decode_events(&bytes).unwrap(), &events);
+            proptest::prop_assert_eq!(borrowed.len(), events.len());
+            for (owned, read) in events.iter().zip(&borrowed) {
+                proptest::prop_assert_eq!(owned.message_id(), read.message_id());
+                proptest::prop_assert_eq!(owned.distinct_id(), read.distinct_id());
+                proptest::prop_assert_eq!(owned.person_id(), read.person_id());
+                proptest::prop_assert_eq!(owned.event(), read.event());
+                proptest::prop_assert_eq!(owned.timestamp_ms(), read.timestamp_ms());
+                let (a, b): (Vec<(&str, CoercedRef<'_>)>, Vec<_>) = (owned.props().collect(), read.props().collect());
+                // Compared by bits: NaN must come back as the same NaN.
+                proptest::prop_assert_eq!(format!("{a:?}"), format!("{b:?}"));
+                proptest::prop_assert_eq!(owned.person_set(), read.person_set());
+                proptest::prop_assert_eq!(owned.person_set_once(), read.person_set_once());
+            }
+            let (mut from_owned, mut from_borrowed) = (ChunkBuilder::default(), ChunkBuilder::default());
+            events.iter().for_each(|e| from_owned.append(e));
+            borrowed.iter().for_each(|e| from_borrowed.append(e));
+            let (a, b) = (from_owned.finish(), from_borrowed.finish());
+            proptest::prop_assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        }
     }
 }

@@ -238,3 +238,42 @@ fn queries_reject_bad_tokens_and_name_bad_fields() {
             .contains("/nope")
     );
 }
+
+/// JSON allows a key twice in one object, and SDKs do send it. The last value counts (as in
+/// `JSON.parse`); before, both went into the event and the column held a row more than its
+/// chunk, which panicked the partition's apply at its next seal, on every replica and again
+/// on every replay.
+#[test]
+fn a_property_given_twice_keeps_its_last_value_through_a_seal_and_a_restart() {
+    let mut node = TestNode::start();
+    let body = format!(
+        r#"{{"writeKey":"{WRITE_KEY}","batch":[
+            {{"type":"track","userId":"u1","event":"paid","messageId":"dup-1","timestamp":"2024-01-01T00:00:00Z",
+              "properties":{{"plan":"free","price":1,"plan":"pro","price":"n/a","note":"x","note":null}}}},
+            {{"type":"track","userId":"u2","event":"paid","messageId":"dup-2","timestamp":"2024-01-01T00:00:00Z",
+              "properties":{{"plan":"team","price":3}}}}]}}"#
+    );
+    let (status, answer) = node.post_raw("/v1/batch", body.into_bytes(), &[]);
+    assert_eq!(status, 200, "{answer}");
+    let plans = |node: &TestNode| {
+        let sql = r#"SELECT "properties.plan" AS plan FROM events ORDER BY uuid"#;
+        let batches = node.sql(sql).unwrap();
+        let mut out = Vec::new();
+        for b in &batches {
+            let col = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+            let col = col
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .unwrap();
+            out.extend(col.iter().map(|v| v.map(str::to_string)));
+        }
+        out
+    };
+    // Unsealed rows, then sealed by an ordered shutdown and read back from disk.
+    assert_eq!(plans(&node), [Some("pro".into()), Some("team".into())]);
+    node.stop();
+    node.restart();
+    assert_eq!(plans(&node), [Some("pro".into()), Some("team".into())]);
+    assert_eq!(count_events(&node), 2);
+    assert!(node.is_running(), "{}", node.log());
+}
