@@ -11,7 +11,9 @@
 
 use crate::server::{ProposeError, Proposer};
 use crate::storage::chunk::StoredEvent;
-use crate::storage::partition::{IngestOutcome, LocalProposals, PartitionCommand, encode_events};
+use crate::storage::partition::{
+    IngestOutcome, LocalProposals, PartitionCommand, ProposedRows, encode_rows,
+};
 use optiprism_consensus::{GroupId, Raft};
 use optiprism_types::ProjectId;
 use std::sync::Arc;
@@ -181,14 +183,17 @@ impl Group {
             replies.push(r.reply);
         }
         let token = tokens.next();
-        let command = PartitionCommand::Ingest {
+        let proposed = ProposedRows::of(&events);
+        drop(events);
+        let command = PartitionCommand::IngestRows {
             project,
             token,
             parts,
-            events: encode_events(&events),
+            rows: encode_rows(&proposed.batch),
+            person_sets: proposed.person_sets.clone(),
         };
         if let Some(local) = local {
-            local.insert(token, events);
+            local.insert(token, proposed);
         }
         let result = proposer
             .propose(group, raft.as_ref(), optiprism_consensus::encode(&command))

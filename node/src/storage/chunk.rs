@@ -23,6 +23,7 @@ use arrow::array::{
     StringDictionaryBuilder, TimestampMillisecondBuilder, UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, TimeUnit};
+use arrow::error::ArrowError;
 use arrow_ipc::CompressionType;
 use arrow_ipc::reader::StreamReader;
 use arrow_ipc::writer::{IpcWriteOptions, StreamWriter};
@@ -264,6 +265,151 @@ pub struct Chunk {
     pub batch: RecordBatch,
 }
 
+/// The type of a typed property column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PropKind {
+    Str,
+    Num,
+    Bool,
+    Time,
+}
+
+impl PropKind {
+    fn of(ty: &DataType) -> Option<PropKind> {
+        match ty {
+            DataType::Float64 => Some(PropKind::Num),
+            DataType::Boolean => Some(PropKind::Bool),
+            t if *t == dictionary_type() => Some(PropKind::Str),
+            t if *t == timestamp_type() => Some(PropKind::Time),
+            _ => None,
+        }
+    }
+}
+
+/// A dictionary column of strings, typed.
+fn string_dictionary(
+    column: &ArrayRef,
+) -> Result<arrow::array::TypedDictionaryArray<'_, Int32Type, arrow::array::StringArray>, ArrowError>
+{
+    use arrow::array::AsArray;
+    column
+        .as_dictionary_opt::<Int32Type>()
+        .and_then(|d| d.downcast_dict::<arrow::array::StringArray>())
+        .ok_or_else(|| ArrowError::InvalidArgumentError("not a dictionary of strings".into()))
+}
+
+/// The value of typed column `column` (of `kind`) at `row`, if any.
+fn typed_value(column: &ArrayRef, kind: PropKind, row: usize) -> Option<CoercedRef<'_>> {
+    use arrow::array::{Array, ArrayAccessor, AsArray};
+    use arrow::datatypes::{Float64Type, TimestampMillisecondType};
+    if column.is_null(row) {
+        return None;
+    }
+    Some(match kind {
+        PropKind::Str => CoercedRef::Str(string_dictionary(column).ok()?.value(row)),
+        PropKind::Num => CoercedRef::Num(column.as_primitive::<Float64Type>().value(row)),
+        PropKind::Bool => CoercedRef::Bool(column.as_boolean().value(row)),
+        PropKind::Time => {
+            CoercedRef::DateTimeMs(column.as_primitive::<TimestampMillisecondType>().value(row))
+        }
+    })
+}
+
+/// The columns of a batch of [`ChunkBuilder`] layout, checked: the five fixed columns with
+/// their types and no nulls, then typed property columns and text columns, each key once.
+#[derive(Debug)]
+pub struct BatchLayout<'a> {
+    /// `uuid`.
+    pub uuid: &'a arrow::array::StringArray,
+    /// `event`.
+    pub event: arrow::array::TypedDictionaryArray<'a, Int32Type, arrow::array::StringArray>,
+    /// `timestamp`.
+    pub timestamp: &'a arrow::array::TimestampMillisecondArray,
+    /// `distinct_id`.
+    pub distinct: arrow::array::TypedDictionaryArray<'a, Int32Type, arrow::array::StringArray>,
+    /// `person_id`.
+    pub person: &'a arrow::array::UInt64Array,
+    typed: Vec<(&'a str, PropKind, &'a ArrayRef)>,
+    texts: Vec<(&'a str, &'a ArrayRef)>,
+}
+
+impl<'a> BatchLayout<'a> {
+    /// Checks `batch` and names its columns; an error says what is wrong.
+    pub fn read(batch: &'a RecordBatch) -> Result<BatchLayout<'a>, ArrowError> {
+        use arrow::array::{Array, AsArray};
+        use arrow::datatypes::{TimestampMillisecondType, UInt64Type};
+        let bad = |what: String| Err(ArrowError::InvalidArgumentError(what));
+        let schema = batch.schema_ref();
+        let fixed = fixed_fields();
+        if schema.fields().len() < fixed.len() {
+            return bad(format!(
+                "{} columns, fewer than the fixed ones",
+                schema.fields().len()
+            ));
+        }
+        for (i, want) in fixed.iter().enumerate() {
+            let got = schema.field(i);
+            if got.name() != want.name() || got.data_type() != want.data_type() {
+                return bad(format!(
+                    "column {i} is {} {}, not {} {}",
+                    got.name(),
+                    got.data_type(),
+                    want.name(),
+                    want.data_type()
+                ));
+            }
+            if batch.column(i).null_count() > 0 {
+                return bad(format!("column {} has nulls", want.name()));
+            }
+        }
+        let mut typed = Vec::new();
+        let mut texts = Vec::new();
+        for (field, column) in schema
+            .fields()
+            .iter()
+            .zip(batch.columns())
+            .skip(fixed.len())
+        {
+            let Some(name) = field.name().strip_prefix(PROPERTY_PREFIX) else {
+                return bad(format!("column {} is not a property", field.name()));
+            };
+            if *field.data_type() == DataType::Utf8 {
+                let Some(key) = name.strip_suffix(TEXT_SUFFIX) else {
+                    return bad(format!("text column {} lacks {TEXT_SUFFIX}", field.name()));
+                };
+                if texts.iter().any(|(k, _)| *k == key) {
+                    return bad(format!("text column {} twice", field.name()));
+                }
+                texts.push((key, column));
+            } else {
+                let Some(kind) = PropKind::of(field.data_type()) else {
+                    return bad(format!(
+                        "column {} has type {}",
+                        field.name(),
+                        field.data_type()
+                    ));
+                };
+                if kind == PropKind::Str {
+                    string_dictionary(column)?;
+                }
+                if typed.iter().any(|(k, _, _)| *k == name) {
+                    return bad(format!("column {} twice", field.name()));
+                }
+                typed.push((name, kind, column));
+            }
+        }
+        Ok(BatchLayout {
+            uuid: batch.column(0).as_string::<i32>(),
+            event: string_dictionary(batch.column(1))?,
+            timestamp: batch.column(2).as_primitive::<TimestampMillisecondType>(),
+            distinct: string_dictionary(batch.column(3))?,
+            person: batch.column(4).as_primitive::<UInt64Type>(),
+            typed,
+            texts,
+        })
+    }
+}
+
 enum PropBuilder {
     Str(StringDictionaryBuilder<Int32Type>),
     Num(Float64Builder),
@@ -282,6 +428,42 @@ impl PropBuilder {
             }
             CoercedRef::Mismatch(_) => return None,
         })
+    }
+
+    fn of_kind(kind: PropKind) -> PropBuilder {
+        match kind {
+            PropKind::Str => PropBuilder::Str(StringDictionaryBuilder::new()),
+            PropKind::Num => PropBuilder::Num(Float64Builder::new()),
+            PropKind::Bool => PropBuilder::Bool(BooleanBuilder::new()),
+            PropKind::Time => {
+                PropBuilder::Time(TimestampMillisecondBuilder::new().with_timezone("UTC"))
+            }
+        }
+    }
+
+    fn kind(&self) -> PropKind {
+        match self {
+            PropBuilder::Str(_) => PropKind::Str,
+            PropBuilder::Num(_) => PropKind::Num,
+            PropBuilder::Bool(_) => PropKind::Bool,
+            PropBuilder::Time(_) => PropKind::Time,
+        }
+    }
+
+    /// Appends every value of `column`, a column of this builder's kind (checked by
+    /// [`BatchLayout::read`]).
+    fn extend(&mut self, column: &ArrayRef) -> Result<(), ArrowError> {
+        use arrow::array::AsArray;
+        use arrow::datatypes::{Float64Type, TimestampMillisecondType};
+        match self {
+            PropBuilder::Str(b) => b.extend_dictionary(&string_dictionary(column)?)?,
+            PropBuilder::Num(b) => b.extend(column.as_primitive::<Float64Type>().iter()),
+            PropBuilder::Bool(b) => b.append_array(column.as_boolean()),
+            PropBuilder::Time(b) => {
+                b.extend(column.as_primitive::<TimestampMillisecondType>().iter())
+            }
+        }
+        Ok(())
     }
 
     fn len(&self) -> usize {
@@ -422,6 +604,87 @@ impl ChunkBuilder {
             }
         }
         self.rows += 1;
+    }
+
+    /// Appends the rows of a batch of this layout (another builder's [`Self::finish`], as a
+    /// leader replicates its proposals) column by column: the rows [`Self::append`] of each of
+    /// its events would give, without reading the events one by one. A batch not of this
+    /// layout is refused with nothing appended.
+    pub fn append_batch(&mut self, batch: &RecordBatch) -> Result<(), ArrowError> {
+        let layout = BatchLayout::read(batch)?;
+        let start = self.rows;
+        let rows = batch.num_rows();
+        // Checked before anything is appended, so a refused batch leaves no half row behind.
+        let conflicting: Vec<&str> = layout
+            .typed
+            .iter()
+            .filter(|(key, kind, _)| self.props.get(*key).is_some_and(|b| b.kind() != *kind))
+            .map(|(key, _, _)| *key)
+            .collect();
+        self.uuid.append_array(layout.uuid)?;
+        self.event.extend_dictionary(&layout.event)?;
+        self.timestamp.append_slice(layout.timestamp.values());
+        self.distinct.extend_dictionary(&layout.distinct)?;
+        self.person.append_slice(layout.person.values());
+        for &(key, kind, column) in &layout.typed {
+            // As `append`: a key gets a column with its first value, and a value of another
+            // type than its column's goes to the key's text column (below).
+            if column.null_count() == rows || conflicting.contains(&key) {
+                continue;
+            }
+            let b = match self.props.get_mut(key) {
+                Some(b) => b,
+                None => self
+                    .props
+                    .entry(key.to_string())
+                    .or_insert_with(|| PropBuilder::of_kind(kind)),
+            };
+            b.pad_to(start);
+            b.extend(column)?;
+        }
+        let mut text_keys: Vec<&str> = layout.texts.iter().map(|(k, _)| *k).collect();
+        for key in &conflicting {
+            if !text_keys.contains(key) {
+                text_keys.push(key);
+            }
+        }
+        for key in text_keys {
+            let text = layout.texts.iter().find(|(k, _)| *k == key).map(|(_, c)| {
+                use arrow::array::AsArray;
+                c.as_string::<i32>()
+            });
+            let typed = conflicting
+                .contains(&key)
+                .then(|| layout.typed.iter().find(|(k, ..)| *k == key))
+                .flatten()
+                .map(|&(_, kind, column)| (kind, column));
+            if typed.is_none() && text.is_some_and(|t| arrow::array::Array::null_count(t) == rows) {
+                continue;
+            }
+            let b = match self.texts.get_mut(key) {
+                Some(b) => b,
+                None => self.texts.entry(key.to_string()).or_default(),
+            };
+            (b.len()..start).for_each(|_| b.append_null());
+            match (typed, text) {
+                (None, Some(text)) => b.append_array(text)?,
+                _ => {
+                    for row in 0..rows {
+                        use arrow::array::Array;
+                        let value = typed
+                            .and_then(|(kind, column)| typed_value(column, kind, row))
+                            .map(render_coerced)
+                            .or_else(|| {
+                                text.filter(|t| t.is_valid(row))
+                                    .map(|t| t.value(row).to_string())
+                            });
+                        b.append_option(value);
+                    }
+                }
+            }
+        }
+        self.rows += rows;
+        Ok(())
     }
 
     /// The rows so far as a batch, in the order they were appended; the builder keeps them.
@@ -699,6 +962,49 @@ mod tests {
             let finished = builder.finish();
             prop_assert_eq!(&finished, &shown);
             prop_assert_eq!(builder.len(), 0);
+        }
+
+        /// Replicas append a proposal's rows column by column; the node that built them
+        /// appended its events one by one. Over several proposals, with sparse keys, values
+        /// that do not fit a key's type, and a key whose type differs from one proposal to the
+        /// next, both must hold the same rows.
+        #[test]
+        fn appending_a_batch_gives_what_appending_its_events_gives(
+            proposals in proptest::collection::vec(
+                (0u8..4, proptest::collection::vec((any::<bool>(), 0u8..3, -1e3f64..1e3, "[a-c]{0,2}"), 1..30)),
+                1..5,
+            )
+        ) {
+            let mut by_event = ChunkBuilder::default();
+            let mut by_batch = ChunkBuilder::default();
+            let mut i = 0;
+            for (kind_of_k, rows) in &proposals {
+                let mut proposal = ChunkBuilder::default();
+                for (has_k, other, n, text) in rows {
+                    let mut props = vec![];
+                    if *has_k {
+                        // One type for `k` within a proposal, as a project's schema gives.
+                        props.push(("k".to_string(), match kind_of_k {
+                            0 => Coerced::Num(*n),
+                            1 => Coerced::Str(text.clone()),
+                            2 => Coerced::Bool(*n > 0.0),
+                            _ => Coerced::DateTimeMs(*n as i64),
+                        }));
+                    }
+                    match other {
+                        0 => props.push(("m".to_string(), Coerced::Mismatch(text.clone()))),
+                        1 => props.push(("s".to_string(), Coerced::Str(text.clone()))),
+                        _ => {}
+                    }
+                    let e = event(i, props);
+                    i += 1;
+                    by_event.append(&e);
+                    proposal.append(&e);
+                }
+                by_batch.append_batch(&proposal.finish()).unwrap();
+            }
+            prop_assert_eq!(by_batch.len(), by_event.len());
+            prop_assert_eq!(by_batch.finish(), by_event.finish());
         }
 
         #[test]

@@ -42,49 +42,146 @@ pub enum PartitionCommand {
         #[serde(with = "serde_bytes")]
         events: Vec<u8>,
     },
+    /// Store events of a project, as the rows of a chunk: what proposals are made of. Every
+    /// replica applies every entry; reading the events one by one (decoding each string, then
+    /// appending it to the columns) was most of a replica's work, where appending a column
+    /// whole is a copy and a dictionary merge. `Ingest` stays for entries already in logs.
+    IngestRows {
+        /// The project.
+        project: ProjectId,
+        /// Identifies the proposal on the node that made it (see [`LocalProposals`]).
+        token: u128,
+        /// The rows of each request, in order, as in `Ingest`.
+        parts: Vec<u32>,
+        /// A [`ChunkBuilder`] batch of the events, [`encode_rows`]-encoded (Arrow IPC,
+        /// LZ4-compressed).
+        #[serde(with = "serde_bytes")]
+        rows: Vec<u8>,
+        /// The person properties the events set, by row (most set none).
+        person_sets: Vec<PersonSets>,
+    },
 }
 
-/// Encodes events for a command: bincode, LZ4-compressed (events repeat property keys and
-/// values, so the Raft log and sled write a third as many bytes).
-pub fn encode_events(events: &[StoredEvent]) -> Vec<u8> {
+/// The person properties one event sets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersonSets {
+    /// The event's row in its proposal.
+    pub row: u32,
+    /// Person properties to set.
+    pub set: Vec<(String, PropValue)>,
+    /// Person properties to set once.
+    pub set_once: Vec<(String, PropValue)>,
+}
+
+/// A proposal's events as a command carries them: their rows and the person properties they
+/// set.
+#[derive(Debug, Clone)]
+pub struct ProposedRows {
+    /// The rows, a [`ChunkBuilder`] batch.
+    pub batch: RecordBatch,
+    /// The person properties the events set, by row.
+    pub person_sets: Vec<PersonSets>,
+}
+
+impl ProposedRows {
+    /// The rows of `events`, in order.
+    pub fn of(events: &[StoredEvent]) -> ProposedRows {
+        let mut builder = ChunkBuilder::default();
+        let mut person_sets = Vec::new();
+        for (row, e) in events.iter().enumerate() {
+            builder.append(e);
+            if !(e.person_set.is_empty() && e.person_set_once.is_empty()) {
+                person_sets.push(PersonSets {
+                    row: row as u32,
+                    set: e.person_set.clone(),
+                    set_once: e.person_set_once.clone(),
+                });
+            }
+        }
+        ProposedRows {
+            batch: builder.finish(),
+            person_sets,
+        }
+    }
+}
+
+/// Compresses `raw` with LZ4, its length first (what [`decompress_framed`] reads).
+fn compress_framed(raw: &[u8]) -> Vec<u8> {
     thread_local! {
         // Reused across calls: a fresh buffer of this size per batch cost more in page faults
-        // (the allocator hands back newly mapped, zeroed pages) than the encoding itself.
-        static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> = const {
-            std::cell::RefCell::new((Vec::new(), Vec::new()))
-        };
+        // (the allocator hands back newly mapped, zeroed pages) than the compression itself.
+        static OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    SCRATCH.with_borrow_mut(|(raw, compressed)| {
-        raw.clear();
-        optiprism_consensus::encode_into(&events, raw);
-        compressed.clear();
-        compressed.resize(4 + lz4_flex::block::get_maximum_output_size(raw.len()), 0);
-        compressed[..4].copy_from_slice(&(raw.len() as u32).to_le_bytes());
-        let len = lz4_flex::block::compress_into(raw, &mut compressed[4..])
+    OUT.with_borrow_mut(|out| {
+        out.clear();
+        out.resize(4 + lz4_flex::block::get_maximum_output_size(raw.len()), 0);
+        out[..4].copy_from_slice(&(raw.len() as u32).to_le_bytes());
+        let len = lz4_flex::block::compress_into(raw, &mut out[4..])
             .expect("the output buffer has the maximum compressed size");
-        let out = compressed[..4 + len].to_vec();
-        // Keep the scratch from pinning the memory of one unusually large batch.
+        let framed = out[..4 + len].to_vec();
+        if out.capacity() > SCRATCH_KEEP_BYTES {
+            *out = Vec::new();
+        }
+        framed
+    })
+}
+
+/// Encodes a [`ChunkBuilder`] batch for a command: Arrow IPC compressed whole with LZ4 (the
+/// IPC format's own compression works buffer by buffer, and a proposal's columns are small).
+pub fn encode_rows(batch: &RecordBatch) -> Vec<u8> {
+    thread_local! {
+        static RAW: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    RAW.with_borrow_mut(|raw| {
+        raw.clear();
+        {
+            let mut writer =
+                arrow_ipc::writer::StreamWriter::try_new(&mut *raw, batch.schema_ref())
+                    .expect("a chunk schema encodes");
+            writer.write(batch).expect("writing to memory");
+            writer.finish().expect("writing to memory");
+        }
+        let out = compress_framed(raw);
         if raw.capacity() > SCRATCH_KEEP_BYTES {
             *raw = Vec::new();
-            *compressed = Vec::new();
         }
         out
     })
 }
 
-/// The largest scratch buffer [`encode_events`] keeps between calls.
+/// Decodes what [`encode_rows`] wrote, checked to be of [`ChunkBuilder`] layout.
+fn decode_rows(bytes: &[u8], raw: &mut Vec<u8>) -> Result<RecordBatch, CoreError> {
+    let raw = decompress_framed(bytes, raw)?;
+    let mut reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(raw), None)?;
+    let batch = reader.next().ok_or("a command without rows")??;
+    if reader.next().is_some() {
+        return Err("a command with more than one batch of rows".into());
+    }
+    chunk::BatchLayout::read(&batch)?;
+    Ok(batch)
+}
+
+/// Encodes events for an `Ingest` command, as nodes did before proposals carried rows:
+/// bincode, LZ4-compressed. Only tests write these now; apply still reads them.
+#[cfg(test)]
+pub fn encode_events(events: &[StoredEvent]) -> Vec<u8> {
+    let mut raw = Vec::new();
+    optiprism_consensus::encode_into(&events, &mut raw);
+    compress_framed(&raw)
+}
+
+/// The largest scratch buffer kept between calls.
 const SCRATCH_KEEP_BYTES: usize = 8 << 20;
 
 /// The largest decoded size a command's events may claim: a corrupt length must fail the
 /// command, not allocate gigabytes (the transport refuses larger frames anyway).
 const MAX_DECODED_EVENTS_BYTES: usize = 512 << 20;
 
-/// Decompresses what [`encode_events`] wrote into `raw`, for the events to be decoded from it
-/// borrowing their text ([`StoredEventRef`]). Replicas apply every entry this way, so `raw`
-/// is a buffer kept between entries: a fresh allocation of each entry's size cost more in page
-/// faults (the allocator returns freed large blocks to the system, and each new one is zeroed
-/// again) than the decoding itself.
-fn decompress_events<'r>(bytes: &[u8], raw: &'r mut Vec<u8>) -> Result<&'r [u8], CoreError> {
+/// Decompresses what [`encode_events`] or [`encode_rows`] wrote into `raw`. Replicas apply
+/// every entry this way, so `raw` is a buffer kept between entries: a fresh allocation of each
+/// entry's size cost more in page faults (the allocator returns freed large blocks to the
+/// system, and each new one is zeroed again) than the decoding itself.
+fn decompress_framed<'r>(bytes: &[u8], raw: &'r mut Vec<u8>) -> Result<&'r [u8], CoreError> {
     let (len, body) = lz4_flex::block::uncompressed_size(bytes)?;
     if len > MAX_DECODED_EVENTS_BYTES {
         return Err(format!("a command claims {len} bytes of events").into());
@@ -102,7 +199,7 @@ fn decompress_events<'r>(bytes: &[u8], raw: &'r mut Vec<u8>) -> Result<&'r [u8],
 #[cfg(test)]
 fn decode_events(bytes: &[u8]) -> Result<Vec<StoredEvent>, CoreError> {
     let mut raw = Vec::new();
-    Ok(optiprism_consensus::decode(decompress_events(
+    Ok(optiprism_consensus::decode(decompress_framed(
         bytes, &mut raw,
     )?)?)
 }
@@ -113,27 +210,35 @@ fn decode_events(bytes: &[u8]) -> Result<Vec<StoredEvent>, CoreError> {
 enum PartitionCommandRef<'a> {
     Ingest {
         project: ProjectId,
-        token: u128,
+        _token: u128,
         parts: Vec<u32>,
         #[serde(borrow)]
         events: &'a [u8],
     },
+    IngestRows {
+        project: ProjectId,
+        token: u128,
+        parts: Vec<u32>,
+        #[serde(borrow)]
+        rows: &'a [u8],
+        person_sets: Vec<PersonSets>,
+    },
 }
 
-/// Events this node proposed, already decoded, keyed by the proposal's token: applying its own
-/// proposals, the node takes them from here instead of decoding the log entry again. Replicas
-/// (and replay after a restart) decode the entry; both give the same events.
+/// Rows this node proposed, keyed by the proposal's token: applying its own proposals, the
+/// node takes them from here instead of decoding the log entry again. Replicas (and replay
+/// after a restart) decode the entry; both give the same rows.
 #[derive(Debug, Clone, Default)]
-pub struct LocalProposals(Arc<Mutex<HashMap<u128, Vec<StoredEvent>>>>);
+pub struct LocalProposals(Arc<Mutex<HashMap<u128, ProposedRows>>>);
 
 impl LocalProposals {
-    /// Registers the events of a proposal about to be made.
-    pub fn insert(&self, token: u128, events: Vec<StoredEvent>) {
-        self.0.lock().insert(token, events);
+    /// Registers the rows of a proposal about to be made.
+    pub fn insert(&self, token: u128, rows: ProposedRows) {
+        self.0.lock().insert(token, rows);
     }
 
     /// Takes them back (at apply, or when the proposal failed).
-    pub fn take(&self, token: u128) -> Option<Vec<StoredEvent>> {
+    pub fn take(&self, token: u128) -> Option<ProposedRows> {
         self.0.lock().remove(&token)
     }
 }
@@ -592,27 +697,116 @@ impl PartitionCore {
     /// Applies an ingest command: the events of each part, deduplicated, become unsealed rows
     /// and update their persons. Fails (changing nothing) when the command cannot be read.
     fn apply_ingest(&mut self, command: &[u8]) -> Result<Vec<IngestOutcome>, CoreError> {
-        let PartitionCommandRef::Ingest {
-            project,
-            token,
-            parts,
-            events,
-        } = optiprism_consensus::decode_borrowed(command)?;
-        let outcomes = match self.local.take(token) {
-            Some(events) => self.ingest_parts(project, &parts, &events)?,
-            None => {
-                let mut raw = std::mem::take(&mut self.raw);
-                let decoded: Vec<StoredEventRef<'_>> =
-                    optiprism_consensus::decode_borrowed(decompress_events(events, &mut raw)?)?;
-                let outcomes = self.ingest_parts(project, &parts, &decoded)?;
-                drop(decoded);
-                // Keep the buffer from pinning the memory of one unusually large entry.
-                if raw.capacity() <= SCRATCH_KEEP_BYTES {
-                    self.raw = raw;
+        let mut raw = std::mem::take(&mut self.raw);
+        let outcomes = match optiprism_consensus::decode_borrowed(command)? {
+            PartitionCommandRef::IngestRows {
+                project,
+                token,
+                parts,
+                rows,
+                person_sets,
+            } => match self.local.take(token) {
+                Some(local) => {
+                    self.ingest_rows(project, &parts, &local.batch, &local.person_sets)?
                 }
-                outcomes
+                None => {
+                    let batch = decode_rows(rows, &mut raw)?;
+                    self.ingest_rows(project, &parts, &batch, &person_sets)?
+                }
+            },
+            PartitionCommandRef::Ingest {
+                project,
+                parts,
+                events,
+                ..
+            } => {
+                let decoded: Vec<StoredEventRef<'_>> =
+                    optiprism_consensus::decode_borrowed(decompress_framed(events, &mut raw)?)?;
+                self.ingest_parts(project, &parts, &decoded)?
             }
         };
+        // Keep the buffer from pinning the memory of one unusually large entry.
+        if raw.capacity() <= SCRATCH_KEEP_BYTES {
+            self.raw = raw;
+        }
+        Ok(outcomes)
+    }
+
+    /// Ingests the rows of each part in turn, one outcome per part: what [`Self::ingest_parts`]
+    /// does with the events the rows were built from, reading the columns instead.
+    fn ingest_rows(
+        &mut self,
+        project: ProjectId,
+        parts: &[u32],
+        batch: &RecordBatch,
+        person_sets: &[PersonSets],
+    ) -> Result<Vec<IngestOutcome>, CoreError> {
+        let layout = chunk::BatchLayout::read(batch)?;
+        let rows = batch.num_rows();
+        let total: u64 = parts.iter().map(|&n| u64::from(n)).sum();
+        if total != rows as u64 {
+            return Err(format!("parts name {total} events, the command holds {rows}").into());
+        }
+        if person_sets.iter().any(|s| s.row as usize >= rows)
+            || person_sets.windows(2).any(|w| w[0].row >= w[1].row)
+        {
+            return Err("person properties name rows out of order or out of range".into());
+        }
+        let mut keep = Vec::with_capacity(rows);
+        let mut outcomes = Vec::with_capacity(parts.len());
+        let mut sets = person_sets.iter().peekable();
+        let mut data = self.data.write();
+        let data = &mut *data;
+        let mut row = 0;
+        for &n in parts {
+            let mut outcome = IngestOutcome::default();
+            for _ in 0..n {
+                let sets_here = sets.next_if(|s| s.row as usize == row);
+                if !data
+                    .seen
+                    .insert(message_key(project, layout.uuid.value(row)))
+                {
+                    outcome.duplicates += 1;
+                    keep.push(false);
+                    row += 1;
+                    continue;
+                }
+                let (person_id, timestamp_ms) =
+                    (layout.person.value(row), layout.timestamp.value(row));
+                let key = (project, PersonId(person_id));
+                let person = data.persons.entry(key).or_insert_with(|| PersonRow {
+                    created_at_ms: timestamp_ms,
+                    ..PersonRow::default()
+                });
+                person.created_at_ms = person.created_at_ms.min(timestamp_ms);
+                let distinct_id = arrow::array::ArrayAccessor::value(&layout.distinct, row);
+                if !person.distinct_ids.iter().any(|d| d == distinct_id) {
+                    person.distinct_ids.push(distinct_id.to_string());
+                }
+                if let Some(sets) = sets_here {
+                    update_person(person, &sets.set, &sets.set_once);
+                }
+                self.dirty_persons.insert(key);
+                keep.push(true);
+                outcome.accepted += 1;
+                row += 1;
+            }
+            outcomes.push(outcome);
+        }
+        let pending = &mut data.pending.entry(project).or_default().rows;
+        let appended = if keep.iter().all(|&k| k) {
+            pending.append_batch(batch)
+        } else {
+            let kept = arrow::compute::filter_record_batch(
+                batch,
+                &arrow::array::BooleanArray::from(keep),
+            )?;
+            pending.append_batch(&kept)
+        };
+        // The batch was checked above, so only a column past 2 GiB could fail here, and then
+        // its persons are already updated: stop rather than go on with the two apart.
+        appended.expect("appending checked rows");
+        self.unsealed += outcomes.iter().map(|o| o.accepted as usize).sum::<usize>();
         Ok(outcomes)
     }
 
@@ -663,15 +857,7 @@ impl PartitionCore {
             if !person.distinct_ids.iter().any(|d| d == e.distinct_id()) {
                 person.distinct_ids.push(e.distinct_id().to_string());
             }
-            for (k, v) in e.person_set() {
-                person.properties.insert(k.clone(), v.clone());
-            }
-            for (k, v) in e.person_set_once() {
-                person
-                    .properties
-                    .entry(k.clone())
-                    .or_insert_with(|| v.clone());
-            }
+            update_person(person, e.person_set(), e.person_set_once());
             self.dirty_persons.insert(key);
             pending.rows.append(e);
             outcome.accepted += 1;
@@ -723,6 +909,23 @@ impl PartitionCore {
         self.sealer.wait_idle()?;
         self.marker = Some(marker.to_vec());
         Ok(())
+    }
+}
+
+/// Sets a person's properties as an event asks.
+fn update_person(
+    person: &mut PersonRow,
+    set: &[(String, PropValue)],
+    set_once: &[(String, PropValue)],
+) {
+    for (k, v) in set {
+        person.properties.insert(k.clone(), v.clone());
+    }
+    for (k, v) in set_once {
+        person
+            .properties
+            .entry(k.clone())
+            .or_insert_with(|| v.clone());
     }
 }
 
@@ -869,6 +1072,7 @@ impl StateMachineCore for PartitionCore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use optiprism_types::event::Coerced;
 
     fn event(message_id: &str, person: u64) -> StoredEvent {
         StoredEvent {
@@ -884,6 +1088,19 @@ mod tests {
     }
 
     fn command(token: u128, parts: &[&[StoredEvent]]) -> Vec<u8> {
+        let events: Vec<StoredEvent> = parts.iter().flat_map(|p| p.iter().cloned()).collect();
+        let proposed = ProposedRows::of(&events);
+        optiprism_consensus::encode(&PartitionCommand::IngestRows {
+            project: ProjectId(1),
+            token,
+            parts: parts.iter().map(|p| p.len() as u32).collect(),
+            rows: encode_rows(&proposed.batch),
+            person_sets: proposed.person_sets,
+        })
+    }
+
+    /// An entry as nodes wrote it before proposals carried rows.
+    fn legacy_command(token: u128, parts: &[&[StoredEvent]]) -> Vec<u8> {
         let events: Vec<StoredEvent> = parts.iter().flat_map(|p| p.iter().cloned()).collect();
         optiprism_consensus::encode(&PartitionCommand::Ingest {
             project: ProjectId(1),
@@ -913,7 +1130,7 @@ mod tests {
         assert_eq!(outcomes(&applied), [(2, 0), (1, 2)]);
         // Decoded from the log (a replica) or taken from this node's own proposal: the same.
         let events: Vec<StoredEvent> = [event("d", 4), event("a", 1)].into();
-        core.local_proposals().insert(8, events.clone());
+        core.local_proposals().insert(8, ProposedRows::of(&events));
         let local = core.apply(2, &command(8, &[&events]));
         let decoded = core.apply(3, &command(9, &[&[event("e", 5), event("d", 4)]]));
         assert_eq!(outcomes(&local), [(1, 1)]);
@@ -1059,6 +1276,113 @@ mod tests {
         assert_eq!(snapshot.chunks.iter().map(|c| c.rows).sum::<u64>(), 5);
     }
 
+    /// The rows and persons of a core, to compare two of them.
+    fn contents(core: &PartitionCore) -> (String, Vec<(ProjectId, PersonId, PersonRow)>) {
+        let data = core.data();
+        let data = data.read();
+        let rows = data.rows(ProjectId(1), i64::MIN, i64::MAX, None);
+        let mut persons: Vec<_> = data
+            .persons
+            .iter()
+            .map(|((project, person), row)| (*project, *person, row.clone()))
+            .collect();
+        persons.sort_by_key(|(project, person, _)| (*project, *person));
+        // Compared by value: rows filtered of a duplicate keep its strings in their
+        // dictionaries, unused.
+        let values: Vec<Vec<arrow::array::ArrayRef>> = rows
+            .batches
+            .iter()
+            .map(|b| {
+                b.columns()
+                    .iter()
+                    .map(|c| match c.data_type() {
+                        arrow::datatypes::DataType::Dictionary(_, v) => {
+                            arrow::compute::cast(c, v).unwrap()
+                        }
+                        _ => Arc::clone(c),
+                    })
+                    .collect()
+            })
+            .collect();
+        (format!("{values:?}"), persons)
+    }
+
+    #[test]
+    fn entries_written_as_events_apply_as_entries_of_rows_do() {
+        let with_props = |id: &str, person: u64, plan: &str| StoredEvent {
+            props: vec![
+                ("plan".into(), Coerced::Str(plan.into())),
+                ("n".into(), Coerced::Mismatch("x".into())),
+            ],
+            person_set: vec![("name".into(), PropValue::Str(format!("p{person}")))],
+            person_set_once: vec![("first".into(), PropValue::Str(id.into()))],
+            ..event(id, person)
+        };
+        let first = [
+            with_props("a", 1, "pro"),
+            event("b", 2),
+            with_props("a", 1, "x"),
+        ];
+        let second = [event("c", 3), with_props("d", 1, "team")];
+        let (dir_rows, dir_events) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (db_rows, db_events) = (
+            sled::open(dir_rows.path()).unwrap(),
+            sled::open(dir_events.path()).unwrap(),
+        );
+        let mut rows = PartitionCore::open(&db_rows, PartitionId(0), 1 << 20).unwrap();
+        let mut events = PartitionCore::open(&db_events, PartitionId(0), 1 << 20).unwrap();
+        let a = rows.apply(1, &command(1, &[&first, &second]));
+        let b = events.apply(1, &legacy_command(1, &[&first, &second]));
+        assert_eq!(outcomes(&a), [(2, 1), (2, 0)]);
+        assert_eq!(outcomes(&a), outcomes(&b));
+        assert_eq!(contents(&rows), contents(&events));
+        let person = &contents(&rows).1[0].2;
+        assert_eq!(person.properties["name"], PropValue::Str("p1".into()));
+        assert_eq!(person.properties["first"], PropValue::Str("a".into()));
+    }
+
+    #[test]
+    fn an_entry_whose_rows_cannot_be_read_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut core = PartitionCore::open(&db, PartitionId(0), 1 << 20).unwrap();
+        let good = ProposedRows::of(&[event("a", 1), event("b", 2)]);
+        let entry = |rows: Vec<u8>, person_sets: Vec<PersonSets>| {
+            optiprism_consensus::encode(&PartitionCommand::IngestRows {
+                project: ProjectId(1),
+                token: 1,
+                parts: vec![2],
+                rows,
+                person_sets,
+            })
+        };
+        // Not compressed rows, not IPC, rows of another layout, person properties of a row
+        // the entry does not have.
+        let not_ipc = compress_framed(b"not arrow");
+        let other_layout = encode_rows(&good.batch.project(&[0, 2, 1, 3, 4]).unwrap());
+        let stray = vec![PersonSets {
+            row: 2,
+            set: vec![],
+            set_once: vec![],
+        }];
+        for bad in [
+            entry(b"junk".to_vec(), vec![]),
+            entry(not_ipc, vec![]),
+            entry(other_layout, vec![]),
+            entry(encode_rows(&good.batch), stray),
+        ] {
+            assert!(outcomes(&core.apply(1, &bad)).is_empty());
+        }
+        assert_eq!(contents(&core).1.len(), 0);
+        assert_eq!(
+            core.data().read().rows(ProjectId(1), 0, 2_000, None).rows,
+            0
+        );
+        // The same rows, readable: stored.
+        let ok = core.apply(2, &entry(encode_rows(&good.batch), vec![]));
+        assert_eq!(outcomes(&ok), [(2, 0)]);
+    }
+
     fn any_coerced() -> impl proptest::strategy::Strategy<Value = optiprism_types::event::Coerced> {
         use optiprism_types::event::Coerced;
         use proptest::prelude::*;
@@ -1123,7 +1447,7 @@ mod tests {
             let bytes = encode_events(&events);
             let mut raw = Vec::new();
             let borrowed: Vec<StoredEventRef<'_>> =
-                optiprism_consensus::decode_borrowed(decompress_events(&bytes, &mut raw).unwrap()).unwrap();
+                optiprism_consensus::decode_borrowed(decompress_framed(&bytes, &mut raw).unwrap()).unwrap();
             proptest::prop_assert_eq!(&decode_events(&bytes).unwrap(), &events);
             proptest::prop_assert_eq!(borrowed.len(), events.len());
             for (owned, read) in events.iter().zip(&borrowed) {
