@@ -1125,6 +1125,18 @@ async fn ensure_default_project(
     Ok(())
 }
 
+/// How long from `now` until the wall clock is next at `phase` (0..1) of a `step`.
+fn until_phase(now: std::time::SystemTime, step: Duration, phase: f64) -> Duration {
+    let step_ns = step.as_nanos().max(1);
+    let now_ns = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let offset = (phase.clamp(0.0, 1.0) * step_ns as f64) as u128 % step_ns;
+    let into = (now_ns + step_ns - offset) % step_ns;
+    Duration::from_nanos(u64::try_from(step_ns - into).unwrap_or(u64::MAX))
+}
+
 /// Seals partitions periodically so the Raft log (the write-ahead log of unsealed rows) and
 /// replay after a crash stay short: each partition at least every `seal-interval`, one at a
 /// time in turn (a tick every interval divided by the partitions held). Sealing sorts, encodes
@@ -1141,17 +1153,13 @@ pub fn spawn_sealer(node: Arc<NodeShared>) -> tokio::task::JoinHandle<()> {
     let phase = (node.node_id as f64 * 0.618_033_988_75).fract();
     tokio::spawn(async move {
         let mut turn = (phase * node.hosted().len() as f64) as usize;
-        let mut first = true;
         loop {
             let hosted = node.hosted();
             let step = interval / u32::try_from(hosted.len().max(1)).unwrap_or(u32::MAX);
-            tokio::time::sleep(if first {
-                step.mul_f64(1.0 + phase)
-            } else {
-                step
-            })
-            .await;
-            first = false;
+            // Steps fall on the wall clock, at this member's phase of the step: members
+            // started at different moments (or restarted) still seal apart, where offsets from
+            // each one's start cancelled out as often as not.
+            tokio::time::sleep(until_phase(std::time::SystemTime::now(), step, phase)).await;
             if node.is_shutting_down() {
                 return;
             }
@@ -1171,4 +1179,41 @@ pub fn spawn_sealer(node: Arc<NodeShared>) -> tokio::task::JoinHandle<()> {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::until_phase;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn seal_steps_fall_on_each_members_phase_of_the_wall_clock() {
+        let step = Duration::from_millis(1_000);
+        let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+        // Phase 0.25 of a 1 s step: every 250 ms past a whole second.
+        assert_eq!(
+            until_phase(at(10_000), step, 0.25),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            until_phase(at(10_100), step, 0.25),
+            Duration::from_millis(150)
+        );
+        assert_eq!(
+            until_phase(at(10_900), step, 0.25),
+            Duration::from_millis(350)
+        );
+        // Exactly at the phase: the next step, never a zero wait that would spin.
+        assert_eq!(until_phase(at(10_250), step, 0.25), step);
+        // Whatever moment two members ask, they wake at their own phases, apart.
+        for now in [0, 1, 333, 999, 123_456_789] {
+            let a = at(now) + until_phase(at(now), step, 0.618);
+            let b = at(now) + until_phase(at(now), step, 0.236);
+            let gap = a.duration_since(b).unwrap_or_else(|e| e.duration());
+            assert!(
+                gap >= Duration::from_millis(381) && gap <= Duration::from_millis(619),
+                "{gap:?}"
+            );
+        }
+    }
 }
