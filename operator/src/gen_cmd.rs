@@ -60,7 +60,7 @@ pub(crate) struct GenArgs {
     /// Also write one CSV line per batch (`sent_unix_ms,latency_ms`: when it left and how long
     /// its acknowledgement took) to this file, to line slow batches up with what the nodes
     /// logged at that moment.
-    #[arg(long, requires = "target")]
+    #[arg(long)]
     latency_log: Option<PathBuf>,
 }
 
@@ -98,6 +98,9 @@ fn progress(total: u64, what: &str) -> ProgressBar {
 /// Runs `prismctl gen`.
 pub(crate) fn run(args: GenArgs) -> anyhow::Result<()> {
     let config = config(&args)?;
+    if args.latency_log.is_some() && args.target.is_none() {
+        bail!("--latency-log records the batches sent with --target; give --target too");
+    }
     match (&args.target, &args.out) {
         (Some(target), None) => send(&args, config, target),
         (None, Some(out)) => write_file(config, out),
