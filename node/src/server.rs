@@ -1134,7 +1134,13 @@ fn until_phase(now: std::time::SystemTime, step: Duration, phase: f64) -> Durati
         .as_nanos();
     let offset = (phase.clamp(0.0, 1.0) * step_ns as f64) as u128 % step_ns;
     let into = (now_ns + step_ns - offset) % step_ns;
-    Duration::from_nanos(u64::try_from(step_ns - into).unwrap_or(u64::MAX))
+    let mut wait = step_ns - into;
+    // Timers run on the monotonic clock and the phase is read from the wall clock: a wake just
+    // short of the phase (the wall clock slewed back) would otherwise tick twice in a row.
+    if wait * 10 < step_ns {
+        wait += step_ns;
+    }
+    Duration::from_nanos(u64::try_from(wait).unwrap_or(u64::MAX))
 }
 
 /// Seals partitions periodically so the Raft log (the write-ahead log of unsealed rows) and
@@ -1205,6 +1211,12 @@ mod tests {
         );
         // Exactly at the phase: the next step, never a zero wait that would spin.
         assert_eq!(until_phase(at(10_250), step, 0.25), step);
+        // Just short of it (a wake on the monotonic clock while the wall clock slewed back):
+        // the step after, not two ticks in a row.
+        assert_eq!(
+            until_phase(at(10_240), step, 0.25),
+            Duration::from_millis(1_010)
+        );
         // Whatever moment two members ask, they wake at their own phases, apart.
         for now in [0, 1, 333, 999, 123_456_789] {
             let a = at(now) + until_phase(at(now), step, 0.618);

@@ -323,60 +323,86 @@ fn send(args: &GenArgs, config: GenConfig, target: &str) -> anyhow::Result<()> {
             .map(|rate| Duration::from_secs_f64(args.batch_size as f64 / rate));
         let started = Instant::now();
         let started_at = std::time::SystemTime::now();
+        // Shared, so the batches acknowledged before a failure still reach the latency log
+        // (when it is most wanted).
+        let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+        // Set by the first worker that fails: the others stop taking batches.
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut workers = Vec::new();
         for _ in 0..args.concurrency {
-            let (queue, client, url, key, bar) = (
+            let (queue, client, url, key, bar, latencies) = (
                 Arc::clone(&queue),
                 client.clone(),
                 url.clone(),
                 write_key.clone(),
                 bar.clone(),
+                Arc::clone(&latencies),
             );
+            let failed = Arc::clone(&failed);
             workers.push(tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                loop {
-                    let Some((k, (n, body))) = queue.lock().await.next() else {
-                        break;
-                    };
-                    if let Some(interval) = batch_interval {
-                        tokio::time::sleep_until((started + interval * k as u32).into()).await;
-                    }
-                    let sent = Instant::now();
-                    let mut attempts = 0;
+                let sending = async {
                     loop {
-                        let response = client
-                            .post(&url)
-                            .basic_auth(&key, Some(""))
-                            .body(body.clone())
-                            .send()
-                            .await?;
-                        let status = response.status();
-                        if status.is_success() {
+                        if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        let Some((k, (n, body))) = queue.lock().await.next() else {
                             break;
+                        };
+                        if let Some(interval) = batch_interval {
+                            tokio::time::sleep_until((started + interval * k as u32).into()).await;
                         }
-                        attempts += 1;
-                        if status.as_u16() != 503 || attempts > 50 {
-                            anyhow::bail!(
-                                "{url} answered {status}: {}",
-                                response.text().await.unwrap_or_default()
-                            );
+                        let sent = Instant::now();
+                        let mut attempts = 0;
+                        loop {
+                            let response = client
+                                .post(&url)
+                                .basic_auth(&key, Some(""))
+                                .body(body.clone())
+                                .send()
+                                .await?;
+                            let status = response.status();
+                            if status.is_success() {
+                                break;
+                            }
+                            attempts += 1;
+                            if status.as_u16() != 503 || attempts > 50 {
+                                anyhow::bail!(
+                                    "{url} answered {status}: {}",
+                                    response.text().await.unwrap_or_default()
+                                );
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
                         }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let latency = sent.elapsed();
+                        latencies
+                            .lock()
+                            .expect("no worker panics holding it")
+                            .push((sent - started, latency));
+                        bar.inc(n as u64);
                     }
-                    latencies.push((sent - started, sent.elapsed()));
-                    bar.inc(n as u64);
+                    Ok(())
+                };
+                let result: anyhow::Result<()> = sending.await;
+                if result.is_err() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                Ok::<_, anyhow::Error>(latencies)
+                result
             }));
         }
-        let mut latencies = Vec::new();
+        let mut failure = None;
         for w in workers {
-            latencies.extend(w.await??);
+            if let Err(e) = w.await.map_err(anyhow::Error::from).and_then(|r| r) {
+                failure.get_or_insert(e);
+            }
         }
         let elapsed = started.elapsed();
         bar.finish_and_clear();
+        let mut latencies = std::mem::take(&mut *latencies.lock().expect("workers are done"));
         if let Some(path) = &args.latency_log {
             write_latency_log(path, started_at, &mut latencies)?;
+        }
+        if let Some(e) = failure {
+            return Err(e);
         }
         let mut latencies: Vec<Duration> = latencies.into_iter().map(|(_, l)| l).collect();
         latencies.sort();

@@ -180,7 +180,7 @@ fn message(
                 } else {
                     "$screen_name"
                 };
-                props.push((key.to_string(), PropValue::Str(name.into_owned())));
+                set_property(&mut props, key, PropValue::Str(name.into_owned()));
             }
             (
                 if kind == "page" {
@@ -194,7 +194,7 @@ fn message(
         }
         "group" => {
             if let Some(group) = m.group_id.0 {
-                props.push(("$group_key".into(), PropValue::Str(group)));
+                set_property(&mut props, "$group_key", PropValue::Str(group));
             }
             ("$groupidentify".to_string(), Vec::new())
         }
@@ -234,6 +234,13 @@ fn message(
         person_set_once: Vec::new(),
     });
     Ok(())
+}
+
+/// Sets `key`, replacing a property of that name the message also sent: the event keeps one
+/// value per key, and the message's own field (a page's `name`, a group's id) is the one meant.
+fn set_property(props: &mut Vec<(String, PropValue)>, key: &str, value: PropValue) {
+    props.retain(|(k, _)| k != key);
+    props.push((key.to_string(), value));
 }
 
 #[cfg(test)]
@@ -289,5 +296,32 @@ mod tests {
         .unwrap();
         assert_eq!(parsed.events[0].event, "e");
         assert!(parsed.events[0].message_id.starts_with("h-"));
+    }
+
+    #[test]
+    fn a_messages_own_field_replaces_a_property_of_the_same_name() {
+        let body = br#"{"batch":[
+            {"type":"page","userId":"u","name":"Home","properties":{"name":"theirs","path":"/"},"messageId":"p1"},
+            {"type":"group","userId":"u","groupId":"g1","traits":{},"properties":{"$group_key":"x"},"messageId":"g1"}
+        ]}"#;
+        let parsed = parse(body, None, &ctx()).unwrap();
+        let names: Vec<_> = parsed.events[0]
+            .properties
+            .iter()
+            .filter(|(k, _)| k == "name")
+            .collect();
+        assert_eq!(
+            names,
+            [&("name".to_string(), PropValue::Str("Home".into()))]
+        );
+        let keys: Vec<_> = parsed.events[1]
+            .properties
+            .iter()
+            .filter(|(k, _)| k == "$group_key")
+            .collect();
+        assert_eq!(
+            keys,
+            [&("$group_key".to_string(), PropValue::Str("g1".into()))]
+        );
     }
 }

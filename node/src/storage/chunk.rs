@@ -358,7 +358,8 @@ impl<'a> BatchLayout<'a> {
                     want.data_type()
                 ));
             }
-            if batch.column(i).null_count() > 0 {
+            // Logical: a dictionary's nulls may be in its values, not its keys.
+            if batch.column(i).logical_null_count() > 0 {
                 return bad(format!("column {} has nulls", want.name()));
             }
         }
@@ -581,7 +582,7 @@ impl ChunkBuilder {
             };
             // A key given twice in one event keeps its first value: a second would make the
             // column a row longer than the chunk. (Ingestion keeps one value per key; this
-            // guards entries written before it did.)
+            // guards entries written before it did, and any other way to an event.)
             let stored = match typed {
                 Some(b) if b.len() > row => continue,
                 Some(b) => {
@@ -607,13 +608,21 @@ impl ChunkBuilder {
     }
 
     /// Appends the rows of a batch of this layout (another builder's [`Self::finish`], as a
-    /// leader replicates its proposals) column by column: the rows [`Self::append`] of each of
-    /// its events would give, without reading the events one by one. A batch not of this
-    /// layout is refused with nothing appended.
+    /// leader replicates its proposals) column by column: for such a batch, the rows
+    /// [`Self::append`] of each of its events would give, without reading the events one by
+    /// one. (Rows filtered out of such a batch leave their strings in its dictionaries, and a
+    /// key retyped within one batch has sent its later values to the key's text column; every
+    /// replica appends the same batch, so they agree.) A batch not of this layout is refused
+    /// with nothing appended; past that check only a column outgrowing Arrow's 32-bit offsets
+    /// fails.
     pub fn append_batch(&mut self, batch: &RecordBatch) -> Result<(), ArrowError> {
         let layout = BatchLayout::read(batch)?;
         let start = self.rows;
         let rows = batch.num_rows();
+        if rows == 0 {
+            // (A dictionary of values without keys is refused by `extend_dictionary`.)
+            return Ok(());
+        }
         // Checked before anything is appended, so a refused batch leaves no half row behind.
         let conflicting: Vec<&str> = layout
             .typed
@@ -883,6 +892,30 @@ mod tests {
             person_set: vec![],
             person_set_once: vec![],
         }
+    }
+
+    #[test]
+    fn batches_with_null_fixed_values_are_refused_and_empty_ones_append_nothing() {
+        use arrow::array::{DictionaryArray, Int32Array, StringArray};
+        let mut one = ChunkBuilder::default();
+        one.append(&event(0, vec![]));
+        let good = one.finish();
+        // A null in the values of the `event` dictionary, none in its keys.
+        let null_name: DictionaryArray<Int32Type> = DictionaryArray::new(
+            Int32Array::from(vec![0]),
+            Arc::new(StringArray::from(vec![None::<&str>])),
+        );
+        let mut columns = good.columns().to_vec();
+        columns[1] = Arc::new(null_name);
+        let bad = RecordBatch::try_new(good.schema(), columns).unwrap();
+        let mut builder = ChunkBuilder::default();
+        assert!(builder.append_batch(&bad).is_err());
+        // No rows, but a dictionary with a value: nothing appended, no error.
+        let empty = good.slice(0, 0);
+        builder.append_batch(&empty).unwrap();
+        builder.append_batch(&good).unwrap();
+        assert_eq!(builder.len(), 1);
+        assert_eq!(builder.finish(), good);
     }
 
     #[test]

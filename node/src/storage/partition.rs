@@ -38,7 +38,7 @@ pub enum PartitionCommand {
         /// The events of each request, in order: `events` is their concatenation, and the
         /// response has one [`IngestOutcome`] per part.
         parts: Vec<u32>,
-        /// The typed events, [`encode_events`]-encoded (LZ4-compressed bincode).
+        /// The typed events, bincode, LZ4-compressed as [`compress_framed`] does.
         #[serde(with = "serde_bytes")]
         events: Vec<u8>,
     },
@@ -152,11 +152,27 @@ pub fn encode_rows(batch: &RecordBatch) -> Vec<u8> {
 /// Decodes what [`encode_rows`] wrote, checked to be of [`ChunkBuilder`] layout.
 fn decode_rows(bytes: &[u8], raw: &mut Vec<u8>) -> Result<RecordBatch, CoreError> {
     let raw = decompress_framed(bytes, raw)?;
-    let mut reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(raw), None)?;
-    let batch = reader.next().ok_or("a command without rows")??;
-    if reader.next().is_some() {
-        return Err("a command with more than one batch of rows".into());
-    }
+    // Arrow's IPC decoder trusts the offsets inside a message and asserts on them. A malformed
+    // entry must fail its command, not panic apply (on every replica, and on every replay).
+    // The push decoder reads only the bytes given, so a claimed length past them is an error
+    // rather than an allocation.
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut buffer = arrow::buffer::Buffer::from(raw);
+        let mut decoder = arrow_ipc::reader::StreamDecoder::new();
+        let mut batches = Vec::new();
+        while !buffer.is_empty() {
+            match decoder.decode(&mut buffer)? {
+                Some(batch) => batches.push(batch),
+                None if buffer.is_empty() => break,
+                None => {}
+            }
+        }
+        decoder.finish()?;
+        Ok::<_, arrow::error::ArrowError>(batches)
+    }))
+    .map_err(|_| "a command's rows are malformed Arrow IPC")??;
+    let [batch] = <[RecordBatch; 1]>::try_from(decoded)
+        .map_err(|b| format!("a command with {} batches of rows, not one", b.len()))?;
     chunk::BatchLayout::read(&batch)?;
     Ok(batch)
 }
@@ -177,7 +193,7 @@ const SCRATCH_KEEP_BYTES: usize = 8 << 20;
 /// command, not allocate gigabytes (the transport refuses larger frames anyway).
 const MAX_DECODED_EVENTS_BYTES: usize = 512 << 20;
 
-/// Decompresses what [`encode_events`] or [`encode_rows`] wrote into `raw`. Replicas apply
+/// Decompresses what [`compress_framed`] wrote (legacy events, or [`encode_rows`]) into `raw`. Replicas apply
 /// every entry this way, so `raw` is a buffer kept between entries: a fresh allocation of each
 /// entry's size cost more in page faults (the allocator returns freed large blocks to the
 /// system, and each new one is zeroed again) than the decoding itself.
@@ -195,7 +211,7 @@ fn decompress_framed<'r>(bytes: &[u8], raw: &'r mut Vec<u8>) -> Result<&'r [u8],
     Ok(raw)
 }
 
-/// Decodes what [`encode_events`] wrote into owned events (apply borrows instead).
+/// Decodes what `encode_events` wrote into owned events (apply borrows instead).
 #[cfg(test)]
 fn decode_events(bytes: &[u8]) -> Result<Vec<StoredEvent>, CoreError> {
     let mut raw = Vec::new();
@@ -243,7 +259,7 @@ impl LocalProposals {
     }
 }
 
-/// The answer to [`PartitionCommand::Ingest`].
+/// The answer to [`PartitionCommand::IngestRows`] (and the legacy `Ingest`), per part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct IngestOutcome {
     /// Events stored.
@@ -797,14 +813,14 @@ impl PartitionCore {
         let appended = if keep.iter().all(|&k| k) {
             pending.append_batch(batch)
         } else {
-            let kept = arrow::compute::filter_record_batch(
-                batch,
-                &arrow::array::BooleanArray::from(keep),
-            )?;
+            let kept =
+                arrow::compute::filter_record_batch(batch, &arrow::array::BooleanArray::from(keep))
+                    .expect("a mask as long as the batch");
             pending.append_batch(&kept)
         };
-        // The batch was checked above, so only a column past 2 GiB could fail here, and then
-        // its persons are already updated: stop rather than go on with the two apart.
+        // The batch was checked above, so only a column outgrowing Arrow's 32-bit offsets could
+        // fail here, and then its persons are already updated: stop rather than go on with the
+        // two apart.
         appended.expect("appending checked rows");
         self.unsealed += outcomes.iter().map(|o| o.accepted as usize).sum::<usize>();
         Ok(outcomes)
@@ -1381,6 +1397,46 @@ mod tests {
         // The same rows, readable: stored.
         let ok = core.apply(2, &entry(encode_rows(&good.batch), vec![]));
         assert_eq!(outcomes(&ok), [(2, 0)]);
+    }
+
+    #[test]
+    fn no_corruption_of_an_entrys_rows_panics_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut core = PartitionCore::open(&db, PartitionId(0), 1 << 20).unwrap();
+        let events: Vec<StoredEvent> = (0..3)
+            .map(|i| StoredEvent {
+                props: vec![
+                    ("plan".into(), Coerced::Str(format!("p{i}"))),
+                    ("n".into(), Coerced::Num(i as f64)),
+                ],
+                ..event(&format!("m{i}"), i)
+            })
+            .collect();
+        let ipc = {
+            let mut raw = Vec::new();
+            let rows = encode_rows(&ProposedRows::of(&events).batch);
+            decompress_framed(&rows, &mut raw).unwrap().to_vec()
+        };
+        // Every byte of the IPC stream in turn, flipped: each entry is either refused or
+        // stored, and apply goes on.
+        for (i, token) in (0..ipc.len()).zip(1u128..) {
+            let mut bad = ipc.clone();
+            bad[i] ^= 0xff;
+            let entry = optiprism_consensus::encode(&PartitionCommand::IngestRows {
+                project: ProjectId(1),
+                token,
+                parts: vec![3],
+                rows: compress_framed(&bad),
+                person_sets: vec![],
+            });
+            core.apply(i as u64 + 1, &entry);
+        }
+        let data = core.data();
+        let rows = data.read().rows(ProjectId(1), i64::MIN, i64::MAX, None);
+        for b in &rows.batches {
+            chunk::BatchLayout::read(b).unwrap();
+        }
     }
 
     fn any_coerced() -> impl proptest::strategy::Strategy<Value = optiprism_types::event::Coerced> {

@@ -120,3 +120,31 @@ fn gen_refuses_bad_flags_with_a_message() {
     );
     assert!(!out.exists() && !log.exists());
 }
+
+#[test]
+fn a_refused_batch_fails_gen_and_the_latency_log_is_still_written() {
+    let node = TestNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("latency.csv");
+    let out = gen_cmd(&[
+        "--events",
+        "500",
+        "--target",
+        &node.http,
+        "--write-key",
+        "wk_not_the_key_0000",
+        "--batch-size",
+        "100",
+        "--latency-log",
+        log.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("401"), "{stderr}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.lines().next(),
+        Some("sent_unix_ms,latency_ms"),
+        "{text}"
+    );
+}
