@@ -623,12 +623,13 @@ impl ChunkBuilder {
             // (A dictionary of values without keys is refused by `extend_dictionary`.)
             return Ok(());
         }
-        // Checked before anything is appended, so a refused batch leaves no half row behind.
-        let conflicting: Vec<&str> = layout
+        // Typed columns of another type than this builder's column of the key: their values go
+        // to the key's text column.
+        let conflicting: Vec<(&str, PropKind, &ArrayRef)> = layout
             .typed
             .iter()
             .filter(|(key, kind, _)| self.props.get(*key).is_some_and(|b| b.kind() != *kind))
-            .map(|(key, _, _)| *key)
+            .copied()
             .collect();
         self.uuid.append_array(layout.uuid)?;
         self.event.extend_dictionary(&layout.event)?;
@@ -638,7 +639,7 @@ impl ChunkBuilder {
         for &(key, kind, column) in &layout.typed {
             // As `append`: a key gets a column with its first value, and a value of another
             // type than its column's goes to the key's text column (below).
-            if column.null_count() == rows || conflicting.contains(&key) {
+            if column.null_count() == rows || conflicting.iter().any(|c| c.0 == key) {
                 continue;
             }
             let b = match self.props.get_mut(key) {
@@ -652,8 +653,8 @@ impl ChunkBuilder {
             b.extend(column)?;
         }
         let mut text_keys: Vec<&str> = layout.texts.iter().map(|(k, _)| *k).collect();
-        for key in &conflicting {
-            if !text_keys.contains(key) {
+        for &(key, ..) in &conflicting {
+            if !text_keys.contains(&key) {
                 text_keys.push(key);
             }
         }
@@ -663,9 +664,8 @@ impl ChunkBuilder {
                 c.as_string::<i32>()
             });
             let typed = conflicting
-                .contains(&key)
-                .then(|| layout.typed.iter().find(|(k, ..)| *k == key))
-                .flatten()
+                .iter()
+                .find(|c| c.0 == key)
                 .map(|&(_, kind, column)| (kind, column));
             if typed.is_none() && text.is_some_and(|t| arrow::array::Array::null_count(t) == rows) {
                 continue;

@@ -10,9 +10,7 @@
 //! sled layout (tree `p{partition}.data`): `c/{project}{chunk}` chunk bodies, `m/{project}{chunk}`
 //! chunk metadata, `p/{project}{person}` persons, `marker` the applied marker.
 
-use crate::storage::chunk::{
-    self, Chunk, ChunkBuilder, ChunkMeta, EventRow, StoredEvent, StoredEventRef,
-};
+use crate::storage::chunk::{self, Chunk, ChunkBuilder, ChunkMeta, EventRow, StoredEventRef};
 use arrow::array::RecordBatch;
 use optiprism_consensus::state_machine::{
     CoreError, DurableCut, DurableSnapshot, StateMachineCore,
@@ -85,16 +83,16 @@ pub struct ProposedRows {
 
 impl ProposedRows {
     /// The rows of `events`, in order.
-    pub fn of(events: &[StoredEvent]) -> ProposedRows {
+    pub fn of(events: &[impl EventRow]) -> ProposedRows {
         let mut builder = ChunkBuilder::default();
         let mut person_sets = Vec::new();
         for (row, e) in events.iter().enumerate() {
             builder.append(e);
-            if !(e.person_set.is_empty() && e.person_set_once.is_empty()) {
+            if !(e.person_set().is_empty() && e.person_set_once().is_empty()) {
                 person_sets.push(PersonSets {
                     row: row as u32,
-                    set: e.person_set.clone(),
-                    set_once: e.person_set_once.clone(),
+                    set: e.person_set().to_vec(),
+                    set_once: e.person_set_once().to_vec(),
                 });
             }
         }
@@ -180,7 +178,7 @@ fn decode_rows(bytes: &[u8], raw: &mut Vec<u8>) -> Result<RecordBatch, CoreError
 /// Encodes events for an `Ingest` command, as nodes did before proposals carried rows:
 /// bincode, LZ4-compressed. Only tests write these now; apply still reads them.
 #[cfg(test)]
-pub fn encode_events(events: &[StoredEvent]) -> Vec<u8> {
+pub fn encode_events(events: &[chunk::StoredEvent]) -> Vec<u8> {
     let mut raw = Vec::new();
     optiprism_consensus::encode_into(&events, &mut raw);
     compress_framed(&raw)
@@ -213,7 +211,7 @@ fn decompress_framed<'r>(bytes: &[u8], raw: &'r mut Vec<u8>) -> Result<&'r [u8],
 
 /// Decodes what `encode_events` wrote into owned events (apply borrows instead).
 #[cfg(test)]
-fn decode_events(bytes: &[u8]) -> Result<Vec<StoredEvent>, CoreError> {
+fn decode_events(bytes: &[u8]) -> Result<Vec<chunk::StoredEvent>, CoreError> {
     let mut raw = Vec::new();
     Ok(optiprism_consensus::decode(decompress_framed(
         bytes, &mut raw,
@@ -738,7 +736,9 @@ impl PartitionCore {
             } => {
                 let decoded: Vec<StoredEventRef<'_>> =
                     optiprism_consensus::decode_borrowed(decompress_framed(events, &mut raw)?)?;
-                self.ingest_parts(project, &parts, &decoded)?
+                // Applied as the rows they would be proposed as today: one apply for both.
+                let rows = ProposedRows::of(&decoded);
+                self.ingest_rows(project, &parts, &rows.batch, &rows.person_sets)?
             }
         };
         // Keep the buffer from pinning the memory of one unusually large entry.
@@ -748,8 +748,9 @@ impl PartitionCore {
         Ok(outcomes)
     }
 
-    /// Ingests the rows of each part in turn, one outcome per part: what [`Self::ingest_parts`]
-    /// does with the events the rows were built from, reading the columns instead.
+    /// Ingests the rows of each part in turn, one outcome per part: a row whose message id was
+    /// seen before is a duplicate and dropped; the others update their persons and join the
+    /// unsealed rows.
     fn ingest_rows(
         &mut self,
         project: ProjectId,
@@ -824,62 +825,6 @@ impl PartitionCore {
         appended.expect("appending checked rows");
         self.unsealed += outcomes.iter().map(|o| o.accepted as usize).sum::<usize>();
         Ok(outcomes)
-    }
-
-    /// Ingests the events of each part in turn, one outcome per part.
-    fn ingest_parts(
-        &mut self,
-        project: ProjectId,
-        parts: &[u32],
-        events: &[impl EventRow],
-    ) -> Result<Vec<IngestOutcome>, CoreError> {
-        let total: u64 = parts.iter().map(|&n| u64::from(n)).sum();
-        if total != events.len() as u64 {
-            return Err(format!(
-                "parts name {total} events, the command holds {}",
-                events.len()
-            )
-            .into());
-        }
-        let mut rest = events;
-        Ok(parts
-            .iter()
-            .map(|&n| {
-                let (part, after) = rest.split_at(n as usize);
-                rest = after;
-                self.ingest(project, part)
-            })
-            .collect())
-    }
-
-    fn ingest(&mut self, project: ProjectId, events: &[impl EventRow]) -> IngestOutcome {
-        let mut outcome = IngestOutcome::default();
-        let mut data = self.data.write();
-        let data = &mut *data;
-        // (An empty entry is harmless: empty rows are neither read nor sealed.)
-        let pending = data.pending.entry(project).or_default();
-        for e in events {
-            // Duplicates are dropped; the rest is appended to the unsealed rows.
-            if !data.seen.insert(message_key(project, e.message_id())) {
-                outcome.duplicates += 1;
-                continue;
-            }
-            let key = (project, PersonId(e.person_id()));
-            let person = data.persons.entry(key).or_insert_with(|| PersonRow {
-                created_at_ms: e.timestamp_ms(),
-                ..PersonRow::default()
-            });
-            person.created_at_ms = person.created_at_ms.min(e.timestamp_ms());
-            if !person.distinct_ids.iter().any(|d| d == e.distinct_id()) {
-                person.distinct_ids.push(e.distinct_id().to_string());
-            }
-            update_person(person, e.person_set(), e.person_set_once());
-            self.dirty_persons.insert(key);
-            pending.rows.append(e);
-            outcome.accepted += 1;
-        }
-        self.unsealed += outcome.accepted as usize;
-        outcome
     }
 
     /// Hands unsealed rows and changed persons to the background sealer with `marker`; they
@@ -1088,6 +1033,7 @@ impl StateMachineCore for PartitionCore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::chunk::StoredEvent;
     use optiprism_types::event::Coerced;
 
     fn event(message_id: &str, person: u64) -> StoredEvent {
