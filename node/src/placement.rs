@@ -29,6 +29,8 @@ use std::time::Duration;
 /// What starting a partition group on this node takes.
 pub(crate) struct Hosting {
     pub(crate) db: sled::Db,
+    /// Where partitions keep their chunk bodies (`{data-dir}/chunks`).
+    pub(crate) chunks: std::path::PathBuf,
     pub(crate) flusher: Flusher,
     pub(crate) network: Network,
     pub(crate) groups: GroupConfig,
@@ -127,7 +129,7 @@ impl NodeShared {
             return Ok(());
         }
         let h = &self.hosting;
-        let core = PartitionCore::open(&h.db, PartitionId(p), h.seal_rows)
+        let core = PartitionCore::open(&h.db, &h.chunks, PartitionId(p), h.seal_rows)
             .map_err(|e| anyhow::anyhow!("cannot open partition {p}: {e}"))?;
         let data = core.data();
         let local = core.local_proposals();
@@ -176,8 +178,12 @@ impl NodeShared {
         let _ = hosted.group.raft.shutdown().await;
         let group = hosted.group.id;
         optiprism_consensus::drop_group_storage(&h.db, group)?;
-        crate::storage::partition::drop_partition_storage(&h.db, PartitionId(p))
-            .map_err(|e| anyhow::anyhow!("dropping partition {p}: {e}"))?;
+        let (db, chunks) = (h.db.clone(), h.chunks.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::storage::partition::drop_partition_storage(&db, &chunks, PartitionId(p))
+        })
+        .await?
+        .map_err(|e| anyhow::anyhow!("dropping partition {p}: {e}"))?;
         tracing::info!(
             node_id = self.node_id,
             partition = p,

@@ -954,6 +954,7 @@ pub async fn start(
         remote: parking_lot::Mutex::default(),
         hosting: crate::placement::Hosting {
             db: db.clone(),
+            chunks: config.node.data_dir.join("chunks"),
             flusher,
             network,
             groups,

@@ -4,13 +4,17 @@
 //! duplicate (decided here, inside the replicated state machine, so every replica agrees);
 //! otherwise the event joins the partition's unsealed rows and its person is updated. Unsealed
 //! rows are not written on apply: the Raft log already holds them durably and is replayed after
-//! a crash. Sealing writes a chunk, the changed persons and the applied marker in one atomic
-//! sled batch, so a crash can never leave a chunk without its marker or the reverse.
+//! a crash. Sealing writes each chunk's body to a file of its own ([`chunk_files`]), then the
+//! chunks' metadata, the changed persons and the applied marker in one atomic sled batch, so a
+//! crash can never leave a chunk without its marker or the reverse.
 //!
-//! sled layout (tree `p{partition}.data`): `c/{project}{chunk}` chunk bodies, `m/{project}{chunk}`
-//! chunk metadata, `p/{project}{person}` persons, `marker` the applied marker.
+//! sled layout (tree `p{partition}.data`): `m/{project}{chunk}` chunk metadata,
+//! `b/{project}{chunk}` the generation of its body's file, `p/{project}{person}` persons,
+//! `marker` the applied marker. Versions before body files kept bodies under
+//! `c/{project}{chunk}`; opening a partition moves them to files.
 
 use crate::storage::chunk::{self, Chunk, ChunkBuilder, ChunkMeta, EventRow, StoredEventRef};
+use crate::storage::chunk_files::{self, BodyFile, ChunkFiles};
 use arrow::array::RecordBatch;
 use optiprism_consensus::state_machine::{
     CoreError, DurableCut, DurableSnapshot, StateMachineCore,
@@ -22,6 +26,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::path::Path;
 use std::sync::Arc;
 
 /// A command of a partition group.
@@ -421,6 +426,7 @@ struct ShippedSnapshot {
 pub struct PartitionCore {
     partition: PartitionId,
     tree: sled::Tree,
+    files: ChunkFiles,
     data: Arc<RwLock<PartitionData>>,
     dirty_persons: PersonKeySet,
     next_chunk: u64,
@@ -448,6 +454,7 @@ enum SealerMessage {
     Seal {
         partition: PartitionId,
         tree: sled::Tree,
+        files: ChunkFiles,
         data: Arc<RwLock<PartitionData>>,
         failure: Arc<Mutex<Option<String>>>,
         cut: Arc<Mutex<()>>,
@@ -485,6 +492,7 @@ fn sealer_queue() -> &'static std::sync::mpsc::Sender<SealerMessage> {
                         SealerMessage::Seal {
                             partition,
                             tree,
+                            files,
                             data,
                             failure,
                             cut,
@@ -493,7 +501,9 @@ fn sealer_queue() -> &'static std::sync::mpsc::Sender<SealerMessage> {
                             if failure.lock().is_some() {
                                 continue;
                             }
-                            if let Err(e) = write_sealed(partition, &tree, &data, &cut, job) {
+                            if let Err(e) =
+                                write_sealed(partition, &tree, &files, &data, &cut, job)
+                            {
                                 tracing::error!(partition_id = %partition, error = %e, "sealing failed; unsealed rows stay in the Raft log");
                                 *failure.lock() = Some(e.to_string());
                             }
@@ -518,11 +528,18 @@ impl Sealer {
         }
     }
 
-    fn submit(&self, tree: &sled::Tree, data: &Arc<RwLock<PartitionData>>, job: SealJob) {
+    fn submit(
+        &self,
+        tree: &sled::Tree,
+        files: &ChunkFiles,
+        data: &Arc<RwLock<PartitionData>>,
+        job: SealJob,
+    ) {
         // The thread runs for the life of the process: a send cannot fail.
         let _ = sealer_queue().send(SealerMessage::Seal {
             partition: self.partition,
             tree: tree.clone(),
+            files: files.clone(),
             data: Arc::clone(data),
             failure: Arc::clone(&self.failure),
             cut: Arc::clone(&self.cut),
@@ -533,10 +550,7 @@ impl Sealer {
     /// Waits until every job submitted so far is written; fails if one of this partition's
     /// could not be.
     fn wait_idle(&self) -> Result<(), CoreError> {
-        let (done, wait) = std::sync::mpsc::sync_channel(1);
-        if sealer_queue().send(SealerMessage::Barrier(done)).is_ok() {
-            let _ = wait.recv();
-        }
+        wait_for_queued_seals();
         match &*self.failure.lock() {
             None => Ok(()),
             Some(e) => Err(format!("an earlier seal failed: {e}").into()),
@@ -544,9 +558,18 @@ impl Sealer {
     }
 }
 
+/// Blocks until every seal queued so far, of any partition, is written or has failed.
+fn wait_for_queued_seals() {
+    let (done, wait) = std::sync::mpsc::sync_channel(1);
+    if sealer_queue().send(SealerMessage::Barrier(done)).is_ok() {
+        let _ = wait.recv();
+    }
+}
+
 fn write_sealed(
     partition: PartitionId,
     tree: &sled::Tree,
+    files: &ChunkFiles,
     data: &RwLock<PartitionData>,
     cut: &Mutex<()>,
     job: SealJob,
@@ -556,16 +579,10 @@ fn write_sealed(
     let mut sealed = Vec::with_capacity(job.rows.len());
     for (project, id, rows) in &job.rows {
         let (meta, bytes, arrow_batch) = chunk::seal(*project, *id, rows);
-        // The body goes in on its own, ahead of the batch that makes it part of the partition
-        // (its metadata): a sled batch holds the process-wide write lock of sled for as long
-        // as it writes, and a chunk body is megabytes, during which every Raft append and log
-        // flush of the node waited. A single insert takes the shared lock. A crash in between
-        // leaves a body that no metadata names; the next seal of that id overwrites it.
-        tree.insert(chunk_key(b'c', meta.project, meta.id), bytes)?;
-        batch.insert(
-            chunk_key(b'm', meta.project, meta.id),
-            optiprism_consensus::encode(&meta),
-        );
+        // The body is a file of its own, written ahead of the batch that makes it part of the
+        // partition; a crash in between leaves a file nothing names, deleted on the next open.
+        let file = files.write(meta.project, meta.id, &bytes)?;
+        name_chunk(&mut batch, &meta, file);
         sealed.push(Arc::new(Chunk {
             meta,
             batch: arrow_batch,
@@ -576,6 +593,9 @@ fn write_sealed(
             person_key(*project, *person),
             optiprism_consensus::encode(row),
         );
+    }
+    if !sealed.is_empty() {
+        files.sync_dir()?;
     }
     batch.insert("marker", job.marker);
     {
@@ -597,9 +617,19 @@ fn data_tree(partition: PartitionId) -> String {
     format!("p{}.data", partition.0)
 }
 
-/// Deletes what `db` holds of a partition's data, once its core is gone: a replica moved away.
-pub fn drop_partition_storage(db: &sled::Db, partition: PartitionId) -> Result<(), CoreError> {
+/// Deletes what `db` and the chunk directory `chunks` hold of a partition's data, once its
+/// core is gone: a replica moved away. Blocks until the seals queued before are written, so
+/// none lands in the directory after it went. The tree goes first: a crash in between leaves
+/// files that nothing names, which opening the partition again would delete.
+pub fn drop_partition_storage(
+    db: &sled::Db,
+    chunks: &Path,
+    partition: PartitionId,
+) -> Result<(), CoreError> {
+    wait_for_queued_seals();
     db.drop_tree(data_tree(partition))?;
+    db.flush()?;
+    chunk_files::remove_partition(chunks, partition)?;
     Ok(())
 }
 
@@ -652,23 +682,70 @@ fn person_key(project: ProjectId, person: PersonId) -> Vec<u8> {
     chunk_key(b'p', project, person.0)
 }
 
+/// Adds a chunk's metadata and the file of its body to `batch`.
+fn name_chunk(batch: &mut sled::Batch, meta: &ChunkMeta, file: BodyFile) {
+    batch.insert(
+        chunk_key(b'm', meta.project, meta.id),
+        optiprism_consensus::encode(meta),
+    );
+    batch.insert(
+        chunk_key(b'b', meta.project, meta.id),
+        &file.generation.to_be_bytes()[..],
+    );
+}
+
+/// The file that holds the body of `meta`'s chunk, as `tree` names it.
+fn body_file(tree: &sled::Tree, meta: &ChunkMeta) -> Result<Option<BodyFile>, CoreError> {
+    let Some(generation) = tree.get(chunk_key(b'b', meta.project, meta.id))? else {
+        return Ok(None);
+    };
+    Ok(Some(BodyFile {
+        project: meta.project,
+        chunk: meta.id,
+        generation: u64::from_be_bytes(generation.as_ref().try_into()?),
+    }))
+}
+
 impl PartitionCore {
-    /// Opens the partition's tree and loads its chunks and persons into memory.
+    /// Opens the partition's tree and its chunk directory under `chunks`, and loads its chunks
+    /// and persons into memory. Bodies that a crash left unnamed are deleted, and bodies an
+    /// older version kept in sled are moved to files.
     pub fn open(
         db: &sled::Db,
+        chunks: &Path,
         partition: PartitionId,
         seal_rows: usize,
     ) -> Result<PartitionCore, CoreError> {
         let tree = db.open_tree(data_tree(partition))?;
+        let files = ChunkFiles::open(chunks, partition)?;
         let mut data = PartitionData::default();
         let mut next_chunk = 0;
+        let mut named = HashSet::new();
+        let mut moved_to_files = sled::Batch::default();
+        let mut moved = 0;
         for item in tree.scan_prefix(b"m/") {
-            let (key, value) = item?;
-            let meta: ChunkMeta = optiprism_consensus::decode(&value)?;
-            let body_key = chunk_key(b'c', meta.project, meta.id);
-            let body = tree
-                .get(&body_key)?
-                .ok_or_else(|| format!("chunk body {:?} missing", key))?;
+            let meta: ChunkMeta = optiprism_consensus::decode(&item?.1)?;
+            let body = match body_file(&tree, &meta)? {
+                Some(file) => {
+                    named.insert(file);
+                    files.read(file)?
+                }
+                None => {
+                    let body = tree
+                        .get(chunk_key(b'c', meta.project, meta.id))?
+                        .ok_or_else(|| {
+                            format!(
+                                "partition {partition}: the body of chunk {} of project {} is missing",
+                                meta.id, meta.project
+                            )
+                        })?;
+                    let file = files.write(meta.project, meta.id, &body)?;
+                    named.insert(file);
+                    name_chunk(&mut moved_to_files, &meta, file);
+                    moved += 1;
+                    body.to_vec()
+                }
+            };
             let batch = chunk::decode(&body)?;
             next_chunk = next_chunk.max(meta.id + 1);
             add_seen(&mut data.seen, meta.project, &batch);
@@ -676,6 +753,21 @@ impl PartitionCore {
                 .entry(meta.project)
                 .or_default()
                 .push(Arc::new(Chunk { meta, batch }));
+        }
+        // Bodies in sled: moved to files above, or left by a crash before their metadata.
+        for item in tree.scan_prefix(b"c/") {
+            moved_to_files.remove(item?.0);
+        }
+        if moved > 0 {
+            files.sync_dir()?;
+        }
+        tree.apply_batch(moved_to_files)?;
+        if moved > 0 {
+            tracing::info!(partition_id = %partition, chunks = moved, "moved chunk bodies from sled to files");
+        }
+        let unnamed = files.remove_all_but(&named)?;
+        if unnamed > 0 {
+            tracing::info!(partition_id = %partition, files = unnamed, "deleted chunk bodies no chunk names (left by a crash)");
         }
         for (project, person, row) in stored_persons(&tree)? {
             data.persons.insert((project, person), row);
@@ -687,6 +779,7 @@ impl PartitionCore {
             sealer: Sealer::new(partition),
             next_job: 0,
             tree,
+            files,
             data,
             dirty_persons: PersonKeySet::default(),
             next_chunk,
@@ -860,7 +953,7 @@ impl PartitionCore {
             persons,
             marker: marker.to_vec(),
         };
-        self.sealer.submit(&self.tree, &self.data, job);
+        self.sealer.submit(&self.tree, &self.files, &self.data, job);
     }
 
     /// Seals unsealed rows and changed persons together with `marker`, after everything handed
@@ -888,15 +981,6 @@ fn update_person(
             .entry(k.clone())
             .or_insert_with(|| v.clone());
     }
-}
-
-/// Adds a chunk's body and metadata to `batch`.
-fn put_chunk(batch: &mut sled::Batch, meta: &ChunkMeta, body: Vec<u8>) {
-    batch.insert(chunk_key(b'c', meta.project, meta.id), body);
-    batch.insert(
-        chunk_key(b'm', meta.project, meta.id),
-        optiprism_consensus::encode(meta),
-    );
 }
 
 fn add_seen(seen: &mut KeySet, project: ProjectId, batch: &RecordBatch) {
@@ -967,13 +1051,13 @@ impl StateMachineCore for PartitionCore {
         let mut chunks = Vec::with_capacity(snapshot.chunks.len());
         for meta in snapshot.chunks {
             // Chunks are immutable and never deleted while a snapshot names them.
-            let body = self.tree.get(chunk_key(b'c', meta.project, meta.id))?.ok_or_else(|| {
+            let file = body_file(&self.tree, &meta)?.ok_or_else(|| {
                 format!(
                     "snapshot of partition {} names chunk {} of project {} that this node does not hold",
                     self.partition, meta.id, meta.project
                 )
             })?;
-            chunks.push((meta, serde_bytes::ByteBuf::from(body.to_vec())));
+            chunks.push((meta, serde_bytes::ByteBuf::from(self.files.read(file)?)));
         }
         Ok(optiprism_consensus::encode(&ShippedSnapshot {
             chunks,
@@ -988,8 +1072,14 @@ impl StateMachineCore for PartitionCore {
         let mut fresh = PartitionData::default();
         let mut batch = sled::Batch::default();
         // The snapshot replaces everything: this replica's own chunks (sealed on its own
-        // schedule, so with other boundaries and ids) and persons go.
-        for prefix in [&b"c/"[..], b"m/", b"p/"] {
+        // schedule, so with other boundaries and ids) and persons go. Their files go once no
+        // durable state names them.
+        let mut replaced = Vec::new();
+        for item in self.tree.scan_prefix(b"m/") {
+            let meta: ChunkMeta = optiprism_consensus::decode(&item?.1)?;
+            replaced.extend(body_file(&self.tree, &meta)?);
+        }
+        for prefix in [&b"c/"[..], b"m/", b"b/", b"p/"] {
             for item in self.tree.scan_prefix(prefix) {
                 batch.remove(item?.0);
             }
@@ -999,7 +1089,8 @@ impl StateMachineCore for PartitionCore {
             let decoded = chunk::decode(&body)?;
             add_seen(&mut fresh.seen, meta.project, &decoded);
             next_chunk = next_chunk.max(meta.id + 1);
-            put_chunk(&mut batch, &meta, body.into_vec());
+            let file = self.files.write(meta.project, meta.id, &body)?;
+            name_chunk(&mut batch, &meta, file);
             fresh
                 .chunks
                 .entry(meta.project)
@@ -1016,10 +1107,18 @@ impl StateMachineCore for PartitionCore {
             );
             fresh.persons.insert((project, person), row);
         }
+        self.files.sync_dir()?;
         batch.insert("marker", marker);
         {
             let _cut = self.sealer.cut.lock();
             self.tree.apply_batch(batch)?;
+        }
+        self.tree.flush()?;
+        for file in replaced {
+            if let Err(e) = self.files.remove(file) {
+                // Unnamed now: the next open deletes it.
+                tracing::warn!(partition_id = %self.partition, error = %e, "could not delete a replaced chunk body");
+            }
         }
         *self.data.write() = fresh;
         self.next_chunk = next_chunk;
@@ -1072,6 +1171,22 @@ mod tests {
         })
     }
 
+    /// Partition `partition`'s core in `db`, its chunk bodies under `dir`.
+    fn open_core(
+        db: &sled::Db,
+        dir: &tempfile::TempDir,
+        partition: u32,
+        seal_rows: usize,
+    ) -> PartitionCore {
+        PartitionCore::open(
+            db,
+            &dir.path().join("chunks"),
+            PartitionId(partition),
+            seal_rows,
+        )
+        .unwrap()
+    }
+
     fn outcomes(bytes: &[u8]) -> Vec<(u32, u32)> {
         optiprism_consensus::decode::<Vec<IngestOutcome>>(bytes)
             .unwrap()
@@ -1084,7 +1199,7 @@ mod tests {
     fn each_part_of_a_merged_proposal_gets_its_own_counts_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let mut core = PartitionCore::open(&db, PartitionId(0), 1 << 20).unwrap();
+        let mut core = open_core(&db, &dir, 0, 1 << 20);
         // The second request repeats one id of the first, and one of its own.
         let first = [event("a", 1), event("b", 2)];
         let second = [event("b", 2), event("c", 3), event("c", 3)];
@@ -1107,7 +1222,7 @@ mod tests {
     fn a_command_whose_parts_do_not_add_up_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let mut core = PartitionCore::open(&db, PartitionId(0), 1 << 20).unwrap();
+        let mut core = open_core(&db, &dir, 0, 1 << 20);
         let bad = optiprism_consensus::encode(&PartitionCommand::Ingest {
             project: ProjectId(1),
             token: 1,
@@ -1125,8 +1240,8 @@ mod tests {
     fn a_shipped_snapshot_replaces_a_replica_whose_chunks_differ() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let mut leader = PartitionCore::open(&db, PartitionId(0), 1 << 20).unwrap();
-        let mut follower = PartitionCore::open(&db, PartitionId(1), 1 << 20).unwrap();
+        let mut leader = open_core(&db, &dir, 0, 1 << 20);
+        let mut follower = open_core(&db, &dir, 1, 1 << 20);
         // The leader seals twice, the follower once (its own boundaries and chunk ids), and
         // the follower also holds rows the snapshot does not (it will be replaced wholesale).
         leader.apply(1, &command(1, &[&[event("a", 1), event("b", 2)]]));
@@ -1165,17 +1280,84 @@ mod tests {
         // Deduplication carries over: ids of the snapshot are known to the follower.
         let again = follower.apply(3, &command(5, &[&[event("c", 3), event("d", 4)]]));
         assert_eq!(outcomes(&again), [(1, 1)]);
+        // The follower's own body went with it: its directory holds the leader's two.
+        assert_eq!(body_files(dir.path(), 1), 2);
         // And the replaced state is what the follower reopens with.
         drop(follower);
-        let reopened = PartitionCore::open(&db, PartitionId(1), 1 << 20).unwrap();
+        let reopened = open_core(&db, &dir, 1, 1 << 20);
         assert_eq!(rows(&reopened), ["a", "b", "c"]);
+        assert_eq!(body_files(dir.path(), 1), 2);
+    }
+
+    /// How many files partition `p`'s chunk directory under `dir` holds.
+    fn body_files(dir: &std::path::Path, p: u32) -> usize {
+        std::fs::read_dir(dir.join("chunks").join(format!("p{p}")))
+            .unwrap()
+            .count()
+    }
+
+    #[test]
+    fn bodies_an_older_version_kept_in_sled_move_to_files_and_unnamed_bodies_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let chunks = dir.path().join("chunks");
+        let mut core = open_core(&db, &dir, 0, 1 << 20);
+        core.apply(1, &command(1, &[&[event("a", 1), event("b", 2)]]));
+        core.persist(b"m1").unwrap();
+        core.apply(2, &command(2, &[&[event("c", 3)]]));
+        core.persist(b"m2").unwrap();
+        let sealed = contents(&core);
+        drop(core);
+        // Made into what an older version left: bodies under `c/`, one of them named by no
+        // metadata (a crash between body and batch), and no files; plus a file a crash left
+        // before its batch.
+        let tree = db.open_tree(data_tree(PartitionId(0))).unwrap();
+        for item in tree.scan_prefix(b"m/") {
+            let meta: ChunkMeta = optiprism_consensus::decode(&item.unwrap().1).unwrap();
+            let file = body_file(&tree, &meta).unwrap().unwrap();
+            let body = ChunkFiles::open(&chunks, PartitionId(0))
+                .unwrap()
+                .read(file)
+                .unwrap();
+            tree.insert(chunk_key(b'c', meta.project, meta.id), body)
+                .unwrap();
+            tree.remove(chunk_key(b'b', meta.project, meta.id)).unwrap();
+        }
+        tree.insert(chunk_key(b'c', ProjectId(1), 99), &b"unnamed"[..])
+            .unwrap();
+        std::fs::remove_dir_all(chunks.join("p0")).unwrap();
+        std::fs::create_dir_all(chunks.join("p0")).unwrap();
+        std::fs::write(
+            chunks.join("p0").join("00000001-0000000000000005-00.chunk"),
+            b"x",
+        )
+        .unwrap();
+
+        let reopened = open_core(&db, &dir, 0, 1 << 20);
+        assert_eq!(contents(&reopened), sealed);
+        assert_eq!(tree.scan_prefix(b"c/").count(), 0);
+        assert_eq!(tree.scan_prefix(b"b/").count(), 2);
+        assert_eq!(body_files(dir.path(), 0), 2);
+        drop(reopened);
+        let again = open_core(&db, &dir, 0, 1 << 20);
+        assert_eq!(contents(&again), sealed);
+        // A replica moved away leaves nothing behind.
+        drop(again);
+        drop(tree);
+        drop_partition_storage(&db, &chunks, PartitionId(0)).unwrap();
+        assert!(!chunks.join("p0").exists());
+        assert!(
+            !db.tree_names()
+                .iter()
+                .any(|n| n == data_tree(PartitionId(0)).as_bytes())
+        );
     }
 
     #[test]
     fn background_seals_keep_rows_visible_and_land_before_a_synchronous_persist() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let mut core = PartitionCore::open(&db, PartitionId(0), 2).unwrap();
+        let mut core = open_core(&db, &dir, 0, 2);
         let count =
             |core: &PartitionCore| core.data().read().rows(ProjectId(1), 0, 2_000, None).rows;
         for i in 0..7u64 {
@@ -1190,7 +1372,7 @@ mod tests {
         core.persist(b"m-final").unwrap();
         assert_eq!(core.data().read().sealing.len(), 0);
         drop(core);
-        let reopened = PartitionCore::open(&db, PartitionId(0), 2).unwrap();
+        let reopened = open_core(&db, &dir, 0, 2);
         assert_eq!(count(&reopened), 7);
         assert_eq!(
             reopened.persisted_marker().as_deref(),
@@ -1202,7 +1384,7 @@ mod tests {
     fn a_durable_snapshot_is_the_last_completed_seal_not_the_rows_applied_since() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let mut core = PartitionCore::open(&db, PartitionId(0), 1_000).unwrap();
+        let mut core = open_core(&db, &dir, 0, 1_000);
         let read = |core: &PartitionCore| (core.durable_snapshot().unwrap())().unwrap();
         assert!(read(&core).is_none(), "nothing sealed yet");
         for i in 0..3u64 {
@@ -1291,8 +1473,8 @@ mod tests {
             sled::open(dir_rows.path()).unwrap(),
             sled::open(dir_events.path()).unwrap(),
         );
-        let mut rows = PartitionCore::open(&db_rows, PartitionId(0), 1 << 20).unwrap();
-        let mut events = PartitionCore::open(&db_events, PartitionId(0), 1 << 20).unwrap();
+        let mut rows = open_core(&db_rows, &dir_rows, 0, 1 << 20);
+        let mut events = open_core(&db_events, &dir_events, 0, 1 << 20);
         let a = rows.apply(1, &command(1, &[&first, &second]));
         let b = events.apply(1, &legacy_command(1, &[&first, &second]));
         assert_eq!(outcomes(&a), [(2, 1), (2, 0)]);
@@ -1307,7 +1489,7 @@ mod tests {
     fn an_entry_whose_rows_cannot_be_read_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let mut core = PartitionCore::open(&db, PartitionId(0), 1 << 20).unwrap();
+        let mut core = open_core(&db, &dir, 0, 1 << 20);
         let good = ProposedRows::of(&[event("a", 1), event("b", 2)]);
         let entry = |rows: Vec<u8>, person_sets: Vec<PersonSets>| {
             optiprism_consensus::encode(&PartitionCommand::IngestRows {
@@ -1349,7 +1531,7 @@ mod tests {
     fn no_corruption_of_an_entrys_rows_panics_apply() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
-        let mut core = PartitionCore::open(&db, PartitionId(0), 1 << 20).unwrap();
+        let mut core = open_core(&db, &dir, 0, 1 << 20);
         let events: Vec<StoredEvent> = (0..3)
             .map(|i| StoredEvent {
                 props: vec![
