@@ -996,7 +996,32 @@ pub async fn start(
     if bootstrap {
         node.record_initial_placement(&placement).await?;
     }
+    if !node.config.is_cluster() {
+        record_own_addresses(&node).await?;
+    }
     Ok(node)
+}
+
+/// A node alone records its addresses in the metadata group's membership when it is first
+/// started. Started again with other `--http` or `--flight` addresses, it records the new ones:
+/// `prismctl` finds a node's Flight endpoint through them, and would dial the old.
+async fn record_own_addresses(node: &NodeShared) -> anyhow::Result<()> {
+    let id = node.node_id;
+    let Some(wanted) = initial_members(&node.config).remove(&id) else {
+        return Ok(());
+    };
+    if node.members().get(&id) == Some(&wanted) {
+        return Ok(());
+    }
+    node.meta
+        .raft
+        .change_membership(
+            openraft::ChangeMembers::SetNodes(BTreeMap::from([(id, wanted)])),
+            false,
+        )
+        .await
+        .context("recording this node's new addresses")?;
+    Ok(())
 }
 
 /// Initializes this node's groups of a fresh cluster, then waits for their leaders.

@@ -4,3 +4,4 @@ mod support;
 mod t10_cluster_ops;
 mod t20_membership;
 mod t30_gen;
+mod t40_single_node;
