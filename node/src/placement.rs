@@ -29,8 +29,8 @@ use std::time::Duration;
 /// What starting a partition group on this node takes.
 pub(crate) struct Hosting {
     pub(crate) db: sled::Db,
-    /// Where partitions keep their chunk bodies (`{data-dir}/chunks`).
-    pub(crate) chunks: std::path::PathBuf,
+    /// Where partitions keep their data beside the sled trees.
+    pub(crate) paths: crate::storage::partition::DataPaths,
     pub(crate) flusher: Flusher,
     pub(crate) network: Network,
     pub(crate) groups: GroupConfig,
@@ -129,7 +129,7 @@ impl NodeShared {
             return Ok(());
         }
         let h = &self.hosting;
-        let core = PartitionCore::open(&h.db, &h.chunks, PartitionId(p), h.seal_rows)
+        let core = PartitionCore::open(&h.db, &h.paths, PartitionId(p), h.seal_rows)
             .map_err(|e| anyhow::anyhow!("cannot open partition {p}: {e}"))?;
         let data = core.data();
         let local = core.local_proposals();
@@ -178,9 +178,11 @@ impl NodeShared {
         let _ = hosted.group.raft.shutdown().await;
         let group = hosted.group.id;
         optiprism_consensus::drop_group_storage(&h.db, group)?;
-        let (db, chunks) = (h.db.clone(), h.chunks.clone());
+        // A seal the periodic sealer asks for from now on must not write into the directory.
+        hosted.group.state_machine.with_core(|core| core.close());
+        let (db, paths) = (h.db.clone(), h.paths.clone());
         tokio::task::spawn_blocking(move || {
-            crate::storage::partition::drop_partition_storage(&db, &chunks, PartitionId(p))
+            crate::storage::partition::drop_partition_storage(&db, &paths, PartitionId(p))
         })
         .await?
         .map_err(|e| anyhow::anyhow!("dropping partition {p}: {e}"))?;

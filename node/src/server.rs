@@ -954,7 +954,11 @@ pub async fn start(
         remote: parking_lot::Mutex::default(),
         hosting: crate::placement::Hosting {
             db: db.clone(),
-            chunks: config.node.data_dir.join("chunks"),
+            paths: crate::storage::partition::DataPaths {
+                chunks: config.node.data_dir.join("chunks"),
+                // sled 0.34 keeps its log in the file `db` of its directory.
+                sled_log: config.node.data_dir.join("sled").join("db"),
+            },
             flusher,
             network,
             groups,
@@ -1002,25 +1006,35 @@ pub async fn start(
     Ok(node)
 }
 
-/// A node alone records its addresses in the metadata group's membership when it is first
-/// started. Started again with other `--http` or `--flight` addresses, it records the new ones:
+/// A node alone records its addresses in its groups' memberships when it is first started.
+/// Started again with other `--http` or `--flight` addresses, it records the new ones:
 /// `prismctl` finds a node's Flight endpoint through them, and would dial the old.
 async fn record_own_addresses(node: &NodeShared) -> anyhow::Result<()> {
     let id = node.node_id;
     let Some(wanted) = initial_members(&node.config).remove(&id) else {
         return Ok(());
     };
-    if node.members().get(&id) == Some(&wanted) {
-        return Ok(());
-    }
-    node.meta
-        .raft
-        .change_membership(
-            openraft::ChangeMembers::SetNodes(BTreeMap::from([(id, wanted)])),
+    let hosted = node.hosted();
+    let groups = std::iter::once((node.meta.id, node.meta.raft.clone()))
+        .chain(hosted.iter().map(|g| (g.group.id, g.group.raft.clone())));
+    for (group, raft) in groups {
+        let recorded = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .cloned();
+        if recorded.as_ref() == Some(&wanted) {
+            continue;
+        }
+        raft.change_membership(
+            openraft::ChangeMembers::SetNodes(BTreeMap::from([(id, wanted.clone())])),
             false,
         )
         .await
-        .context("recording this node's new addresses")?;
+        .with_context(|| format!("recording this node's new addresses in {group}"))?;
+    }
     Ok(())
 }
 

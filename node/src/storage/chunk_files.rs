@@ -48,7 +48,13 @@ impl ChunkFiles {
     /// The chunk directory of `partition` under `root`, created if missing.
     pub fn open(root: &Path, partition: PartitionId) -> std::io::Result<ChunkFiles> {
         let dir = partition_dir(root, partition);
-        std::fs::create_dir_all(&dir).map_err(|e| with_path(e, "creating", &dir))?;
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(|e| with_path(e, "creating", &dir))?;
+            // The new directories' own entries, so that files synced into them stay reachable.
+            for parent in [Some(root), root.parent()].into_iter().flatten() {
+                sync_dir(parent)?;
+            }
+        }
         Ok(ChunkFiles { dir })
     }
 
@@ -78,9 +84,7 @@ impl ChunkFiles {
 
     /// Makes the files written so far durable as directory entries.
     pub fn sync_dir(&self) -> std::io::Result<()> {
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| with_path(e, "syncing", &self.dir))
+        sync_dir(&self.dir)
     }
 
     /// The body in `file`.
@@ -128,6 +132,13 @@ pub fn remove_partition(root: &Path, partition: PartitionId) -> std::io::Result<
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(with_path(e, "deleting", &dir)),
         _ => Ok(()),
     }
+}
+
+/// Makes the entries of directory `dir` durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| with_path(e, "syncing", dir))
 }
 
 fn partition_dir(root: &Path, partition: PartitionId) -> PathBuf {

@@ -26,7 +26,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// A command of a partition group.
@@ -421,12 +421,39 @@ struct ShippedSnapshot {
     persons: Vec<(ProjectId, PersonId, PersonRow)>,
 }
 
+/// Where a node keeps partition data beside its sled trees.
+#[derive(Debug, Clone)]
+pub struct DataPaths {
+    /// The directory of chunk bodies (`{data-dir}/chunks`).
+    pub chunks: PathBuf,
+    /// sled's log file. sled's own flush ends in `sync_file_range`, which does not flush the
+    /// disk's cache, so a batch that stops naming chunk files is made durable with an `fsync`
+    /// of this file before those files are deleted: deletions reaching the disk first would
+    /// leave, after a power loss, sled naming files that are gone.
+    pub sled_log: PathBuf,
+}
+
+impl DataPaths {
+    /// `fsync`s sled's log, after a flush: see [`DataPaths::sled_log`].
+    fn sync_sled(&self) -> std::io::Result<()> {
+        std::fs::File::open(&self.sled_log)
+            .and_then(|log| log.sync_all())
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("syncing {}: {e}", self.sled_log.display()),
+                )
+            })
+    }
+}
+
 /// The state machine core of a partition.
 #[derive(Debug)]
 pub struct PartitionCore {
     partition: PartitionId,
     tree: sled::Tree,
     files: ChunkFiles,
+    paths: DataPaths,
     data: Arc<RwLock<PartitionData>>,
     dirty_persons: PersonKeySet,
     next_chunk: u64,
@@ -617,19 +644,21 @@ fn data_tree(partition: PartitionId) -> String {
     format!("p{}.data", partition.0)
 }
 
-/// Deletes what `db` and the chunk directory `chunks` hold of a partition's data, once its
-/// core is gone: a replica moved away. Blocks until the seals queued before are written, so
-/// none lands in the directory after it went. The tree goes first: a crash in between leaves
-/// files that nothing names, which opening the partition again would delete.
+/// Deletes what `db` and the chunk directory hold of a partition's data, once its core is
+/// closed ([`PartitionCore::close`]): a replica moved away. Blocks until the seals queued
+/// before are written, so none lands in the directory after it went. The tree goes first,
+/// durably: a crash in between leaves files that nothing names, which opening the partition
+/// again would delete.
 pub fn drop_partition_storage(
     db: &sled::Db,
-    chunks: &Path,
+    paths: &DataPaths,
     partition: PartitionId,
 ) -> Result<(), CoreError> {
     wait_for_queued_seals();
     db.drop_tree(data_tree(partition))?;
     db.flush()?;
-    chunk_files::remove_partition(chunks, partition)?;
+    paths.sync_sled()?;
+    chunk_files::remove_partition(&paths.chunks, partition)?;
     Ok(())
 }
 
@@ -707,17 +736,17 @@ fn body_file(tree: &sled::Tree, meta: &ChunkMeta) -> Result<Option<BodyFile>, Co
 }
 
 impl PartitionCore {
-    /// Opens the partition's tree and its chunk directory under `chunks`, and loads its chunks
-    /// and persons into memory. Bodies that a crash left unnamed are deleted, and bodies an
-    /// older version kept in sled are moved to files.
+    /// Opens the partition's tree and its chunk directory, and loads its chunks and persons
+    /// into memory. Bodies that a crash left unnamed are deleted, and bodies an older version
+    /// kept in sled are moved to files.
     pub fn open(
         db: &sled::Db,
-        chunks: &Path,
+        paths: &DataPaths,
         partition: PartitionId,
         seal_rows: usize,
     ) -> Result<PartitionCore, CoreError> {
         let tree = db.open_tree(data_tree(partition))?;
-        let files = ChunkFiles::open(chunks, partition)?;
+        let files = ChunkFiles::open(&paths.chunks, partition)?;
         let mut data = PartitionData::default();
         let mut next_chunk = 0;
         let mut named = HashSet::new();
@@ -780,6 +809,7 @@ impl PartitionCore {
             next_job: 0,
             tree,
             files,
+            paths: paths.clone(),
             data,
             dirty_persons: PersonKeySet::default(),
             next_chunk,
@@ -789,6 +819,12 @@ impl PartitionCore {
             local: LocalProposals::default(),
             raw: Vec::new(),
         })
+    }
+
+    /// Stops sealing: seals asked for from now on are skipped. For a replica about to be
+    /// dropped (the periodic sealer may still ask, from a list of partitions taken before).
+    pub fn close(&self) {
+        *self.sealer.failure.lock() = Some(format!("partition {} was closed", self.partition));
     }
 
     /// The data queries read.
@@ -1050,8 +1086,16 @@ impl StateMachineCore for PartitionCore {
         let snapshot: PartitionSnapshot = optiprism_consensus::decode(description)?;
         let mut chunks = Vec::with_capacity(snapshot.chunks.len());
         for meta in snapshot.chunks {
-            // Chunks are immutable and never deleted while a snapshot names them.
-            let file = body_file(&self.tree, &meta)?.ok_or_else(|| {
+            // Chunks are immutable, but an installed snapshot replaces them, possibly with other
+            // chunks of the same ids: a description from before that is stale, not shippable.
+            let stored = self.tree.get(chunk_key(b'm', meta.project, meta.id))?;
+            let file = match stored {
+                Some(m) if *m == *optiprism_consensus::encode(&meta) => {
+                    body_file(&self.tree, &meta)?
+                }
+                _ => None,
+            }
+            .ok_or_else(|| {
                 format!(
                     "snapshot of partition {} names chunk {} of project {} that this node does not hold",
                     self.partition, meta.id, meta.project
@@ -1114,6 +1158,7 @@ impl StateMachineCore for PartitionCore {
             self.tree.apply_batch(batch)?;
         }
         self.tree.flush()?;
+        self.paths.sync_sled()?;
         for file in replaced {
             if let Err(e) = self.files.remove(file) {
                 // Unnamed now: the next open deletes it.
@@ -1178,13 +1223,15 @@ mod tests {
         partition: u32,
         seal_rows: usize,
     ) -> PartitionCore {
-        PartitionCore::open(
-            db,
-            &dir.path().join("chunks"),
-            PartitionId(partition),
-            seal_rows,
-        )
-        .unwrap()
+        PartitionCore::open(db, &test_paths(dir), PartitionId(partition), seal_rows).unwrap()
+    }
+
+    /// The paths beside a test's sled database in `dir`.
+    fn test_paths(dir: &tempfile::TempDir) -> DataPaths {
+        DataPaths {
+            chunks: dir.path().join("chunks"),
+            sled_log: dir.path().join("db"),
+        }
     }
 
     fn outcomes(bytes: &[u8]) -> Vec<(u32, u32)> {
@@ -1251,6 +1298,7 @@ mod tests {
         follower.apply(1, &command(3, &[&[event("a", 1), event("x", 9)]]));
         follower.persist(b"f1").unwrap();
         follower.apply(2, &command(4, &[&[event("y", 8)]]));
+        let stale = follower.snapshot().unwrap();
         let description = leader.snapshot().unwrap();
         let shipped = leader.ship(&description).unwrap();
         follower.install(&shipped, b"m2").unwrap();
@@ -1282,11 +1330,29 @@ mod tests {
         assert_eq!(outcomes(&again), [(1, 1)]);
         // The follower's own body went with it: its directory holds the leader's two.
         assert_eq!(body_files(dir.path(), 1), 2);
+        // A description of the follower's state from before names chunk 0 of project 1, as
+        // the installed one does, but not the same chunk: it cannot be shipped any more.
+        let e = follower.ship(&stale).unwrap_err().to_string();
+        assert!(e.contains("does not hold"), "{e}");
         // And the replaced state is what the follower reopens with.
         drop(follower);
         let reopened = open_core(&db, &dir, 1, 1 << 20);
         assert_eq!(rows(&reopened), ["a", "b", "c"]);
         assert_eq!(body_files(dir.path(), 1), 2);
+    }
+
+    #[test]
+    fn a_closed_partition_seals_nothing_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut core = open_core(&db, &dir, 0, 1 << 20);
+        core.apply(1, &command(1, &[&[event("a", 1)]]));
+        core.close();
+        core.persist_soon(b"m1").unwrap();
+        wait_for_queued_seals();
+        assert_eq!(body_files(dir.path(), 0), 0);
+        assert_eq!(core.tree.get("marker").unwrap(), None);
+        assert!(core.persist(b"m2").is_err());
     }
 
     /// How many files partition `p`'s chunk directory under `dir` holds.
@@ -1344,7 +1410,7 @@ mod tests {
         // A replica moved away leaves nothing behind.
         drop(again);
         drop(tree);
-        drop_partition_storage(&db, &chunks, PartitionId(0)).unwrap();
+        drop_partition_storage(&db, &test_paths(&dir), PartitionId(0)).unwrap();
         assert!(!chunks.join("p0").exists());
         assert!(
             !db.tree_names()

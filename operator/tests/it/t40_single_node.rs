@@ -12,7 +12,7 @@ fn a_node_started_again_on_other_ports_is_found_at_the_new_ones() {
         .collect();
     let (status, body) = node.post("/v1/batch", &json!({"writeKey": WRITE_KEY, "batch": batch}));
     assert_eq!(status, 200, "{body}");
-    let first_flight = node.flight.clone();
+    let (first_http, first_flight) = (node.http.clone(), node.flight.clone());
     // `prism up` in the test kit takes fresh ports on every start.
     node.restart();
     assert_ne!(node.flight, first_flight);
@@ -24,6 +24,14 @@ fn a_node_started_again_on_other_ports_is_found_at_the_new_ones() {
         node.flight.as_str(),
         "{status}"
     );
+    // Nor does any group of the node still name the old addresses.
+    let text = status.to_string();
+    let old_http = first_http.trim_start_matches("http://");
+    assert!(
+        !text.contains(&first_flight) && !text.contains(old_http),
+        "{status}"
+    );
+    assert!(!status["groups"].as_array().unwrap().is_empty(), "{status}");
     let out = prismctl(
         &node.http,
         &[
