@@ -871,8 +871,9 @@ pub async fn start(
             config.node.data_dir.display()
         )
     })?;
+    let sled_dir = config.node.data_dir.join("sled");
     let db = sled::Config::new()
-        .path(config.node.data_dir.join("sled"))
+        .path(&sled_dir)
         .cache_capacity(256 << 20)
         .mode(sled::Mode::HighThroughput)
         .open()
@@ -957,7 +958,7 @@ pub async fn start(
             paths: crate::storage::partition::DataPaths {
                 chunks: config.node.data_dir.join("chunks"),
                 // sled 0.34 keeps its log in the file `db` of its directory.
-                sled_log: config.node.data_dir.join("sled").join("db"),
+                sled_log: sled_dir.join("db"),
             },
             flusher,
             network,

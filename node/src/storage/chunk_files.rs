@@ -52,7 +52,7 @@ impl ChunkFiles {
             std::fs::create_dir_all(&dir).map_err(|e| with_path(e, "creating", &dir))?;
             // The new directories' own entries, so that files synced into them stay reachable.
             for parent in [Some(root), root.parent()].into_iter().flatten() {
-                sync_dir(parent)?;
+                sync_path(parent)?;
             }
         }
         Ok(ChunkFiles { dir })
@@ -84,7 +84,7 @@ impl ChunkFiles {
 
     /// Makes the files written so far durable as directory entries.
     pub fn sync_dir(&self) -> std::io::Result<()> {
-        sync_dir(&self.dir)
+        sync_path(&self.dir)
     }
 
     /// The body in `file`.
@@ -134,11 +134,11 @@ pub fn remove_partition(root: &Path, partition: PartitionId) -> std::io::Result<
     }
 }
 
-/// Makes the entries of directory `dir` durable.
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| with_path(e, "syncing", dir))
+/// `fsync`s `path`: a file's contents, or a directory's entries.
+pub fn sync_path(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| with_path(e, "syncing", path))
 }
 
 fn partition_dir(root: &Path, partition: PartitionId) -> PathBuf {

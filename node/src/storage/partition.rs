@@ -433,20 +433,6 @@ pub struct DataPaths {
     pub sled_log: PathBuf,
 }
 
-impl DataPaths {
-    /// `fsync`s sled's log, after a flush: see [`DataPaths::sled_log`].
-    fn sync_sled(&self) -> std::io::Result<()> {
-        std::fs::File::open(&self.sled_log)
-            .and_then(|log| log.sync_all())
-            .map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("syncing {}: {e}", self.sled_log.display()),
-                )
-            })
-    }
-}
-
 /// The state machine core of a partition.
 #[derive(Debug)]
 pub struct PartitionCore {
@@ -657,7 +643,7 @@ pub fn drop_partition_storage(
     wait_for_queued_seals();
     db.drop_tree(data_tree(partition))?;
     db.flush()?;
-    paths.sync_sled()?;
+    chunk_files::sync_path(&paths.sled_log)?;
     chunk_files::remove_partition(&paths.chunks, partition)?;
     Ok(())
 }
@@ -667,9 +653,12 @@ fn stored_persons(tree: &sled::Tree) -> Result<Vec<(ProjectId, PersonId, PersonR
     let mut out = Vec::new();
     for item in tree.scan_prefix(b"p/") {
         let (key, value) = item?;
-        let project = ProjectId(u32::from_be_bytes(key[2..6].try_into()?));
-        let person = PersonId(u64::from_be_bytes(key[6..14].try_into()?));
-        out.push((project, person, optiprism_consensus::decode(&value)?));
+        let (project, person) = split_key(&key)?;
+        out.push((
+            project,
+            PersonId(person),
+            optiprism_consensus::decode(&value)?,
+        ));
     }
     Ok(out)
 }
@@ -707,6 +696,16 @@ fn chunk_key(prefix: u8, project: ProjectId, id: u64) -> Vec<u8> {
     k
 }
 
+/// The project and id (of a chunk or person) in a key [`chunk_key`] made.
+fn split_key(key: &[u8]) -> Result<(ProjectId, u64), CoreError> {
+    let project = key.get(2..6).ok_or("a key too short")?;
+    let id = key.get(6..14).ok_or("a key too short")?;
+    Ok((
+        ProjectId(u32::from_be_bytes(project.try_into()?)),
+        u64::from_be_bytes(id.try_into()?),
+    ))
+}
+
 fn person_key(project: ProjectId, person: PersonId) -> Vec<u8> {
     chunk_key(b'p', project, person.0)
 }
@@ -725,14 +724,22 @@ fn name_chunk(batch: &mut sled::Batch, meta: &ChunkMeta, file: BodyFile) {
 
 /// The file that holds the body of `meta`'s chunk, as `tree` names it.
 fn body_file(tree: &sled::Tree, meta: &ChunkMeta) -> Result<Option<BodyFile>, CoreError> {
-    let Some(generation) = tree.get(chunk_key(b'b', meta.project, meta.id))? else {
-        return Ok(None);
-    };
-    Ok(Some(BodyFile {
-        project: meta.project,
-        chunk: meta.id,
-        generation: u64::from_be_bytes(generation.as_ref().try_into()?),
-    }))
+    tree.get(chunk_key(b'b', meta.project, meta.id))?
+        .map(|generation| stored_body_file(meta.project, meta.id, &generation))
+        .transpose()
+}
+
+/// The file a `b/` entry names: the chunk of its key, the generation its value holds.
+fn stored_body_file(
+    project: ProjectId,
+    chunk: u64,
+    generation: &[u8],
+) -> Result<BodyFile, CoreError> {
+    Ok(BodyFile {
+        project,
+        chunk,
+        generation: u64::from_be_bytes(generation.try_into()?),
+    })
 }
 
 impl PartitionCore {
@@ -1119,13 +1126,14 @@ impl StateMachineCore for PartitionCore {
         // schedule, so with other boundaries and ids) and persons go. Their files go once no
         // durable state names them.
         let mut replaced = Vec::new();
-        for item in self.tree.scan_prefix(b"m/") {
-            let meta: ChunkMeta = optiprism_consensus::decode(&item?.1)?;
-            replaced.extend(body_file(&self.tree, &meta)?);
-        }
         for prefix in [&b"c/"[..], b"m/", b"b/", b"p/"] {
             for item in self.tree.scan_prefix(prefix) {
-                batch.remove(item?.0);
+                let (key, value) = item?;
+                if prefix == b"b/" {
+                    let (project, chunk) = split_key(&key)?;
+                    replaced.push(stored_body_file(project, chunk, &value)?);
+                }
+                batch.remove(key);
             }
         }
         let mut next_chunk = 0;
@@ -1158,7 +1166,7 @@ impl StateMachineCore for PartitionCore {
             self.tree.apply_batch(batch)?;
         }
         self.tree.flush()?;
-        self.paths.sync_sled()?;
+        chunk_files::sync_path(&self.paths.sled_log)?;
         for file in replaced {
             if let Err(e) = self.files.remove(file) {
                 // Unnamed now: the next open deletes it.
