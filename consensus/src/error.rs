@@ -6,6 +6,12 @@ pub enum Error {
     /// sled failed.
     #[error("storage error")]
     Sled(#[from] sled::Error),
+    /// The Raft log could not be opened.
+    #[error("raft log error")]
+    Wal(#[from] crate::wal::WalError),
+    /// Reading or writing the Raft log failed.
+    #[error("raft log i/o error")]
+    LogIo(#[from] std::io::Error),
     /// openraft refused its configuration.
     #[error("invalid raft configuration")]
     Config(#[from] openraft::ConfigError),
@@ -32,13 +38,17 @@ pub enum Error {
 impl Error {
     /// Whether retrying the same operation later can succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Sled(sled::Error::Io(_)))
+        matches!(
+            self,
+            Error::Sled(sled::Error::Io(_)) | Error::Wal(crate::wal::WalError::Io { .. })
+        )
     }
 
     /// A stable code for operators.
     pub fn code(&self) -> &'static str {
         match self {
             Error::Sled(_) => "storage",
+            Error::Wal(_) | Error::LogIo(_) => "raft_log",
             Error::Config(_) => "config",
             Error::Fatal { .. } => "raft_fatal",
             Error::Corrupt { .. } => "corrupt",

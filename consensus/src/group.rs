@@ -1,7 +1,6 @@
 //! Starting a group: its log, its state machine, its network, and openraft on top.
 
-use crate::flusher::Flusher;
-use crate::log_store::SledLogStore;
+use crate::log_store::{NodeStorage, WalLogStore};
 use crate::network::{NetworkFactory, RaftTransport};
 use crate::state_machine::{StateMachineCore, StateMachineStore};
 use crate::{GroupId, Raft};
@@ -60,28 +59,88 @@ fn snapshot_tree(group: GroupId) -> String {
     format!("g{}.snapshot", group.0)
 }
 
-/// Deletes what `db` holds of `group` (its log, vote and markers, snapshot), once its Raft
+/// The sled trees where versions before the WAL kept a group's log entries and its vote and
+/// markers.
+fn sled_log_trees(group: GroupId) -> [String; 2] {
+    [format!("g{}.log", group.0), format!("g{}.meta", group.0)]
+}
+
+/// Deletes what this node stores of `group` (its log, vote and markers, snapshot), once its Raft
 /// instance here has stopped: a replica moved away.
-pub fn drop_group_storage(db: &sled::Db, group: GroupId) -> crate::Result<()> {
-    use crate::log_store::{log_tree, meta_tree};
-    for tree in [log_tree(group), meta_tree(group), snapshot_tree(group)] {
-        db.drop_tree(tree)?;
+pub fn drop_group_storage(storage: &NodeStorage, group: GroupId) -> crate::Result<()> {
+    storage.wal.drop_group(group)?;
+    for tree in sled_log_trees(group)
+        .into_iter()
+        .chain([snapshot_tree(group)])
+    {
+        storage.db.drop_tree(tree)?;
     }
     Ok(())
 }
 
-/// Opens the storage of `group` in `db` and starts its Raft instance.
+/// Moves the log a version before the WAL kept of `group` in sled into the WAL, durably, then
+/// drops it from sled. A crash in between leaves both: the WAL's copy wins on the next start.
+async fn adopt_sled_log(storage: &NodeStorage, group: GroupId) -> crate::Result<()> {
+    use crate::{LogId, decode};
+    let [log_name, meta_name] = sled_log_trees(group);
+    let names = storage.db.tree_names();
+    if !names
+        .iter()
+        .any(|n| **n == *log_name.as_bytes() || **n == *meta_name.as_bytes())
+    {
+        return Ok(());
+    }
+    let wal = &storage.wal;
+    if !wal.knows(group) {
+        let corrupt = |what: &str| {
+            let what = format!("{what} of {group} in sled");
+            move |source| crate::Error::Corrupt { what, source }
+        };
+        let meta = storage.db.open_tree(&meta_name)?;
+        if let Some(bytes) = meta.get(b"last_purged")? {
+            let purged: LogId = decode(&bytes).map_err(corrupt("purge point"))?;
+            wal.purge(group, purged)?;
+        }
+        let mut batch = Vec::new();
+        let mut moved = 0u64;
+        for item in storage.db.open_tree(&log_name)?.iter() {
+            let (_, bytes) = item?;
+            batch.push(decode(&bytes).map_err(corrupt("log entry"))?);
+            if batch.len() == 256 {
+                wal.append(group, &batch)?;
+                moved += batch.len() as u64;
+                batch.clear();
+            }
+        }
+        moved += batch.len() as u64;
+        wal.append(group, &batch)?;
+        if let Some(bytes) = meta.get(b"vote")? {
+            wal.save_vote(group, &decode(&bytes).map_err(corrupt("vote"))?)?;
+        }
+        if let Some(bytes) = meta.get(b"committed")? {
+            let committed: Option<LogId> = decode(&bytes).map_err(corrupt("committed log id"))?;
+            wal.save_committed(group, committed)?;
+        }
+        wal.sync().await?;
+        tracing::info!(%group, entries = moved, "moved the raft log from sled to the WAL");
+    }
+    storage.db.drop_tree(log_name)?;
+    storage.db.drop_tree(meta_name)?;
+    Ok(())
+}
+
+/// Opens the storage of `group` and starts its Raft instance.
 pub async fn start_group<S: StateMachineCore>(
     node_id: u64,
     group: GroupId,
-    db: &sled::Db,
-    flusher: Flusher,
+    storage: &NodeStorage,
     core: S,
     transport: Arc<dyn RaftTransport>,
     config: &GroupConfig,
-) -> crate::Result<(Raft, StateMachineStore<S>, SledLogStore)> {
-    let log = SledLogStore::open(db, group, flusher)?;
-    let snapshots = db.open_tree(snapshot_tree(group))?;
+) -> crate::Result<(Raft, StateMachineStore<S>, WalLogStore)> {
+    adopt_sled_log(storage, group).await?;
+    let log = WalLogStore::new(storage, group);
+    let snapshots = storage.db.open_tree(snapshot_tree(group))?;
     let state_machine = StateMachineStore::new(core, snapshots)?;
     let raft = Raft::new(
         node_id,
@@ -93,4 +152,82 @@ pub async fn start_group<S: StateMachineCore>(
     .await
     .map_err(|source| crate::Error::Fatal { group, source })?;
     Ok((raft, state_machine, log))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Command, LogId, TypeConfig, Wal, encode};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, Vote};
+
+    fn log_id(index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(2, 1), index)
+    }
+
+    fn storage(dir: &std::path::Path) -> NodeStorage {
+        NodeStorage {
+            db: sled::open(dir.join("sled")).unwrap(),
+            sled_log: dir.join("sled/db"),
+            wal: Wal::open(&dir.join("raft-wal")).unwrap(),
+        }
+    }
+
+    /// Writes a group's log as versions before the WAL kept it in sled.
+    fn write_sled_log(db: &sled::Db, group: GroupId, entries: std::ops::RangeInclusive<u64>) {
+        let [log_name, meta_name] = sled_log_trees(group);
+        let log = db.open_tree(log_name).unwrap();
+        for i in entries {
+            let entry: Entry<TypeConfig> = Entry {
+                log_id: log_id(i),
+                payload: EntryPayload::Normal(Command(format!("k{i}=v").into_bytes())),
+            };
+            log.insert(i.to_be_bytes(), encode(&entry)).unwrap();
+        }
+        let meta = db.open_tree(meta_name).unwrap();
+        meta.insert("vote", encode(&Vote::<u64>::new_committed(2, 1)))
+            .unwrap();
+        meta.insert("committed", encode(&Some(log_id(7)))).unwrap();
+        meta.insert("last_purged", encode(&log_id(4))).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_log_an_older_version_kept_in_sled_moves_to_the_wal_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, other) = (GroupId(3), GroupId(4));
+        {
+            let storage = storage(dir.path());
+            write_sled_log(&storage.db, g, 5..=9);
+            adopt_sled_log(&storage, g).await.unwrap();
+            // A group without a log in sled is left alone.
+            adopt_sled_log(&storage, other).await.unwrap();
+            assert!(!storage.wal.knows(other));
+        }
+        // After a restart, from the WAL alone: sled's trees are gone.
+        let storage = storage(dir.path());
+        let names = storage.db.tree_names();
+        for tree in sled_log_trees(g) {
+            assert!(
+                !names.iter().any(|n| **n == *tree.as_bytes()),
+                "{tree} kept"
+            );
+        }
+        let indexes: Vec<u64> = (storage.wal.read(g, 0, None).unwrap())
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect();
+        assert_eq!(indexes, vec![5, 6, 7, 8, 9]);
+        let meta = storage.wal.meta(g);
+        assert_eq!(meta.vote, Some(Vote::new_committed(2, 1)));
+        assert_eq!(meta.committed, Some(log_id(7)));
+        assert_eq!(meta.purged, Some(log_id(4)));
+        // A crash after the WAL was synced but before sled dropped its trees leaves both: the
+        // WAL's copy stays as it is, and sled's goes.
+        write_sled_log(&storage.db, g, 1..=9);
+        adopt_sled_log(&storage, g).await.unwrap();
+        assert_eq!(storage.wal.read(g, 0, None).unwrap().len(), 5);
+        assert!(
+            storage.db.tree_names().len() <= 1,
+            "only sled's default tree"
+        );
+    }
 }

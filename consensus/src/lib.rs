@@ -1,10 +1,11 @@
 //! Multi-raft machinery over openraft, generic over what is replicated.
 //!
-//! One sled database per process holds every group's Raft log (one tree per group), vote and
-//! commit markers, and the state machines' data (owned by the crate that owns the data). A
-//! group is one openraft `Raft` instance; the metadata group and every partition are groups.
+//! One write-ahead log per process ([`wal`]) holds every group's Raft log, vote and commit
+//! markers; one sled database holds the state machines' data (owned by the crate that owns the
+//! data) and their snapshots. A group is one openraft `Raft` instance; the metadata group and
+//! every partition are groups.
 //!
-//! What this crate knows: log storage with group commit ([`log_store`]), an adapter from
+//! What this crate knows: the log with group commit ([`wal`], [`log_store`]), an adapter from
 //! openraft's state-machine traits to a small deterministic [`StateMachineCore`]
 //! ([`state_machine`]), the transport abstraction that carries RPCs of every group between
 //! nodes ([`network`]) with its QUIC implementation ([`quic`]) and the cluster's certificates
@@ -18,7 +19,6 @@
 
 pub mod error;
 mod failover;
-pub mod flusher;
 pub mod group;
 pub mod log_store;
 pub mod network;
@@ -26,6 +26,7 @@ pub mod quic;
 pub mod state_machine;
 pub mod tls;
 pub mod transfer;
+pub mod wal;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -33,10 +34,11 @@ use std::io::Cursor;
 
 pub use error::{Error, Result};
 pub use group::{GroupConfig, drop_group_storage, start_group};
-pub use log_store::SledLogStore;
+pub use log_store::{NodeStorage, WalLogStore};
 pub use network::{LocalRouter, NetworkFactory, RaftTransport};
 pub use quic::{LeaderError, QuicTransport};
 pub use state_machine::{StateMachineCore, StateMachineStore};
+pub use wal::{Wal, WalError, WalOptions};
 
 /// A replicated command: opaque bytes that the group's state machine decodes.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -151,7 +151,9 @@ impl<S: StateMachineCore> StateMachineStore<S> {
         self.snapshots
             .insert(CURRENT_SNAPSHOT, encode(stored))
             .map_err(sm_err)?;
-        // On a blocking thread, not sled's `flush_async` (see `flusher`).
+        // On a blocking thread, not sled's `flush_async`: that one waits on a thread of sled's own
+        // small pool, the pool that also writes the buffers waited for, and enough concurrent
+        // waits left no thread to write them (a hang seen at a cluster's first election).
         let tree = self.snapshots.clone();
         tokio::task::spawn_blocking(move || tree.flush())
             .await

@@ -142,7 +142,7 @@ impl<'de> Deserialize<'de> for ByteSize {
 pub struct NodeSection {
     /// This node's id (unique in the cluster, > 0).
     pub id: u64,
-    /// Where sled keeps this node's Raft logs and data.
+    /// Where this node keeps its Raft log (`raft-wal/`), sled (`sled/`) and chunk bodies (`chunks/`).
     pub data_dir: PathBuf,
     /// HTTP listen address.
     pub http_listen: String,

@@ -19,8 +19,7 @@ use crate::server::{Group, Network, NodeShared, PartitionGroup, ProposeError};
 use crate::storage::batcher::{self, Batcher, Tokens};
 use crate::storage::partition::PartitionCore;
 use anyhow::Context;
-use optiprism_consensus::flusher::Flusher;
-use optiprism_consensus::{GroupConfig, GroupId, NodeAddr, start_group};
+use optiprism_consensus::{GroupConfig, GroupId, NodeAddr, NodeStorage, start_group};
 use optiprism_types::PartitionId;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -28,10 +27,10 @@ use std::time::Duration;
 
 /// What starting a partition group on this node takes.
 pub(crate) struct Hosting {
-    pub(crate) db: sled::Db,
+    /// sled (the partitions' trees) and the Raft log.
+    pub(crate) storage: NodeStorage,
     /// Where partitions keep their data beside the sled trees.
     pub(crate) paths: crate::storage::partition::DataPaths,
-    pub(crate) flusher: Flusher,
     pub(crate) network: Network,
     pub(crate) groups: GroupConfig,
     pub(crate) tokens: Arc<Tokens>,
@@ -129,7 +128,7 @@ impl NodeShared {
             return Ok(());
         }
         let h = &self.hosting;
-        let core = PartitionCore::open(&h.db, &h.paths, PartitionId(p), h.seal_rows)
+        let core = PartitionCore::open(&h.storage.db, &h.paths, PartitionId(p), h.seal_rows)
             .map_err(|e| anyhow::anyhow!("cannot open partition {p}: {e}"))?;
         let data = core.data();
         let local = core.local_proposals();
@@ -137,8 +136,7 @@ impl NodeShared {
         let (raft, state_machine, _) = start_group(
             self.node_id,
             group,
-            &h.db,
-            h.flusher.clone(),
+            &h.storage,
             core,
             h.network.transport(),
             &h.groups,
@@ -177,10 +175,10 @@ impl NodeShared {
         h.network.unserve(hosted.group.id);
         let _ = hosted.group.raft.shutdown().await;
         let group = hosted.group.id;
-        optiprism_consensus::drop_group_storage(&h.db, group)?;
+        optiprism_consensus::drop_group_storage(&h.storage, group)?;
         // A seal the periodic sealer asks for from now on must not write into the directory.
         hosted.group.state_machine.with_core(|core| core.close());
-        let (db, paths) = (h.db.clone(), h.paths.clone());
+        let (db, paths) = (h.storage.db.clone(), h.paths.clone());
         tokio::task::spawn_blocking(move || {
             crate::storage::partition::drop_partition_storage(&db, &paths, PartitionId(p))
         })

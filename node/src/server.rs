@@ -12,11 +12,10 @@ use crate::storage::batcher::{self, Batcher, Tokens};
 use crate::storage::chunk::StoredEvent;
 use crate::storage::partition::{IngestOutcome, PartitionCore};
 use anyhow::Context;
-use optiprism_consensus::flusher::Flusher;
 use optiprism_consensus::tls::{ClusterCa, NodeIdentity};
 use optiprism_consensus::{
-    Command, GroupId, LeaderError, LocalRouter, NodeAddr, QuicTransport, Raft, RaftTransport,
-    StateMachineStore, start_group,
+    Command, GroupId, LeaderError, LocalRouter, NodeAddr, NodeStorage, QuicTransport, Raft,
+    RaftTransport, StateMachineStore, start_group,
 };
 use optiprism_types::PartitionId;
 use parking_lot::RwLock;
@@ -674,6 +673,10 @@ impl NodeShared {
         {
             tracing::error!(error = %e, "final flush failed");
         }
+        // Appends and votes are synced as they happen; this keeps the last committed markers.
+        if let Err(e) = self.hosting.storage.wal.sync().await {
+            tracing::error!(error = %e, "final sync of the raft log failed");
+        }
     }
 }
 
@@ -900,7 +903,15 @@ pub async fn start(
             node_tree.insert("partitions", &partitions.to_be_bytes())?;
         }
     }
-    let flusher = Flusher::start(db.clone());
+    let wal_dir = config.node.data_dir.join("raft-wal");
+    let wal = optiprism_consensus::Wal::open(&wal_dir)
+        .with_context(|| format!("cannot open the raft log in {}", wal_dir.display()))?;
+    let storage = NodeStorage {
+        db: db.clone(),
+        // sled 0.34 keeps its log in the file `db` of its directory.
+        sled_log: sled_dir.join("db"),
+        wal,
+    };
     let network = Network::start(&config).await?;
     let transport = network.transport();
     let groups = config.group_config();
@@ -922,8 +933,7 @@ pub async fn start(
     let (raft, state_machine, _) = start_group(
         node_id,
         GroupId::METADATA,
-        &db,
-        flusher.clone(),
+        &storage,
         meta_core,
         Arc::clone(&transport),
         &groups,
@@ -954,13 +964,11 @@ pub async fn start(
         partitions: RwLock::default(),
         remote: parking_lot::Mutex::default(),
         hosting: crate::placement::Hosting {
-            db: db.clone(),
             paths: crate::storage::partition::DataPaths {
                 chunks: config.node.data_dir.join("chunks"),
-                // sled 0.34 keeps its log in the file `db` of its directory.
-                sled_log: sled_dir.join("db"),
+                sled_log: storage.sled_log.clone(),
             },
-            flusher,
+            storage,
             network,
             groups,
             tokens: Arc::new(Tokens::new()),

@@ -2,10 +2,9 @@
 //! whichever node leads a group, find a group's leader.
 
 use crate::kv::KvCore;
-use optiprism_consensus::flusher::Flusher;
 use optiprism_consensus::{
-    Command, GroupConfig, GroupId, LocalRouter, NodeAddr, QuicTransport, Raft, RaftTransport,
-    start_group,
+    Command, GroupConfig, GroupId, LocalRouter, NodeAddr, NodeStorage, QuicTransport, Raft,
+    RaftTransport, Wal, WalError, start_group,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -39,28 +38,52 @@ fn fast_config() -> GroupConfig {
     }
 }
 
-/// Opens a node's sled database. A node restarted in the same process may find the file lock
-/// still held for a moment: a stopped group's tasks drop their handles after `shutdown`
-/// returns.
-async fn open_db(path: &std::path::Path) -> sled::Db {
+/// Opens a node's sled database and Raft log. A node restarted in the same process may find
+/// their locks still held for a moment: a stopped group's tasks drop their handles after
+/// `shutdown` returns.
+async fn open_storage(dir: &std::path::Path) -> NodeStorage {
+    let sled_dir = dir.join("sled");
+    let mut db = None;
     for _ in 0..100 {
-        match sled::open(path) {
-            Ok(db) => return db,
+        match sled::open(&sled_dir) {
+            Ok(opened) => {
+                db = Some(opened);
+                break;
+            }
             Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => panic!("cannot open {}: {e}", path.display()),
+            Err(e) => panic!("cannot open {}: {e}", sled_dir.display()),
+        }
+    }
+    let db = db.unwrap_or_else(|| {
+        panic!(
+            "{} stayed locked for 10 s after its node stopped",
+            sled_dir.display()
+        )
+    });
+    for _ in 0..100 {
+        match Wal::open(&dir.join("raft-wal")) {
+            Ok(wal) => {
+                return NodeStorage {
+                    db,
+                    sled_log: sled_dir.join("db"),
+                    wal,
+                };
+            }
+            Err(WalError::Locked { .. }) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("cannot open the raft log in {}: {e}", dir.display()),
         }
     }
     panic!(
-        "{} stayed locked for 10 s after its node stopped",
-        path.display()
+        "the raft log in {} stayed locked for 10 s after its node stopped",
+        dir.display()
     );
 }
 
 /// One in-process node: its sled database and its groups.
 pub(crate) struct Node {
-    _db: sled::Db,
+    _storage: NodeStorage,
     pub(crate) groups: BTreeMap<GroupId, (Raft, optiprism_consensus::StateMachineStore<KvCore>)>,
 }
 
@@ -71,16 +94,14 @@ pub(crate) async fn start_node<T: Serve>(
     transport: Arc<T>,
     groups: &[GroupId],
 ) -> Node {
-    let db = open_db(&dir.join(format!("node-{id}"))).await;
-    let flusher = Flusher::start(db.clone());
+    let storage = open_storage(&dir.join(format!("node-{id}"))).await;
     let mut map = BTreeMap::new();
     for &g in groups {
-        let core = KvCore::open(db.open_tree(format!("kv-{}", g.0)).unwrap(), 3);
+        let core = KvCore::open(storage.db.open_tree(format!("kv-{}", g.0)).unwrap(), 3);
         let (raft, sm, _) = start_group(
             id,
             g,
-            &db,
-            flusher.clone(),
+            &storage,
             core,
             Arc::clone(&transport) as Arc<dyn RaftTransport>,
             &fast_config(),
@@ -91,7 +112,7 @@ pub(crate) async fn start_node<T: Serve>(
         map.insert(g, (raft, sm));
     }
     Node {
-        _db: db,
+        _storage: storage,
         groups: map,
     }
 }

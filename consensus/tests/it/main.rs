@@ -1,4 +1,4 @@
-//! Integration tests of the consensus crate: openraft's storage suite against the sled log store
+//! Integration tests of the consensus crate: openraft's storage suite against the WAL log store
 //! and the state-machine adapter, and in-process multi-raft clusters over the local router and
 //! over real QUIC sockets with mutual TLS.
 

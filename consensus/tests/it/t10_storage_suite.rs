@@ -1,22 +1,27 @@
-//! openraft's own storage test suite against `SledLogStore` + `StateMachineStore`.
+//! openraft's own storage test suite against `WalLogStore` + `StateMachineStore`.
 
 use crate::kv::KvCore;
 use openraft::testing::{StoreBuilder, Suite};
-use optiprism_consensus::flusher::Flusher;
-use optiprism_consensus::{GroupId, SledLogStore, StateMachineStore, StorageError, TypeConfig};
+use optiprism_consensus::{
+    GroupId, NodeStorage, StateMachineStore, StorageError, TypeConfig, Wal, WalLogStore,
+};
 
-struct SledBuilder;
+struct WalBuilder;
 
-impl StoreBuilder<TypeConfig, SledLogStore, StateMachineStore<KvCore>, tempfile::TempDir>
-    for SledBuilder
+impl StoreBuilder<TypeConfig, WalLogStore, StateMachineStore<KvCore>, tempfile::TempDir>
+    for WalBuilder
 {
     async fn build(
         &self,
-    ) -> Result<(tempfile::TempDir, SledLogStore, StateMachineStore<KvCore>), StorageError> {
+    ) -> Result<(tempfile::TempDir, WalLogStore, StateMachineStore<KvCore>), StorageError> {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let flusher = Flusher::start(db.clone());
-        let log = SledLogStore::open(&db, GroupId(3), flusher).unwrap();
+        let db = sled::open(dir.path().join("sled")).unwrap();
+        let storage = NodeStorage {
+            db: db.clone(),
+            sled_log: dir.path().join("sled/db"),
+            wal: Wal::open(&dir.path().join("wal")).unwrap(),
+        };
+        let log = WalLogStore::new(&storage, GroupId(3));
         let core = KvCore::open(db.open_tree("kv").unwrap(), 1);
         let sm = StateMachineStore::new(core, db.open_tree("snap").unwrap()).unwrap();
         Ok((dir, log, sm))
@@ -25,5 +30,5 @@ impl StoreBuilder<TypeConfig, SledLogStore, StateMachineStore<KvCore>, tempfile:
 
 #[test]
 fn openraft_storage_suite_passes() {
-    Suite::test_all(SledBuilder).unwrap();
+    Suite::test_all(WalBuilder).unwrap();
 }
