@@ -189,10 +189,12 @@ impl RaftLogStorage<TypeConfig> for WalLogStore {
         // The state machine's effects of the purged entries must be durable first: once the
         // purge point is, a restart cannot apply those entries again.
         let storage = self.storage.clone();
+        let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || storage.sync_state())
             .await
             .map_err(|e| StorageIOError::write(&io_err(e)))?
             .map_err(|e| StorageIOError::write(&e))?;
+        tracing::debug!(group = %self.group, upto = log_id.index, ms = started.elapsed().as_secs_f64() * 1e3, "synced the state machines to purge the log");
         self.wal()
             .purge(self.group, log_id)
             .map_err(|e| StorageIOError::write_logs(&e))?;

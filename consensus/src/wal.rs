@@ -394,6 +394,7 @@ impl State {
 
     /// Closes the active segment, begins the next, and deletes what no live entry needs.
     fn rotate(&mut self) -> Result<(), WalError> {
+        let started = std::time::Instant::now();
         let closing = self.active;
         self.segments[&closing]
             .sync_data()
@@ -401,6 +402,12 @@ impl State {
         self.begin_segment(closing + 1)?;
         self.collect_garbage()?;
         self.active_began = self.active_len;
+        tracing::debug!(
+            segment = self.active,
+            kept = self.segments.len(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "began a raft log segment"
+        );
         Ok(())
     }
 
