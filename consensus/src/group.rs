@@ -66,9 +66,11 @@ fn sled_log_trees(group: GroupId) -> [String; 2] {
 }
 
 /// Deletes what this node stores of `group` (its log, vote and markers, snapshot), once its Raft
-/// instance here has stopped: a replica moved away.
-pub fn drop_group_storage(storage: &NodeStorage, group: GroupId) -> crate::Result<()> {
+/// instance here has stopped: a replica moved away. The log forgets the group durably before
+/// sled does: otherwise a power loss could leave the log's markers with an empty state machine.
+pub async fn drop_group_storage(storage: &NodeStorage, group: GroupId) -> crate::Result<()> {
     storage.wal.drop_group(group)?;
+    storage.wal.sync().await?;
     for tree in sled_log_trees(group)
         .into_iter()
         .chain([snapshot_tree(group)])
@@ -79,7 +81,9 @@ pub fn drop_group_storage(storage: &NodeStorage, group: GroupId) -> crate::Resul
 }
 
 /// Moves the log a version before the WAL kept of `group` in sled into the WAL, durably, then
-/// drops it from sled. A crash in between leaves both: the WAL's copy wins on the next start.
+/// drops it from sled, durably too, before the group starts. sled's trees still there therefore
+/// mean the move did not finish (a crash or an error part way): whatever the WAL holds of the
+/// group then is an unfinished copy, which is forgotten and made again.
 async fn adopt_sled_log(storage: &NodeStorage, group: GroupId) -> crate::Result<()> {
     use crate::{LogId, decode};
     let [log_name, meta_name] = sled_log_trees(group);
@@ -91,41 +95,46 @@ async fn adopt_sled_log(storage: &NodeStorage, group: GroupId) -> crate::Result<
         return Ok(());
     }
     let wal = &storage.wal;
-    if !wal.knows(group) {
-        let corrupt = |what: &str| {
-            let what = format!("{what} of {group} in sled");
-            move |source| crate::Error::Corrupt { what, source }
-        };
-        let meta = storage.db.open_tree(&meta_name)?;
-        if let Some(bytes) = meta.get(b"last_purged")? {
-            let purged: LogId = decode(&bytes).map_err(corrupt("purge point"))?;
-            wal.purge(group, purged)?;
-        }
-        let mut batch = Vec::new();
-        let mut moved = 0u64;
-        for item in storage.db.open_tree(&log_name)?.iter() {
-            let (_, bytes) = item?;
-            batch.push(decode(&bytes).map_err(corrupt("log entry"))?);
-            if batch.len() == 256 {
-                wal.append(group, &batch)?;
-                moved += batch.len() as u64;
-                batch.clear();
-            }
-        }
-        moved += batch.len() as u64;
-        wal.append(group, &batch)?;
-        if let Some(bytes) = meta.get(b"vote")? {
-            wal.save_vote(group, &decode(&bytes).map_err(corrupt("vote"))?)?;
-        }
-        if let Some(bytes) = meta.get(b"committed")? {
-            let committed: Option<LogId> = decode(&bytes).map_err(corrupt("committed log id"))?;
-            wal.save_committed(group, committed)?;
-        }
-        wal.sync().await?;
-        tracing::info!(%group, entries = moved, "moved the raft log from sled to the WAL");
+    let corrupt = |what: &str| {
+        let what = format!("{what} of {group} in sled");
+        move |source| crate::Error::Corrupt { what, source }
+    };
+    if wal.knows(group) {
+        wal.drop_group(group)?;
     }
+    let meta = storage.db.open_tree(&meta_name)?;
+    if let Some(bytes) = meta.get(b"last_purged")? {
+        let purged: LogId = decode(&bytes).map_err(corrupt("purge point"))?;
+        wal.purge(group, purged)?;
+    }
+    let mut batch = Vec::new();
+    let mut moved = 0u64;
+    for item in storage.db.open_tree(&log_name)?.iter() {
+        let (_, bytes) = item?;
+        batch.push(decode(&bytes).map_err(corrupt("log entry"))?);
+        if batch.len() == 256 {
+            wal.append(group, &batch)?;
+            moved += batch.len() as u64;
+            batch.clear();
+        }
+    }
+    moved += batch.len() as u64;
+    wal.append(group, &batch)?;
+    if let Some(bytes) = meta.get(b"vote")? {
+        wal.save_vote(group, &decode(&bytes).map_err(corrupt("vote"))?)?;
+    }
+    if let Some(bytes) = meta.get(b"committed")? {
+        let committed: Option<LogId> = decode(&bytes).map_err(corrupt("committed log id"))?;
+        wal.save_committed(group, committed)?;
+    }
+    wal.sync().await?;
     storage.db.drop_tree(log_name)?;
     storage.db.drop_tree(meta_name)?;
+    let synced = storage.clone();
+    tokio::task::spawn_blocking(move || synced.sync_state())
+        .await
+        .map_err(std::io::Error::other)??;
+    tracing::info!(%group, entries = moved, "moved the raft log from sled to the WAL");
     Ok(())
 }
 
@@ -191,7 +200,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_log_an_older_version_kept_in_sled_moves_to_the_wal_once() {
+    async fn a_log_an_older_version_kept_in_sled_moves_to_the_wal_and_a_move_cut_short_is_made_again()
+     {
         let dir = tempfile::tempdir().unwrap();
         let (g, other) = (GroupId(3), GroupId(4));
         {
@@ -220,11 +230,18 @@ mod tests {
         assert_eq!(meta.vote, Some(Vote::new_committed(2, 1)));
         assert_eq!(meta.committed, Some(log_id(7)));
         assert_eq!(meta.purged, Some(log_id(4)));
-        // A crash after the WAL was synced but before sled dropped its trees leaves both: the
-        // WAL's copy stays as it is, and sled's goes.
-        write_sled_log(&storage.db, g, 1..=9);
+        // A move cut short (here: only the purge point reached the WAL) leaves sled's trees,
+        // and the next start makes the copy again from them.
+        storage.wal.drop_group(g).unwrap();
+        storage.wal.purge(g, log_id(4)).unwrap();
+        write_sled_log(&storage.db, g, 5..=9);
         adopt_sled_log(&storage, g).await.unwrap();
-        assert_eq!(storage.wal.read(g, 0, None).unwrap().len(), 5);
+        let indexes: Vec<u64> = (storage.wal.read(g, 0, None).unwrap())
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect();
+        assert_eq!(indexes, vec![5, 6, 7, 8, 9]);
+        assert_eq!(storage.wal.meta(g).vote, Some(Vote::new_committed(2, 1)));
         assert!(
             storage.db.tree_names().len() <= 1,
             "only sled's default tree"

@@ -182,6 +182,12 @@ impl RaftLogStorage<TypeConfig> for WalLogStore {
         self.wal()
             .truncate(self.group, log_id.index)
             .map_err(|e| StorageIOError::write_logs(&e))?;
+        // Synced before it returns: openraft truncates conflicting entries before it installs
+        // a snapshot, and that install becomes durable in sled on its own.
+        self.wal()
+            .sync()
+            .await
+            .map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
     }
 

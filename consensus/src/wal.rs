@@ -22,7 +22,9 @@
 //! [`WalOptions::segment_bytes`]: it is synced, the next one begins with a checkpoint, and every
 //! closed segment that no live entry points into is deleted. A group that writes rarely would
 //! otherwise pin its old segment for ever, so once more than [`WalOptions::max_segments`] are
-//! kept, the live entries of the oldest are copied forward (same indexes, same bytes).
+//! kept, the live entries of the oldest are copied forward (same indexes, same bytes) when they
+//! fill at most a quarter of it. The limit is soft: segments mostly live belong to busy groups,
+//! which free them by purging (every few thousand entries, after a snapshot).
 //!
 //! **Why replay is right after deletions.** Replay applies records in file order, and a
 //! checkpoint replaces each group's markers, drops entries outside (purged, last] and forgets
@@ -31,11 +33,12 @@
 //! was written before it and is kept (its segment is pinned), after any older write of the same
 //! index. So whatever deleted segments held is superseded by the time replay is done.
 //!
-//! **Crashes.** A closed segment was synced whole before the next began, so damage there is
-//! corruption and opening fails. Only the newest segment can end in a torn record (written, not
-//! yet synced, so never acknowledged): replay stops at the first record that fails its length or
-//! checksum and cuts the file there. Segments are deleted only after the checkpoint that
-//! supersedes them is synced.
+//! **Crashes.** A closed segment was synced whole before the next began (and opening syncs every
+//! segment it keeps), so damage there is corruption and opening fails. Only the newest segment
+//! can end in a torn record (written, not yet synced, so never acknowledged): replay stops at
+//! the first record that fails its length or checksum and cuts the file there, unless a valid
+//! record follows it (damage in the middle: opening fails). Segments are deleted only after the
+//! checkpoint that supersedes them is synced.
 
 use crate::{GroupId, LogId, TypeConfig, decode, encode, encode_into};
 use openraft::storage::LogFlushed;
@@ -69,14 +72,15 @@ const KIND_CHECKPOINT: u8 = 7;
 pub struct WalOptions {
     /// A segment is closed once an append would take it past this size.
     pub segment_bytes: u64,
-    /// Segments kept before the live entries of the oldest are copied forward.
+    /// Segments kept before the live entries of the oldest are copied forward (when they fill
+    /// at most a quarter of it).
     pub max_segments: usize,
 }
 
 impl Default for WalOptions {
     fn default() -> WalOptions {
-        // 64 MiB holds several seconds of full-speed ingestion; sixteen of them bound the disk
-        // a group that rarely writes can hold on to.
+        // 64 MiB holds several seconds of full-speed ingestion; past sixteen, the few entries a
+        // group that rarely writes holds on to are copied forward out of old segments.
         WalOptions {
             segment_bytes: 64 << 20,
             max_segments: 16,
@@ -280,6 +284,20 @@ fn read_records(bytes: &[u8]) -> (Records<'_>, Option<(usize, String)>) {
     (out, None)
 }
 
+/// Where the first record that reads back whole starts at or after `from`, if one does.
+fn next_valid_record(bytes: &[u8], from: usize) -> Option<usize> {
+    (from..bytes.len().saturating_sub(RECORD_HEADER + BODY_HEADER)).find(|&at| {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let start = at + RECORD_HEADER;
+        len >= BODY_HEADER
+            && (KIND_ENTRY..=KIND_CHECKPOINT).contains(&bytes[start])
+            && bytes.get(start..start + len).is_some_and(|body| {
+                crc32fast::hash(body)
+                    == u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"))
+            })
+    })
+}
+
 impl State {
     fn group(&mut self, group: GroupId) -> &mut GroupLog {
         self.groups.entry(group).or_default()
@@ -331,8 +349,11 @@ impl State {
                 for c in groups {
                     let mut log = self.groups.remove(&GroupId(c.group)).unwrap_or_default();
                     let first = c.meta.purged.map_or(0, |p| p.index + 1);
-                    let last = c.last.map_or(0, |l| l.index);
-                    log.entries.retain(|&i, _| i >= first && i <= last);
+                    // No last log id: the group had no entries at all then.
+                    match c.last {
+                        Some(last) => log.entries.retain(|&i, _| i >= first && i <= last.index),
+                        None => log.entries.clear(),
+                    }
                     log.meta = c.meta;
                     kept.insert(GroupId(c.group), log);
                 }
@@ -464,11 +485,12 @@ impl State {
     fn copy_forward(&mut self, segments: &BTreeSet<u64>) -> Result<(), WalError> {
         let active_path = segment_path(&self.dir, self.active);
         let active = Arc::clone(&self.segments[&self.active]);
-        let mut moved = 0usize;
+        // The entries' new places, taken on only once all of them are written.
+        let mut moved: Vec<(GroupId, u64, u64)> = Vec::new();
         let mut out = Vec::new();
         let mut base = self.active_len;
-        for (group, log) in self.groups.iter_mut() {
-            for loc in log.entries.values_mut() {
+        for (group, log) in &self.groups {
+            for (&index, loc) in &log.entries {
                 if !segments.contains(&loc.segment) {
                     continue;
                 }
@@ -481,9 +503,8 @@ impl State {
                 push_record(&mut out, KIND_ENTRY, *group, |b| {
                     b.extend_from_slice(&payload)
                 });
-                loc.segment = self.active;
-                loc.offset = base + (start + RECORD_HEADER + BODY_HEADER) as u64;
-                moved += 1;
+                let offset = base + (start + RECORD_HEADER + BODY_HEADER) as u64;
+                moved.push((*group, index, offset));
                 if out.len() >= 1 << 20 {
                     (&*active)
                         .write_all(&out)
@@ -497,9 +518,18 @@ impl State {
             .write_all(&out)
             .map_err(io_at("write", &active_path))?;
         self.active_len = base + out.len() as u64;
-        if moved > 0 {
+        for (group, index, offset) in &moved {
+            let loc = self
+                .groups
+                .get_mut(group)
+                .and_then(|log| log.entries.get_mut(index))
+                .expect("an entry just copied is still live: the state lock is held");
+            loc.segment = self.active;
+            loc.offset = *offset;
+        }
+        if !moved.is_empty() {
             tracing::info!(
-                entries = moved,
+                entries = moved.len(),
                 segments = segments.len(),
                 "copied live raft log entries forward out of old segments"
             );
@@ -585,6 +615,15 @@ impl Wal {
                 if !is_newest {
                     return Err(corrupt(offset, reason));
                 }
+                // A torn write leaves nothing readable after it; a valid record past a bad one
+                // means a damaged one in the middle, and cutting there would drop records that
+                // may have been acknowledged.
+                if let Some(next) = next_valid_record(&bytes, offset + 1) {
+                    return Err(corrupt(
+                        offset,
+                        format!("{reason}, and a valid record follows at byte {next}"),
+                    ));
+                }
                 tracing::warn!(segment = %path.display(), offset, reason, "cutting a torn record off the raft log");
                 let file = OpenOptions::new()
                     .write(true)
@@ -595,6 +634,9 @@ impl Wal {
                     .map_err(io_at("truncate", &path))?;
             }
             let file = File::open(&path).map_err(io_at("open", &path))?;
+            // After a process crash the newest segment's last records may be in the page cache
+            // only, while the checkpoint about to be written (and synced) counts them.
+            file.sync_data().map_err(io_at("sync", &path))?;
             state.segments.insert(id, Arc::new(file));
         }
         state.begin_segment(newest.map_or(1, |n| n + 1))?;
@@ -819,6 +861,22 @@ mod tests {
         }
     }
 
+    /// An entry whose record takes `bytes` in all.
+    fn big_entry(term: u64, index: u64, bytes: usize) -> Entry<TypeConfig> {
+        let mut e = entry(term, index);
+        let overhead = {
+            let mut b = Vec::new();
+            push_record(&mut b, KIND_ENTRY, GroupId(0), |b| encode_into(&e, b));
+            b.len()
+        };
+        if let EntryPayload::Normal(c) = &mut e.payload {
+            let keep = c.0.len().saturating_sub(overhead.saturating_sub(bytes));
+            c.0.truncate(keep);
+            c.0.resize(keep + bytes.saturating_sub(overhead), b'y');
+        }
+        e
+    }
+
     fn small() -> WalOptions {
         WalOptions {
             segment_bytes: 4096,
@@ -963,17 +1021,57 @@ mod tests {
     fn a_dropped_group_stays_dropped_after_its_records_are_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open_with(dir.path(), small()).unwrap();
-        let (gone, other) = (GroupId(5), GroupId(1));
+        let (gone, other, quiet) = (GroupId(5), GroupId(1), GroupId(2));
+        // A quiet group pins the first segment, so the old incarnation's entries stay on disk.
+        wal.append(quiet, &[entry(1, 0)]).unwrap();
         wal.save_vote(gone, &Vote::new(1, 1)).unwrap();
-        wal.append(gone, &[entry(1, 1)]).unwrap();
+        wal.append(gone, &[entry(1, 0), entry(1, 1)]).unwrap();
+        // Segment 1 ends here: the drop goes to segment 2, which is later deleted.
+        let fill = 4096 - wal.state.lock().active_len as usize;
+        wal.append(other, &[big_entry(1, 0, fill)]).unwrap();
         wal.drop_group(gone).unwrap();
+        // A new incarnation of the group, with a vote and no entries yet.
+        wal.save_vote(gone, &Vote::new(2, 3)).unwrap();
         for i in 1..=300 {
             wal.append(other, &[entry(1, i)]).unwrap();
+            if i % 20 == 0 {
+                wal.purge(other, log_id(1, i - 2)).unwrap();
+            }
         }
+        assert!(
+            segment_path(dir.path(), 1).exists(),
+            "the quiet group pins segment 1"
+        );
+        assert!(
+            !segment_path(dir.path(), 2).exists(),
+            "segment 2 was deleted"
+        );
         let wal = reopen(wal, dir.path(), small());
-        assert!(!wal.knows(gone));
-        assert_eq!(wal.meta(gone), GroupMeta::default());
-        assert_eq!(indexes(&wal, other).len(), 300);
+        assert!(indexes(&wal, gone).is_empty(), "{:?}", indexes(&wal, gone));
+        assert_eq!(wal.last_log_id(gone), None);
+        assert_eq!(wal.meta(gone).vote, Some(Vote::new(2, 3)));
+        assert_eq!(indexes(&wal, quiet), vec![(1, 0)]);
+        assert_eq!(indexes(&wal, other).len(), 2);
+    }
+
+    #[test]
+    fn damage_in_the_middle_of_the_newest_segment_is_not_taken_for_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path()).unwrap();
+        let g = GroupId(1);
+        wal.append(g, &[entry(1, 1)]).unwrap();
+        wal.append(g, &[entry(1, 2)]).unwrap();
+        let (path, first_payload) = {
+            let s = wal.state.lock();
+            let loc = s.groups[&g].entries[&1];
+            (segment_path(dir.path(), s.active), loc.offset as usize)
+        };
+        drop(wal);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[first_payload] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        let err = Wal::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("a valid record follows"), "{err}");
     }
 
     /// A small deterministic generator, so a failing run can be repeated from its seed.
@@ -1008,7 +1106,7 @@ mod tests {
                 let next = entries
                     .keys()
                     .last()
-                    .map_or(purged.map_or(1, |p| p.index + 1), |l| l + 1);
+                    .map_or(purged.map_or(0, |p| p.index + 1), |l| l + 1);
                 match rng.below(100) {
                     0..=69 => {
                         let n = rng.below(3) + 1;
@@ -1016,8 +1114,8 @@ mod tests {
                         wal.append(group, &batch).unwrap();
                         entries.extend((next..next + n).map(|i| (i, term)));
                     }
-                    70..=79 if next > purged.map_or(1, |p| p.index + 1) => {
-                        let first = purged.map_or(1, |p| p.index + 1);
+                    70..=79 if next > purged.map_or(0, |p| p.index + 1) => {
+                        let first = purged.map_or(0, |p| p.index + 1);
                         let since = first + rng.below(next - first);
                         term += 1;
                         wal.truncate(group, since).unwrap();
@@ -1043,6 +1141,15 @@ mod tests {
                     let want: Vec<(u64, u64)> = entries.iter().map(|(i, t)| (*t, *i)).collect();
                     assert_eq!(got, want, "seed {seed} step {step} group {g}");
                     assert_eq!(wal.meta(*g).purged, *purged, "seed {seed} step {step}");
+                    let last = entries
+                        .last_key_value()
+                        .map(|(i, t)| log_id(*t, *i))
+                        .or(*purged);
+                    assert_eq!(
+                        wal.last_log_id(*g),
+                        last,
+                        "seed {seed} step {step} group {g}"
+                    );
                 }
             }
             let wal = reopen(wal, dir.path(), options);

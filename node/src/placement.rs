@@ -175,7 +175,7 @@ impl NodeShared {
         h.network.unserve(hosted.group.id);
         let _ = hosted.group.raft.shutdown().await;
         let group = hosted.group.id;
-        optiprism_consensus::drop_group_storage(&h.storage, group)?;
+        optiprism_consensus::drop_group_storage(&h.storage, group).await?;
         // A seal the periodic sealer asks for from now on must not write into the directory.
         hosted.group.state_machine.with_core(|core| core.close());
         let (db, paths) = (h.storage.db.clone(), h.paths.clone());
