@@ -39,7 +39,7 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct Overrides {
-    /// Data directory (sled files live here).
+    /// Data directory (the Raft log, sled and chunk files live here).
     #[arg(long, env = "OPTIPRISM_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// HTTP listen address (ingestion, JSON queries, health) [default: 127.0.0.1:8088].
