@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const CACHE_ENTRIES: usize = 512;
@@ -40,9 +40,17 @@ pub struct NodeStorage {
 impl NodeStorage {
     /// Makes everything written to sled so far durable, across a power loss too.
     pub fn sync_state(&self) -> std::io::Result<()> {
-        self.db.flush().map_err(std::io::Error::other)?;
-        std::fs::File::open(&self.sled_log)?.sync_all()
+        sync_sled(&self.db, &self.sled_log)
     }
+}
+
+/// Flushes the sled database `tree` belongs to, then `fsync`s its log file `log_file`: sled's
+/// own flush ends in `sync_file_range`, which leaves the disk's cache unflushed.
+pub fn sync_sled(tree: &sled::Tree, log_file: &Path) -> std::io::Result<()> {
+    tree.flush().map_err(std::io::Error::other)?;
+    std::fs::File::open(log_file)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("syncing {}: {e}", log_file.display())))
 }
 
 /// The log store of one group.

@@ -258,43 +258,63 @@ fn push_record(out: &mut Vec<u8>, kind: u8, group: GroupId, payload: impl FnOnce
 /// The records of a segment's bytes, from after its magic: `(offset of body, body)` each.
 type Records<'a> = Vec<(usize, &'a [u8])>;
 
+/// Why no whole record starts at some offset.
+enum RecordFault {
+    /// Fewer bytes left than a record header.
+    CutHeader,
+    /// The header claims a body of this many bytes, more than are left.
+    CutBody(usize),
+    /// The body is shorter than its kind and group, or fails its checksum.
+    Checksum,
+}
+
+impl std::fmt::Display for RecordFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordFault::CutHeader => f.write_str("a record header is cut short"),
+            RecordFault::CutBody(len) => write!(f, "a record of {len} bytes is cut short"),
+            RecordFault::Checksum => f.write_str("a record fails its checksum"),
+        }
+    }
+}
+
+/// The body of the record whose header starts at `at`, if it reads back whole.
+fn record_at(bytes: &[u8], at: usize) -> Result<&[u8], RecordFault> {
+    let header = bytes
+        .get(at..at + RECORD_HEADER)
+        .ok_or(RecordFault::CutHeader)?;
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    let start = at + RECORD_HEADER;
+    let body = bytes
+        .get(start..start + len)
+        .ok_or(RecordFault::CutBody(len))?;
+    if len < BODY_HEADER || crc32fast::hash(body) != crc {
+        return Err(RecordFault::Checksum);
+    }
+    Ok(body)
+}
+
 /// The records of a segment's bytes, and where and why reading stopped early, if it did.
 fn read_records(bytes: &[u8]) -> (Records<'_>, Option<(usize, String)>) {
     let mut out = Vec::new();
     let mut at = MAGIC.len();
     while at < bytes.len() {
-        let Some(header) = bytes.get(at..at + RECORD_HEADER) else {
-            return (out, Some((at, "a record header is cut short".into())));
-        };
-        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
-        let start = at + RECORD_HEADER;
-        let Some(body) = bytes.get(start..start + len) else {
-            return (
-                out,
-                Some((at, format!("a record of {len} bytes is cut short"))),
-            );
-        };
-        if len < BODY_HEADER || crc32fast::hash(body) != crc {
-            return (out, Some((at, "a record fails its checksum".into())));
+        match record_at(bytes, at) {
+            Ok(body) => {
+                out.push((at + RECORD_HEADER, body));
+                at += RECORD_HEADER + body.len();
+            }
+            Err(fault) => return (out, Some((at, fault.to_string()))),
         }
-        out.push((start, body));
-        at = start + len;
     }
     (out, None)
 }
 
-/// Where the first record that reads back whole starts at or after `from`, if one does.
+/// Where the first record that reads back whole (of a known kind) starts at or after `from`.
 fn next_valid_record(bytes: &[u8], from: usize) -> Option<usize> {
-    (from..bytes.len().saturating_sub(RECORD_HEADER + BODY_HEADER)).find(|&at| {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
-        let start = at + RECORD_HEADER;
-        len >= BODY_HEADER
-            && (KIND_ENTRY..=KIND_CHECKPOINT).contains(&bytes[start])
-            && bytes.get(start..start + len).is_some_and(|body| {
-                crc32fast::hash(body)
-                    == u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"))
-            })
+    (from..bytes.len()).find(|&at| {
+        record_at(bytes, at).is_ok_and(|body| (KIND_ENTRY..=KIND_CHECKPOINT).contains(&body[0]))
     })
 }
 

@@ -135,7 +135,7 @@ pub fn remove_partition(root: &Path, partition: PartitionId) -> std::io::Result<
 }
 
 /// `fsync`s `path`: a file's contents, or a directory's entries.
-pub fn sync_path(path: &Path) -> std::io::Result<()> {
+fn sync_path(path: &Path) -> std::io::Result<()> {
     std::fs::File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(|e| with_path(e, "syncing", path))

@@ -642,8 +642,7 @@ pub fn drop_partition_storage(
 ) -> Result<(), CoreError> {
     wait_for_queued_seals();
     db.drop_tree(data_tree(partition))?;
-    db.flush()?;
-    chunk_files::sync_path(&paths.sled_log)?;
+    optiprism_consensus::log_store::sync_sled(db, &paths.sled_log)?;
     chunk_files::remove_partition(&paths.chunks, partition)?;
     Ok(())
 }
@@ -1165,8 +1164,7 @@ impl StateMachineCore for PartitionCore {
             let _cut = self.sealer.cut.lock();
             self.tree.apply_batch(batch)?;
         }
-        self.tree.flush()?;
-        chunk_files::sync_path(&self.paths.sled_log)?;
+        optiprism_consensus::log_store::sync_sled(&self.tree, &self.paths.sled_log)?;
         for file in replaced {
             if let Err(e) = self.files.remove(file) {
                 // Unnamed now: the next open deletes it.
