@@ -156,6 +156,9 @@ pub struct NodeSection {
     pub raft_listen: String,
     /// Raft address to advertise.
     pub raft_advertise: Option<String>,
+    /// Worker threads of the runtime that runs Raft, the transport, ingestion and HTTP (queries
+    /// have their own, `query.threads`). Defaults to the number of cores.
+    pub threads: usize,
 }
 
 impl Default for NodeSection {
@@ -169,8 +172,16 @@ impl Default for NodeSection {
             flight_advertise: None,
             raft_listen: DEFAULT_RAFT.into(),
             raft_advertise: None,
+            threads: available_cores(),
         }
     }
+}
+
+/// The cores this process may run on (2 when that cannot be read).
+fn available_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
 }
 
 /// One member of the initial cluster.
@@ -308,9 +319,7 @@ pub struct QuerySection {
 impl Default for QuerySection {
     fn default() -> QuerySection {
         QuerySection {
-            threads: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
+            threads: available_cores(),
         }
     }
 }
@@ -578,6 +587,9 @@ impl NodeConfig {
         if self.storage.seal_interval.0.is_zero() {
             return Err(invalid("storage.seal-interval", "must be greater than 0"));
         }
+        if self.node.threads == 0 || self.node.threads > 256 {
+            return Err(invalid("node.threads", "must be between 1 and 256"));
+        }
         if self.query.threads == 0 || self.query.threads > 256 {
             return Err(invalid("query.threads", "must be between 1 and 256"));
         }
@@ -631,6 +643,11 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().contains("cluster.partitions"), "{e}");
+        let e = NodeConfig::from_toml("[node]\nthreads = 0\n", Path::new("x.toml"))
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("node.threads"), "{e}");
         let e = NodeConfig::from_toml(
             "[ingest]\nmax-event-size = \"12 parsecs\"\n",
             Path::new("x.toml"),

@@ -41,6 +41,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.node.threads)
         .thread_name("prism")
         .enable_all()
         .build()?;

@@ -35,9 +35,11 @@ pub(crate) struct GenArgs {
     /// Share of persons who start anonymous and identify in their first session (0..=1).
     #[arg(long, default_value_t = 0.0)]
     identify_share: f64,
-    /// Send to this node's HTTP address, e.g. http://127.0.0.1:8088.
-    #[arg(long, conflicts_with = "out")]
-    target: Option<String>,
+    /// Send to this node's HTTP address, e.g. http://127.0.0.1:8088. Give several (repeated
+    /// or comma-separated) to spread the batches over them in turn, as a load balancer in front
+    /// of a cluster would.
+    #[arg(long, conflicts_with = "out", value_delimiter = ',')]
+    target: Vec<String>,
     /// Write key for `--target`.
     #[arg(long, env = "OPTIPRISM_WRITE_KEY")]
     write_key: Option<String>,
@@ -98,12 +100,12 @@ fn progress(total: u64, what: &str) -> ProgressBar {
 /// Runs `prismctl gen`.
 pub(crate) fn run(args: GenArgs) -> anyhow::Result<()> {
     let config = config(&args)?;
-    if args.latency_log.is_some() && args.target.is_none() {
+    if args.latency_log.is_some() && args.target.is_empty() {
         bail!("--latency-log records the batches sent with --target; give --target too");
     }
-    match (&args.target, &args.out) {
-        (Some(target), None) => send(&args, config, target),
-        (None, Some(out)) => write_file(config, out),
+    match (args.target.is_empty(), &args.out) {
+        (false, None) => send(&args, config, &args.target),
+        (true, Some(out)) => write_file(config, out),
         _ => bail!("give either --target <http address> or --out <file.arrow>"),
     }
 }
@@ -277,7 +279,7 @@ fn write_latency_log(
     Ok(())
 }
 
-fn send(args: &GenArgs, config: GenConfig, target: &str) -> anyhow::Result<()> {
+fn send(args: &GenArgs, config: GenConfig, targets: &[String]) -> anyhow::Result<()> {
     let write_key = args
         .write_key
         .clone()
@@ -306,7 +308,16 @@ fn send(args: &GenArgs, config: GenConfig, target: &str) -> anyhow::Result<()> {
         ));
     }
     bar.finish_and_clear();
-    let url = format!("{}/v1/batch", target.trim_end_matches('/'));
+    if let Some(empty) = targets.iter().find(|t| t.trim().is_empty()) {
+        bail!("--target has an empty address in it (`{empty}`)");
+    }
+    // Batch k goes to target k modulo their number.
+    let urls: Arc<Vec<String>> = Arc::new(
+        targets
+            .iter()
+            .map(|t| format!("{}/v1/batch", t.trim().trim_end_matches('/')))
+            .collect(),
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -330,10 +341,10 @@ fn send(args: &GenArgs, config: GenConfig, target: &str) -> anyhow::Result<()> {
         let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut workers = Vec::new();
         for _ in 0..args.concurrency {
-            let (queue, client, url, key, bar, latencies) = (
+            let (queue, client, urls, key, bar, latencies) = (
                 Arc::clone(&queue),
                 client.clone(),
-                url.clone(),
+                Arc::clone(&urls),
                 write_key.clone(),
                 bar.clone(),
                 Arc::clone(&latencies),
@@ -351,11 +362,12 @@ fn send(args: &GenArgs, config: GenConfig, target: &str) -> anyhow::Result<()> {
                         if let Some(interval) = batch_interval {
                             tokio::time::sleep_until((started + interval * k as u32).into()).await;
                         }
+                        let url = &urls[k % urls.len()];
                         let sent = Instant::now();
                         let mut attempts = 0;
                         loop {
                             let response = client
-                                .post(&url)
+                                .post(url)
                                 .basic_auth(&key, Some(""))
                                 .body(body.clone())
                                 .send()

@@ -84,6 +84,41 @@ fn gen_sends_every_event_and_logs_each_batch_latency() {
 }
 
 #[test]
+fn gen_spreads_batches_over_several_targets_in_turn() {
+    let (first, second) = (TestNode::start(), TestNode::start());
+    let targets = format!("{},{}", first.http, second.http);
+    let out = gen_cmd(&[
+        "--events",
+        "2500",
+        "--seed",
+        "5",
+        "--target",
+        &targets,
+        "--write-key",
+        WRITE_KEY,
+        "--batch-size",
+        "400",
+        "--concurrency",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Seven batches of 400 (the last of 100), in turn: 0, 2, 4 and 6 to the first node.
+    for (node, expected) in [(&first, 1300), (&second, 1200)] {
+        let (status, answer) = node.query(&json!({
+            "kind": "trends", "date_range": {"from": "2020-01-01", "to": "2030-12-31"},
+            "interval": "month", "series": [{"math": "total"}],
+        }));
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["totals"]["A"], expected, "{answer}");
+    }
+}
+
+#[test]
 fn gen_refuses_bad_flags_with_a_message() {
     let zero_rate = gen_cmd(&[
         "--events",
@@ -100,6 +135,20 @@ fn gen_refuses_bad_flags_with_a_message() {
         String::from_utf8_lossy(&zero_rate.stderr).contains("--rate"),
         "{}",
         String::from_utf8_lossy(&zero_rate.stderr)
+    );
+    let empty_target = gen_cmd(&[
+        "--events",
+        "10",
+        "--target",
+        "http://127.0.0.1:9,",
+        "--write-key",
+        WRITE_KEY,
+    ]);
+    assert!(!empty_target.status.success());
+    assert!(
+        String::from_utf8_lossy(&empty_target.stderr).contains("empty address"),
+        "{}",
+        String::from_utf8_lossy(&empty_target.stderr)
     );
     // A latency log only means something when sending.
     let dir = tempfile::tempdir().unwrap();
