@@ -17,7 +17,8 @@ pub struct GroupConfig {
     pub election_timeout_min: Duration,
     /// Upper bound of the randomized election timeout.
     pub election_timeout_max: Duration,
-    /// Entries between snapshots (each snapshot lets the log be purged).
+    /// Entries between snapshots (each snapshot lets the log be purged); each group on each
+    /// member takes a point up to half as many again ([`GroupConfig::snapshot_every`]).
     pub snapshot_every_entries: u64,
     /// Entries kept in the log behind the last snapshot, for slow followers.
     pub keep_entries_after_snapshot: u64,
@@ -38,14 +39,27 @@ impl Default for GroupConfig {
 }
 
 impl GroupConfig {
-    /// The openraft configuration of `group`.
-    pub fn raft_config(&self, group: GroupId) -> crate::Result<Arc<Config>> {
+    /// Entries between snapshots of `group` on member `node_id`: from `snapshot_every_entries`
+    /// to half as many again, at a point fixed by the two.
+    ///
+    /// Events are spread evenly over partitions, and every replica of a group holds the same
+    /// log, so with one count for all every partition would snapshot, persist and purge at the
+    /// same moment on every member: a burst on shared cores that held acknowledgements up for
+    /// that second. Spread by the golden ratio, as the seals are.
+    pub fn snapshot_every(&self, node_id: u64, group: GroupId) -> u64 {
+        let phase =
+            (f64::from(group.0) * 0.618_033_988_75 + node_id as f64 * 0.414_213_562_37).fract();
+        self.snapshot_every_entries + (self.snapshot_every_entries as f64 * 0.5 * phase) as u64
+    }
+
+    /// The openraft configuration of `group` on member `node_id`.
+    pub fn raft_config(&self, node_id: u64, group: GroupId) -> crate::Result<Arc<Config>> {
         let config = Config {
             cluster_name: format!("optiprism-{group}"),
             heartbeat_interval: self.heartbeat_interval.as_millis() as u64,
             election_timeout_min: self.election_timeout_min.as_millis() as u64,
             election_timeout_max: self.election_timeout_max.as_millis() as u64,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every(node_id, group)),
             max_in_snapshot_log_to_keep: self.keep_entries_after_snapshot,
             purge_batch_size: 64,
             max_payload_entries: 64,
@@ -153,7 +167,7 @@ pub async fn start_group<S: StateMachineCore>(
     let state_machine = StateMachineStore::new(core, snapshots)?;
     let raft = Raft::new(
         node_id,
-        config.raft_config(group)?,
+        config.raft_config(node_id, group)?,
         NetworkFactory::new(group, transport),
         log.clone(),
         state_machine.clone(),
@@ -166,6 +180,28 @@ pub async fn start_group<S: StateMachineCore>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn groups_and_members_snapshot_at_different_counts_within_half_again() {
+        let config = GroupConfig::default();
+        let n = config.snapshot_every_entries;
+        let counts: Vec<u64> = (1..=3)
+            .flat_map(|node| (0..8).map(move |g| (node, GroupId(g))))
+            .map(|(node, g)| config.snapshot_every(node, g))
+            .collect();
+        assert!(
+            counts.iter().all(|&c| c >= n && c < n + n / 2),
+            "{counts:?}"
+        );
+        let mut distinct = counts.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), counts.len(), "{counts:?}");
+        assert!(
+            distinct[distinct.len() - 1] - distinct[0] > n / 3,
+            "{counts:?}"
+        );
+    }
     use crate::{Command, LogId, TypeConfig, Wal, encode};
     use openraft::{CommittedLeaderId, Entry, EntryPayload, Vote};
 

@@ -239,7 +239,8 @@ pub struct ConsensusSection {
     pub election_timeout_min: HumanDuration,
     /// Maximum election timeout.
     pub election_timeout_max: HumanDuration,
-    /// Log entries between snapshots.
+    /// Log entries between snapshots (each group on each node takes its own count, from this
+    /// to half as many again, so they do not all snapshot at once).
     pub snapshot_every_entries: u64,
     /// Log entries kept behind a snapshot.
     pub keep_entries_after_snapshot: u64,
