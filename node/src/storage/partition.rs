@@ -310,6 +310,35 @@ impl Hasher for FoldHasher {
 }
 
 type KeySet = HashSet<u128, BuildHasherDefault<FoldHasher>>;
+
+/// The message keys a partition has stored, in shards chosen by a key's top byte.
+///
+/// One table grows by doubling, and a doubling rehashes every key into a fresh table in one
+/// insert, with the partition's data locked, so apply and queries of the partition wait for
+/// it. Measured alone on this project's machines, one took 10 ms at 458,752 keys, 58 ms at
+/// 917,504 and 117 ms at 1,835,008, and a partition keeps every key it ever stored. Under even
+/// load every partition of every member also doubles at about the same moment. Shards double
+/// one at a time, a 256th of the work each, spread over the seconds it takes them all to fill.
+#[derive(Debug)]
+struct MessageKeys {
+    shards: Box<[KeySet]>,
+}
+
+impl Default for MessageKeys {
+    fn default() -> MessageKeys {
+        MessageKeys {
+            shards: (0..256).map(|_| KeySet::default()).collect(),
+        }
+    }
+}
+
+impl MessageKeys {
+    /// Adds `key`; false when it was already there.
+    fn insert(&mut self, key: u128) -> bool {
+        // Keys are uniform hashes: the top byte picks the shard, the rest the bucket.
+        self.shards[(key >> 120) as usize].insert(key)
+    }
+}
 type PersonKeySet = HashSet<(ProjectId, PersonId), BuildHasherDefault<FoldHasher>>;
 type PersonMap = HashMap<(ProjectId, PersonId), PersonRow, BuildHasherDefault<FoldHasher>>;
 
@@ -346,7 +375,7 @@ pub struct PartitionData {
     /// Rows handed to the background sealer, by job, until their chunks are written.
     sealing: BTreeMap<u64, Vec<(ProjectId, RecordBatch)>>,
     persons: PersonMap,
-    seen: KeySet,
+    seen: MessageKeys,
 }
 
 /// A point-in-time view of a project's rows in one partition.
@@ -1025,7 +1054,7 @@ fn update_person(
     }
 }
 
-fn add_seen(seen: &mut KeySet, project: ProjectId, batch: &RecordBatch) {
+fn add_seen(seen: &mut MessageKeys, project: ProjectId, batch: &RecordBatch) {
     use arrow::array::AsArray;
     if let Some(col) = batch.column_by_name("uuid") {
         for id in col.as_string::<i32>().iter().flatten() {
@@ -1197,6 +1226,24 @@ mod tests {
             person_set: vec![],
             person_set_once: vec![],
         }
+    }
+
+    #[test]
+    fn message_keys_are_a_set_spread_over_shards_that_grow_apart() {
+        let mut keys = MessageKeys::default();
+        let ids: Vec<u128> = (0..20_000)
+            .map(|i| message_key(ProjectId(1), &format!("m{i}")))
+            .collect();
+        assert!(ids.iter().all(|&k| keys.insert(k)));
+        assert!(ids.iter().all(|&k| !keys.insert(k)));
+        assert!(keys.insert(message_key(ProjectId(2), "m0")));
+        // Every shard took some, none more than a few times its share: each grows by itself.
+        let sizes: Vec<usize> = keys.shards.iter().map(|s| s.len()).collect();
+        let share = 20_001 / sizes.len();
+        assert!(
+            sizes.iter().all(|&n| n > share / 3 && n < share * 3),
+            "{sizes:?}"
+        );
     }
 
     fn command(token: u128, parts: &[&[StoredEvent]]) -> Vec<u8> {
