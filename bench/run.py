@@ -136,8 +136,8 @@ def bench_cluster(events, seed, workdir, rounds=3):
     so about two thirds of each batch is forwarded) against one node, in the same run: `rounds`
     alternating rounds of one node then the cluster at full speed (fresh data directories each
     time), then `rounds` runs of the cluster paced at half its median full speed for
-    acknowledgement latency, and one four times as long at the same pace. Single runs on this shared machine move by 10-20%, so the report
-    gives every round and the medians."""
+    acknowledgement latency, and one four times as long at the same pace. Single runs on this
+    shared machine move by 10-20%, so the report gives every round and the medians."""
     def median(xs):
         xs = sorted(xs)
         return xs[len(xs) // 2]
@@ -152,37 +152,19 @@ def bench_cluster(events, seed, workdir, rounds=3):
         finally:
             node.stop()
             shutil.rmtree(data.parent, ignore_errors=True)
-        cluster = Cluster(workdir)
-        try:
-            class Target:
-                http = cluster.http[1]
-            full_runs.append(ingest(Target, events, seed, 1000, 16))
-        finally:
-            cluster.stop()
+        full_runs.append(ingest_into_cluster(Cluster(workdir), events, seed))
         s, c = single_runs[-1]["events_per_second"], full_runs[-1]["events_per_second"]
         print(f"[cluster] round {r + 1}/{rounds}: one node {s:,.0f} events/s, three members {c:,.0f} ({c / s:.0%})",
               flush=True)
     half = median([f["events_per_second"] for f in full_runs]) / 2
     paced_runs = []
     for r in range(rounds):
-        cluster = Cluster(workdir)
-        try:
-            class Target:
-                http = cluster.http[1]
-            paced_runs.append(ingest(Target, min(events, 1_000_000), seed + 1 + r, 1000, 16, rate=half))
-        finally:
-            cluster.stop()
+        paced_runs.append(ingest_into_cluster(Cluster(workdir), min(events, 1_000_000), seed + 1 + r, rate=half))
         print(f"[cluster] paced at {half:,.0f} events/s: p50 {paced_runs[-1]['latency_ms_p50']:.1f} ms,"
               f" p99 {paced_runs[-1]['latency_ms_p99']:.1f} ms", flush=True)
     # The short runs start on empty members; this one goes on four times as long, through
     # snapshots, log purges and segment rotations, with the members' state growing all along.
-    cluster = Cluster(workdir)
-    try:
-        class Target:
-            http = cluster.http[1]
-        sustained = ingest(Target, SUSTAINED_EVENTS, seed + 1 + rounds, 1000, 16, rate=half)
-    finally:
-        cluster.stop()
+    sustained = ingest_into_cluster(Cluster(workdir), SUSTAINED_EVENTS, seed + 1 + rounds, rate=half)
     print(f"[cluster] paced at {half:,.0f} events/s for {SUSTAINED_EVENTS:,} events: p50 "
           f"{sustained['latency_ms_p50']:.1f} ms, p99 {sustained['latency_ms_p99']:.1f} ms", flush=True)
     by_rate = sorted(zip(full_runs, single_runs), key=lambda fs: fs[0]["events_per_second"] / fs[1]["events_per_second"])
@@ -213,18 +195,24 @@ def bench_cluster_latency(rate, seed, workdir, events=600_000):
     out = []
     for name, extra, root in LATENCY_VARIANTS:
         base = Path(root) / "optiprism-bench-variant" if root else Path(workdir)
-        cluster = Cluster(base, extra=extra)
         try:
-            class Target:
-                http = cluster.http[1]
-            r = ingest(Target, events, seed + 2, 1000, 16, rate=rate)
-            print(f"[cluster] {name}: p50 {r['latency_ms_p50']:.1f} ms, p99 {r['latency_ms_p99']:.1f} ms", flush=True)
-            out.append({"variant": name, **r})
+            r = ingest_into_cluster(Cluster(base, extra=extra), events, seed + 2, rate=rate)
         finally:
-            cluster.stop()
             if root:
                 shutil.rmtree(base, ignore_errors=True)
+        print(f"[cluster] {name}: p50 {r['latency_ms_p50']:.1f} ms, p99 {r['latency_ms_p99']:.1f} ms", flush=True)
+        out.append({"variant": name, **r})
     return out
+
+
+def ingest_into_cluster(cluster, events, seed, rate=None):
+    """Sends `events` through member 2 of the freshly started `cluster`, then stops it."""
+    try:
+        class Target:
+            http = cluster.http[1]
+        return ingest(Target, events, seed, 1000, 16, rate=rate)
+    finally:
+        cluster.stop()
 
 
 def gen_args(events, seed):

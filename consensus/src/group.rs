@@ -180,6 +180,8 @@ pub async fn start_group<S: StateMachineCore>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Command, LogId, TypeConfig, Wal, encode};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, Vote};
 
     #[test]
     fn groups_and_members_snapshot_at_different_counts_within_half_again() {
@@ -202,8 +204,6 @@ mod tests {
             "{counts:?}"
         );
     }
-    use crate::{Command, LogId, TypeConfig, Wal, encode};
-    use openraft::{CommittedLeaderId, Entry, EntryPayload, Vote};
 
     fn log_id(index: u64) -> LogId {
         LogId::new(CommittedLeaderId::new(2, 1), index)

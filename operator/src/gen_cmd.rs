@@ -290,6 +290,16 @@ fn send(args: &GenArgs, config: GenConfig, targets: &[String]) -> anyhow::Result
     if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
         bail!("--rate must be a positive number of events per second");
     }
+    if let Some(empty) = targets.iter().find(|t| t.trim().is_empty()) {
+        bail!("--target has an empty address in it (`{empty}`)");
+    }
+    // Batch k goes to target k modulo their number.
+    let urls: Arc<Vec<String>> = Arc::new(
+        targets
+            .iter()
+            .map(|t| format!("{}/v1/batch", t.trim().trim_end_matches('/')))
+            .collect(),
+    );
     // Serialize every batch first, so the measurement is the node's speed, not ours.
     let total = config.events;
     let bar = progress(total, "generating");
@@ -308,16 +318,6 @@ fn send(args: &GenArgs, config: GenConfig, targets: &[String]) -> anyhow::Result
         ));
     }
     bar.finish_and_clear();
-    if let Some(empty) = targets.iter().find(|t| t.trim().is_empty()) {
-        bail!("--target has an empty address in it (`{empty}`)");
-    }
-    // Batch k goes to target k modulo their number.
-    let urls: Arc<Vec<String>> = Arc::new(
-        targets
-            .iter()
-            .map(|t| format!("{}/v1/batch", t.trim().trim_end_matches('/')))
-            .collect(),
-    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -339,6 +339,7 @@ impl MessageKeys {
         self.shards[(key >> 120) as usize].insert(key)
     }
 }
+
 type PersonKeySet = HashSet<(ProjectId, PersonId), BuildHasherDefault<FoldHasher>>;
 type PersonMap = HashMap<(ProjectId, PersonId), PersonRow, BuildHasherDefault<FoldHasher>>;
 
