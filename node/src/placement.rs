@@ -35,6 +35,8 @@ pub(crate) struct Hosting {
     pub(crate) groups: GroupConfig,
     pub(crate) tokens: Arc<Tokens>,
     pub(crate) seal_rows: usize,
+    /// `ingest.linger`.
+    pub(crate) linger: Duration,
     pub(crate) data: PartitionRegistry,
 }
 
@@ -151,6 +153,7 @@ impl NodeShared {
                 proposer: self.proposer.clone(),
                 local: Some(local),
                 tokens: Arc::clone(&h.tokens),
+                linger: h.linger,
             }),
             group: Group {
                 id: group,

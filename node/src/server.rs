@@ -507,6 +507,7 @@ impl NodeShared {
                     proposer: self.proposer.clone(),
                     local: None,
                     tokens: Arc::clone(&self.hosting.tokens),
+                    linger: self.hosting.linger,
                 })
             })
             .clone()
@@ -973,6 +974,7 @@ pub async fn start(
             groups,
             tokens: Arc::new(Tokens::new()),
             seal_rows: config.storage.seal_rows,
+            linger: config.ingest.linger.0,
             data: registry,
         },
         partition_count: partitions,

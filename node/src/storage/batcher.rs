@@ -4,7 +4,12 @@
 //! Each proposal costs the same Raft round (append, flush, commit, apply, and on a cluster a
 //! replication round trip) whatever its size, so under load a partition commits a few large
 //! entries instead of one small entry per request. When the partition is idle a request is
-//! proposed at once, alone: batching never adds a wait. A proposal carries each request's
+//! proposed at once, alone. A partition that is busy but not saturated would still propose
+//! nearly every request alone (its previous entry is done before the next request comes), and
+//! then each entry's fixed cost, paid on every member, fills the cores at half the load they
+//! could carry: so when requests have been arriving within a couple of lingers of each other
+//! and a slot is free, the proposal stays open for up to `linger` for the next ones to join
+//! (Kafka's `linger.ms`). An idle partition never waits. A proposal carries each request's
 //! events as a separate part, so every request gets its own counts back, and a message id
 //! repeated across requests counts as a duplicate in the later one, as if they had been
 //! proposed one after the other.
@@ -18,7 +23,9 @@ use optiprism_consensus::{GroupId, Raft};
 use optiprism_types::ProjectId;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
 
 /// Proposals of one partition in flight at once: enough to keep the log flusher busy while
 /// the previous entry is applied, few enough that waiting requests form large batches.
@@ -26,6 +33,10 @@ const MAX_IN_FLIGHT: usize = 2;
 
 /// The most events one proposal takes; further waiting requests go into the next one.
 const MAX_EVENTS_PER_PROPOSAL: usize = 32_768;
+
+/// A proposal with this many events stops lingering: an entry's fixed cost is already small
+/// beside what its events cost.
+const LINGER_ENOUGH_EVENTS: usize = 4_096;
 
 type Reply = oneshot::Sender<Result<IngestOutcome, ProposeError>>;
 
@@ -83,6 +94,8 @@ pub struct Group {
     pub local: Option<LocalProposals>,
     /// Proposal tokens of this process.
     pub tokens: Arc<Tokens>,
+    /// How long a busy partition's proposal waits for more requests (`ingest.linger`).
+    pub linger: Duration,
 }
 
 impl std::fmt::Debug for Group {
@@ -125,7 +138,10 @@ impl Batcher {
 
 async fn run(group: Group, mut queue: mpsc::UnboundedReceiver<Request>) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let linger = group.linger;
     let mut carried: Option<Request> = None;
+    // When the previous request reached this batcher: how busy the partition is.
+    let mut last_arrival: Option<Instant> = None;
     loop {
         let first = match carried.take() {
             Some(r) => r,
@@ -134,32 +150,73 @@ async fn run(group: Group, mut queue: mpsc::UnboundedReceiver<Request>) {
                 None => return,
             },
         };
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            return;
+        let arrived = Instant::now();
+        let busy = last_arrival.is_some_and(|at| arrived.duration_since(at) < linger * 2);
+        last_arrival = Some(arrived);
+        // A request that had to wait for a slot already gathers everything that queued behind
+        // the proposals in flight: lingering then would only leave the slot idle.
+        let (slot, slot_was_free) = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => (slot, true),
+            Err(_) => match Arc::clone(&slots).acquire_owned().await {
+                Ok(slot) => (slot, false),
+                Err(_) => return,
+            },
         };
         // Everything that queued up while the slots were busy joins this proposal.
         let project = first.project;
-        let mut events = first.events.len();
-        let mut batch = vec![first];
-        while events < MAX_EVENTS_PER_PROPOSAL {
+        let mut batch = Gathering {
+            events: first.events.len(),
+            requests: vec![first],
+        };
+        while batch.events < MAX_EVENTS_PER_PROPOSAL {
             match queue.try_recv() {
-                // One project per proposal: another project's request starts the next one.
-                Ok(r) if r.project != project => {
-                    carried = Some(r);
-                    break;
-                }
                 Ok(r) => {
-                    events += r.events.len();
-                    batch.push(r);
+                    last_arrival = Some(Instant::now());
+                    if let Err(other) = batch.join(project, r) {
+                        carried = Some(other);
+                        break;
+                    }
                 }
                 Err(_) => break,
             }
         }
+        if busy && slot_was_free && carried.is_none() && !linger.is_zero() {
+            let deadline = arrived + linger;
+            while batch.events < LINGER_ENOUGH_EVENTS {
+                let Ok(Some(r)) = tokio::time::timeout_at(deadline, queue.recv()).await else {
+                    break;
+                };
+                last_arrival = Some(Instant::now());
+                if let Err(other) = batch.join(project, r) {
+                    carried = Some(other);
+                    break;
+                }
+            }
+        }
         let group = group.clone();
         tokio::spawn(async move {
-            group.propose(project, batch).await;
+            group.propose(project, batch.requests).await;
             drop(slot);
         });
+    }
+}
+
+/// The requests of the next proposal.
+struct Gathering {
+    requests: Vec<Request>,
+    events: usize,
+}
+
+impl Gathering {
+    /// Adds `request`, or hands it back when it is of another project than `project`: one
+    /// project per proposal, so another project's request starts the next one.
+    fn join(&mut self, project: ProjectId, request: Request) -> Result<(), Request> {
+        if request.project != project {
+            return Err(request);
+        }
+        self.events += request.events.len();
+        self.requests.push(request);
+        Ok(())
     }
 }
 
@@ -172,6 +229,7 @@ impl Group {
             proposer,
             local,
             tokens,
+            linger: _,
         } = self;
         let group = *group;
         let mut parts = Vec::with_capacity(batch.len());

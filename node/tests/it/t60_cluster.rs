@@ -1,6 +1,7 @@
 //! Three real `prism node` processes replicating every partition over QUIC: events sent to one
 //! node are answered identically by the others and by a single node given the same events, and
-//! killing the busiest leader during ingestion loses and doubles no acknowledged event.
+//! killing the busiest leader during ingestion loses and doubles no acknowledged event. A busy
+//! partition gathers requests within `ingest.linger` into one entry; an idle one does not wait.
 
 use optiprism_testkit::{TestCluster, TestNode};
 use serde_json::{Value, json};
@@ -315,4 +316,47 @@ fn partitions_on_three_of_four_members_are_answered_by_every_member_as_by_a_sing
         }
     }
     assert_eq!(uuid_counts(cluster.node(4)).len(), 800);
+}
+
+/// The highest applied index of `group` over the members: the leader's, once it acknowledged.
+fn applied_entries(cluster: &TestCluster, members: u64, group: &str) -> u64 {
+    (1..=members)
+        .filter_map(|id| cluster.gauge(id, "optiprism_consensus_applied_index", group))
+        .max()
+        .expect("an applied index")
+}
+
+/// Sends `first` and, 50 ms later, `second` to `node`, both at once; checks both are stored.
+fn send_two_apart(node: &TestNode, first: &[Value], second: &[Value]) {
+    std::thread::scope(|s| {
+        let first = s.spawn(|| (first.len(), send(node, first)));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let second = s.spawn(|| (second.len(), send(node, second)));
+        for request in [first, second] {
+            let (sent, (status, body)) = request.join().expect("request thread");
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["accepted"], sent, "{body}");
+        }
+    });
+}
+
+#[test]
+fn a_busy_partition_lingers_for_the_next_request_and_an_idle_one_proposes_at_once() {
+    // A linger far longer than the gaps below, so the test does not depend on the host's pace.
+    let cluster = TestCluster::start_with(3, 1, "\n[ingest]\nlinger = \"1s\"");
+    let events = messages("l", 40, 10);
+    let applied = || applied_entries(&cluster, 3, "partition-0");
+    // The partition has been idle: the first request is proposed at once, alone.
+    assert_eq!(send(cluster.node(2), &events[..10]).0, 200);
+    let before = applied();
+    // Two more right behind it: the first of them waits for the second, one entry for both.
+    send_two_apart(cluster.node(2), &events[10..20], &events[20..30]);
+    assert_eq!(applied(), before + 1, "{}", cluster.logs());
+    // After a quiet spell longer than two lingers, a request does not wait for the one right
+    // behind it: two entries.
+    std::thread::sleep(std::time::Duration::from_millis(2_500));
+    let before = applied();
+    send_two_apart(cluster.node(2), &events[30..35], &events[35..40]);
+    assert_eq!(applied(), before + 2, "{}", cluster.logs());
+    assert_eq!(uuid_counts(cluster.node(3)).len(), 40);
 }
