@@ -311,23 +311,53 @@ impl Hasher for FoldHasher {
 
 type KeySet = HashSet<u128, BuildHasherDefault<FoldHasher>>;
 
-/// The message keys a partition has stored, in shards chosen by a key's top byte.
+/// The message keys a partition has stored, in shards of unequal shares.
 ///
 /// One table grows by doubling, and a doubling rehashes every key into a fresh table in one
 /// insert, with the partition's data locked, so apply and queries of the partition wait for
 /// it. Measured alone on this project's machines, one took 10 ms at 458,752 keys, 58 ms at
 /// 917,504 and 117 ms at 1,835,008, and a partition keeps every key it ever stored. Under even
-/// load every partition of every member also doubles at about the same moment. Shards double
-/// one at a time, a 256th of the work each, spread over the seconds it takes them all to fill.
+/// load every partition of every member also doubles at about the same moment. Shards of
+/// equal shares would not help: they fill at one rate and all double within a few percent of
+/// the same count (so did the shards here at first, at 458,752 keys a partition, and the
+/// members' acknowledgements slowed for seconds together). So shard `i` takes a share of the keys proportional
+/// to `2^(i/256)`: the shards' doublings are spread evenly over every doubling of the
+/// partition, a 256th of the work each.
 #[derive(Debug)]
 struct MessageKeys {
     shards: Box<[KeySet]>,
 }
 
+/// Shards of [`MessageKeys`].
+const KEY_SHARDS: usize = 256;
+
+/// Bits of a key that choose its shard: enough slots that shares differ by about as little as
+/// the noise of filling them.
+const KEY_SHARD_SLOT_BITS: u32 = 14;
+
+/// The shard of each value of a key's top [`KEY_SHARD_SLOT_BITS`] bits: shard `i` gets a run
+/// of slots in proportion to `2^(i/256)`.
+static KEY_SHARD_OF_SLOT: std::sync::LazyLock<Box<[u8]>> = std::sync::LazyLock::new(|| {
+    let slots = 1usize << KEY_SHARD_SLOT_BITS;
+    let weights: Vec<f64> = (0..KEY_SHARDS)
+        .map(|i| (i as f64 / KEY_SHARDS as f64).exp2())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut table = Vec::with_capacity(slots);
+    let mut cumulative = 0.0;
+    for (shard, weight) in weights.iter().enumerate() {
+        cumulative += weight;
+        let end = ((cumulative / total) * slots as f64).round() as usize;
+        table.resize(end.clamp(table.len(), slots), shard as u8);
+    }
+    table.resize(slots, (KEY_SHARDS - 1) as u8);
+    table.into_boxed_slice()
+});
+
 impl Default for MessageKeys {
     fn default() -> MessageKeys {
         MessageKeys {
-            shards: (0..256).map(|_| KeySet::default()).collect(),
+            shards: (0..KEY_SHARDS).map(|_| KeySet::default()).collect(),
         }
     }
 }
@@ -335,8 +365,9 @@ impl Default for MessageKeys {
 impl MessageKeys {
     /// Adds `key`; false when it was already there.
     fn insert(&mut self, key: u128) -> bool {
-        // Keys are uniform hashes: the top byte picks the shard, the rest the bucket.
-        self.shards[(key >> 120) as usize].insert(key)
+        // Keys are uniform hashes: the top bits pick the shard, the rest the bucket.
+        let slot = (key >> (128 - KEY_SHARD_SLOT_BITS)) as usize;
+        self.shards[usize::from(KEY_SHARD_OF_SLOT[slot])].insert(key)
     }
 }
 
@@ -1238,13 +1269,58 @@ mod tests {
         assert!(ids.iter().all(|&k| keys.insert(k)));
         assert!(ids.iter().all(|&k| !keys.insert(k)));
         assert!(keys.insert(message_key(ProjectId(2), "m0")));
-        // Every shard took some, none more than a few times its share: each grows by itself.
+        // Every shard took some, the largest shares about twice the smallest.
         let sizes: Vec<usize> = keys.shards.iter().map(|s| s.len()).collect();
         let share = 20_001 / sizes.len();
         assert!(
             sizes.iter().all(|&n| n > share / 3 && n < share * 3),
             "{sizes:?}"
         );
+        assert!(sizes[KEY_SHARDS - 1] > sizes[0], "{sizes:?}");
+    }
+
+    #[test]
+    fn message_key_shards_double_at_counts_spread_over_an_octave() {
+        // Uniform keys, as message keys are hashes.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let mut keys = MessageKeys::default();
+        // For each shard, the partition's count of keys when the shard grew past 896 keys (to
+        // 2,048 buckets).
+        let mut grew_at = vec![None; KEY_SHARDS];
+        for count in 1..=400_000_usize {
+            let key = (u128::from(next()) << 64) | u128::from(next());
+            let slot = (key >> (128 - KEY_SHARD_SLOT_BITS)) as usize;
+            let shard = usize::from(KEY_SHARD_OF_SLOT[slot]);
+            let before = keys.shards[shard].capacity();
+            assert!(keys.insert(key));
+            let after = keys.shards[shard].capacity();
+            if after != before && after >= 1_792 && grew_at[shard].is_none() {
+                grew_at[shard] = Some(count);
+            }
+        }
+        let counts: Vec<usize> = grew_at
+            .iter()
+            .map(|c| c.expect("every shard grew"))
+            .collect();
+        let (first, last) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+        // Equal shares would all grow within a few percent of one count.
+        assert!(*last as f64 > 1.7 * *first as f64, "{first}..{last}");
+        // And no burst: at most a tenth of the shards within any 2% of the partition's count.
+        let mut sorted = counts.clone();
+        sorted.sort_unstable();
+        for (i, &c) in sorted.iter().enumerate() {
+            let within = sorted[i..]
+                .iter()
+                .take_while(|&&d| d as f64 <= c as f64 * 1.02);
+            assert!(within.count() <= KEY_SHARDS / 10, "{sorted:?}");
+        }
     }
 
     fn command(token: u128, parts: &[&[StoredEvent]]) -> Vec<u8> {
