@@ -217,6 +217,16 @@ impl TestNode {
             if let Ok(r) = self.client.get(format!("{}/readyz", self.http)).send()
                 && r.status().is_success()
             {
+                // Another test's node on a port this one failed to take can answer too: only
+                // a child still running counts.
+                if let Some(child) = self.child.as_mut()
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    return Err(format!(
+                        "prism exited with {status} while starting:\n{}",
+                        self.log()
+                    ));
+                }
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -358,6 +368,29 @@ impl TestCluster {
         replication_factor: u32,
         consensus: &str,
     ) -> TestCluster {
+        // A port `free_port_on` found free can be taken by another test's process before a
+        // member binds it; the member then exits saying so, and the whole cluster starts again
+        // on fresh ports (the members' addresses are in their shared `cluster.toml`).
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match TestCluster::try_start_placed(members, partitions, replication_factor, consensus)
+            {
+                Ok(cluster) => return cluster,
+                Err(log) if attempts < 3 && log.contains("Address already in use") => {}
+                Err(log) => panic!("{log}"),
+            }
+        }
+    }
+
+    /// One attempt of [`TestCluster::start_placed`]: `Err` with the log of a member that exited
+    /// while starting (the members started are killed as they drop).
+    fn try_start_placed(
+        members: u64,
+        partitions: u32,
+        replication_factor: u32,
+        consensus: &str,
+    ) -> Result<TestCluster, String> {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut toml = format!(
             "[node]\ndata-dir = \"{data}/node-{{id}}\"\n\n[cluster]\npartitions = {partitions}\nreplication-factor = {replication_factor}\nca-dir = \"{data}/ca\"\nadmin-token = \"{ADMIN_TOKEN}\"\n\n[consensus]\nheartbeat-interval = \"200ms\"\nelection-timeout-min = \"1000ms\"\nelection-timeout-max = \"2000ms\"\n{consensus}\n",
@@ -389,12 +422,14 @@ impl TestCluster {
         std::fs::write(&config, toml).expect("write cluster.toml");
         // All at once: each waits for a quorum of the others before it is ready.
         nodes.iter_mut().for_each(TestNode::spawn_process);
-        nodes.iter_mut().for_each(TestNode::wait_ready);
-        TestCluster {
+        for node in &mut nodes {
+            node.ready_or_exited()?;
+        }
+        Ok(TestCluster {
             nodes,
             config,
             _tmp: tmp,
-        }
+        })
     }
 
     /// Starts node `id` (the next id after the members) on `127.0.0.{id}`, outside the initial
