@@ -638,49 +638,40 @@ mod tests {
         NodeConfig::default().validate().unwrap();
     }
 
+    /// The validation error of the configuration `toml`, which must parse.
+    fn invalid_because(toml: &str) -> String {
+        NodeConfig::from_toml(toml, Path::new("x.toml"))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
         let e = NodeConfig::from_toml("[node]\nidd = 1\n", Path::new("x.toml"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `idd`"), "{e}");
-        let e = NodeConfig::from_toml("[node]\nhttp-listen = \"nope\"\n", Path::new("x.toml"))
-            .unwrap()
-            .validate()
-            .unwrap_err();
-        assert!(e.to_string().contains("node.http-listen"), "{e}");
-        let e = NodeConfig::from_toml("[cluster]\npartitions = 0\n", Path::new("x.toml"))
-            .unwrap()
-            .validate()
-            .unwrap_err();
-        assert!(e.to_string().contains("cluster.partitions"), "{e}");
-        let e = NodeConfig::from_toml("[node]\nthreads = 0\n", Path::new("x.toml"))
-            .unwrap()
-            .validate()
-            .unwrap_err();
-        assert!(e.to_string().contains("node.threads"), "{e}");
-        let e = NodeConfig::from_toml("[ingest]\nlinger = \"2s\"\n", Path::new("x.toml"))
-            .unwrap()
-            .validate()
-            .unwrap_err();
-        assert!(e.to_string().contains("ingest.linger"), "{e}");
+        for (toml, key) in [
+            ("[node]\nhttp-listen = \"nope\"\n", "node.http-listen"),
+            ("[cluster]\npartitions = 0\n", "cluster.partitions"),
+            ("[node]\nthreads = 0\n", "node.threads"),
+            ("[ingest]\nlinger = \"2s\"\n", "ingest.linger"),
+            (
+                "[consensus]\nheartbeat-interval = \"1s\"\nelection-timeout-min = \"1s\"\n",
+                "consensus.election-timeout-min",
+            ),
+        ] {
+            let e = invalid_because(toml);
+            assert!(e.contains(key), "{toml}: {e}");
+        }
         let e = NodeConfig::from_toml(
             "[ingest]\nmax-event-size = \"12 parsecs\"\n",
             Path::new("x.toml"),
         )
         .unwrap_err();
         assert!(e.to_string().contains("invalid size"), "{e}");
-        let e = NodeConfig::from_toml(
-            "[consensus]\nheartbeat-interval = \"1s\"\nelection-timeout-min = \"1s\"\n",
-            Path::new("x.toml"),
-        )
-        .unwrap()
-        .validate()
-        .unwrap_err();
-        assert!(
-            e.to_string().contains("consensus.election-timeout-min"),
-            "{e}"
-        );
     }
 
     #[test]

@@ -320,9 +320,9 @@ type KeySet = HashSet<u128, BuildHasherDefault<FoldHasher>>;
 /// load every partition of every member also doubles at about the same moment. Shards of
 /// equal shares would not help: they fill at one rate and all double within a few percent of
 /// the same count (so did the shards here at first, at 458,752 keys a partition, and the
-/// members' acknowledgements slowed for seconds together). So shard `i` takes a share of the keys proportional
-/// to `2^(i/256)`: the shards' doublings are spread evenly over every doubling of the
-/// partition, a 256th of the work each.
+/// members' acknowledgements slowed for seconds together). So shard `i` takes a share of the
+/// keys proportional to `2^(i/256)`: the shards' doublings are spread evenly over every
+/// doubling of the partition, a 256th of the work each.
 #[derive(Debug)]
 struct MessageKeys {
     shards: Box<[KeySet]>,
@@ -365,9 +365,14 @@ impl Default for MessageKeys {
 impl MessageKeys {
     /// Adds `key`; false when it was already there.
     fn insert(&mut self, key: u128) -> bool {
-        // Keys are uniform hashes: the top bits pick the shard, the rest the bucket.
+        self.shards[MessageKeys::shard_of(key)].insert(key)
+    }
+
+    /// The shard of `key`. Keys are uniform hashes: the top bits pick the shard, the rest the
+    /// bucket.
+    fn shard_of(key: u128) -> usize {
         let slot = (key >> (128 - KEY_SHARD_SLOT_BITS)) as usize;
-        self.shards[usize::from(KEY_SHARD_OF_SLOT[slot])].insert(key)
+        usize::from(KEY_SHARD_OF_SLOT[slot])
     }
 }
 
@@ -1296,8 +1301,7 @@ mod tests {
         let mut grew_at = vec![None; KEY_SHARDS];
         for count in 1..=400_000_usize {
             let key = (u128::from(next()) << 64) | u128::from(next());
-            let slot = (key >> (128 - KEY_SHARD_SLOT_BITS)) as usize;
-            let shard = usize::from(KEY_SHARD_OF_SLOT[slot]);
+            let shard = MessageKeys::shard_of(key);
             let before = keys.shards[shard].capacity();
             assert!(keys.insert(key));
             let after = keys.shards[shard].capacity();
