@@ -811,7 +811,9 @@ def write_markdown(results):
                   "The generator sends to member 2; partition leaders start spread over the members, so member 2",
                   "forwards the events of the partitions it does not lead to their leaders over QUIC. The one-node",
                   "figure it is compared with is measured in the same run, in alternating rounds (one node, then",
-                  "the cluster, each on fresh data directories); the table shows the round with the median share.", "",
+                  "the cluster, each on fresh data directories); the table shows the round with the median share."
+                  + (f" Measured on {c['machine']['cpus']} cores of `{c['machine']['cpu']}` (the query tables above may come"
+                     " from another machine of the same size)." if c.get("machine") else ""), "",
                   "| load | events | events/s | share of one node | ack latency p50 | p99 |",
                   "|---|---:|---:|---:|---:|---:|"]
         single = c["single"]
@@ -906,6 +908,7 @@ def main():
         results = json.loads((ROOT / "bench/results.json").read_text())
         workdir = Path(args.workdir or tempfile.mkdtemp(prefix="optiprism-bench-"))
         results["cluster"] = bench_cluster(results["sizes"][0]["events"], args.seed, workdir)
+        results["cluster"]["machine"] = machine()
         if args.cluster_latency:
             rate = results["cluster"]["half_load"]["events_per_second"]
             results["cluster"]["latency_variants"] = bench_cluster_latency(rate, args.seed, workdir)

@@ -275,9 +275,10 @@ pub struct IngestSection {
     /// not a client clock error, and are not corrected.
     pub clock_skew_threshold: HumanDuration,
     /// How long a partition that keeps receiving requests holds a proposal open for the next
-    /// ones to join (a partition that has been idle proposes at once). Every Raft entry costs
-    /// the same fixed CPU on every member, so at moderate load larger entries leave the cores
-    /// room: 10 ms took a fifth off three members' CPU at half load (`bench/notes.md`). `0s`
+    /// ones to join, while the next is due at the recent pace before it ends (a partition that
+    /// has been idle proposes at once). Every Raft entry costs the same fixed CPU on every
+    /// member, so at moderate load larger entries leave the cores room: at half load, 20 ms
+    /// took about a fifth off three members' CPU and halved the p99 (`bench/notes.md`). `0s`
     /// turns it off.
     pub linger: HumanDuration,
 }
@@ -290,7 +291,7 @@ impl Default for IngestSection {
             max_event_age: HumanDuration(Duration::from_secs(10 * 366 * 86_400)),
             max_future_skew: HumanDuration(Duration::from_secs(86_400)),
             clock_skew_threshold: HumanDuration(Duration::from_secs(1)),
-            linger: HumanDuration(Duration::from_millis(10)),
+            linger: HumanDuration(Duration::from_millis(20)),
         }
     }
 }

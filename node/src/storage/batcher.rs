@@ -9,7 +9,9 @@
 //! then each entry's fixed cost, paid on every member, fills the cores at half the load they
 //! could carry: so when requests have been arriving within a couple of lingers of each other
 //! and a slot is free, the proposal stays open for up to `linger` for the next ones to join
-//! (Kafka's `linger.ms`). An idle partition never waits. A proposal carries each request's
+//! (Kafka's `linger.ms`), for as long as the next request is due, at the recent pace, before
+//! the linger ends: at a pace slower than the linger, waiting would add the linger to every
+//! request and gather nothing. An idle partition never waits. A proposal carries each request's
 //! events as a separate part, so every request gets its own counts back, and a message id
 //! repeated across requests counts as a duplicate in the later one, as if they had been
 //! proposed one after the other.
@@ -140,8 +142,7 @@ async fn run(group: Group, mut queue: mpsc::UnboundedReceiver<Request>) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let linger = group.linger;
     let mut carried: Option<Request> = None;
-    // When the previous request reached this batcher: how busy the partition is.
-    let mut last_arrival: Option<Instant> = None;
+    let mut arrivals = Arrivals::default();
     loop {
         let first = match carried.take() {
             Some(r) => r,
@@ -151,8 +152,10 @@ async fn run(group: Group, mut queue: mpsc::UnboundedReceiver<Request>) {
             },
         };
         let arrived = Instant::now();
-        let busy = last_arrival.is_some_and(|at| arrived.duration_since(at) < linger * 2);
-        last_arrival = Some(arrived);
+        let recently_busy = arrivals
+            .last
+            .is_some_and(|at| arrived.duration_since(at) < linger * 2);
+        arrivals.note(arrived);
         // A request that had to wait for a slot already gathers everything that queued behind
         // the proposals in flight: lingering then would only leave the slot idle.
         let (slot, slot_was_free) = match Arc::clone(&slots).try_acquire_owned() {
@@ -171,7 +174,7 @@ async fn run(group: Group, mut queue: mpsc::UnboundedReceiver<Request>) {
         while batch.events < MAX_EVENTS_PER_PROPOSAL {
             match queue.try_recv() {
                 Ok(r) => {
-                    last_arrival = Some(Instant::now());
+                    arrivals.note(Instant::now());
                     if let Err(other) = batch.join(project, r) {
                         carried = Some(other);
                         break;
@@ -180,13 +183,15 @@ async fn run(group: Group, mut queue: mpsc::UnboundedReceiver<Request>) {
                 Err(_) => break,
             }
         }
-        if busy && slot_was_free && carried.is_none() && !linger.is_zero() {
+        if recently_busy && slot_was_free && carried.is_none() && !linger.is_zero() {
             let deadline = arrived + linger;
-            while batch.events < LINGER_ENOUGH_EVENTS {
+            // Wait only while the next request is due before the deadline: at a pace slower
+            // than the linger, waiting would add the linger to every request and gather none.
+            while batch.events < LINGER_ENOUGH_EVENTS && arrivals.next_due_before(deadline) {
                 let Ok(Some(r)) = tokio::time::timeout_at(deadline, queue.recv()).await else {
                     break;
                 };
-                last_arrival = Some(Instant::now());
+                arrivals.note(Instant::now());
                 if let Err(other) = batch.join(project, r) {
                     carried = Some(other);
                     break;
@@ -198,6 +203,39 @@ async fn run(group: Group, mut queue: mpsc::UnboundedReceiver<Request>) {
             group.propose(project, batch.requests).await;
             drop(slot);
         });
+    }
+}
+
+/// The pace of a partition's requests: when the last one came, and the usual gap between
+/// them (a moving average, so one long or short gap does not swing it).
+#[derive(Debug, Default)]
+struct Arrivals {
+    last: Option<Instant>,
+    gap: Option<Duration>,
+}
+
+impl Arrivals {
+    /// Notes a request that arrived at `at`.
+    fn note(&mut self, at: Instant) {
+        if let Some(last) = self.last {
+            let gap = at.saturating_duration_since(last);
+            // Weight 1/4 for the newest gap.
+            self.gap = Some(match self.gap {
+                Some(average) => (average * 3 + gap) / 4,
+                None => gap,
+            });
+        }
+        self.last = Some(at);
+    }
+
+    /// When the next request is due at the usual pace; `None` before two have come.
+    fn next_due(&self) -> Option<Instant> {
+        Some(self.last? + self.gap?)
+    }
+
+    /// Whether the next request is due before `deadline`: worth waiting for.
+    fn next_due_before(&self, deadline: Instant) -> bool {
+        self.next_due().is_some_and(|due| due < deadline)
     }
 }
 
@@ -293,5 +331,42 @@ impl Group {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paced(gaps_ms: &[u64]) -> (Arrivals, Instant) {
+        let mut arrivals = Arrivals::default();
+        let mut at = Instant::now();
+        arrivals.note(at);
+        for &gap in gaps_ms {
+            at += Duration::from_millis(gap);
+            arrivals.note(at);
+        }
+        (arrivals, at)
+    }
+
+    #[test]
+    fn the_next_request_is_due_one_usual_gap_after_the_last() {
+        assert_eq!(Arrivals::default().next_due(), None);
+        assert_eq!(paced(&[]).0.next_due(), None, "one arrival shows no pace");
+        let (arrivals, last) = paced(&[12, 12, 12]);
+        assert_eq!(arrivals.next_due(), Some(last + Duration::from_millis(12)));
+        // One long gap moves the usual gap by a quarter of the difference, not all of it.
+        let (arrivals, last) = paced(&[12, 12, 12, 52]);
+        assert_eq!(arrivals.next_due(), Some(last + Duration::from_millis(22)));
+    }
+
+    #[test]
+    fn a_linger_shorter_than_the_pace_is_not_worth_waiting_and_a_longer_one_is() {
+        // Requests every 12 ms: a 10 ms linger would wait and gather nothing; 20 ms gathers one.
+        let (arrivals, last) = paced(&[12, 12, 12, 12]);
+        assert!(!arrivals.next_due_before(last + Duration::from_millis(10)));
+        assert!(arrivals.next_due_before(last + Duration::from_millis(20)));
+        // Before any pace is known, nothing is worth waiting for.
+        assert!(!paced(&[]).0.next_due_before(last + Duration::from_secs(1)));
     }
 }

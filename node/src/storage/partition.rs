@@ -566,6 +566,7 @@ fn sealer_queue() -> &'static std::sync::mpsc::Sender<SealerMessage> {
         std::thread::Builder::new()
             .name("sealer".into())
             .spawn(move || {
+                super::run_as_background_thread();
                 for message in queue {
                     match message {
                         SealerMessage::Seal {
@@ -1473,6 +1474,36 @@ mod tests {
         let reopened = open_core(&db, &dir, 1, 1 << 20);
         assert_eq!(rows(&reopened), ["a", "b", "c"]);
         assert_eq!(body_files(dir.path(), 1), 2);
+    }
+
+    /// The nice value of each thread of this process named `name` (Linux's `/proc`).
+    #[cfg(target_os = "linux")]
+    fn nice_of_threads_named(name: &str) -> Vec<i32> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| {
+                let dir = task.ok()?.path();
+                let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+                if comm.trim_end() != name {
+                    return None;
+                }
+                let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+                // Fields after the parenthesised command: state is the 3rd field, nice the 19th.
+                let after = stat.rsplit_once(')')?.1;
+                after.split_whitespace().nth(16)?.parse().ok()
+            })
+            .collect()
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn the_sealer_runs_at_background_priority() {
+        // Starting the process's sealer thread: a barrier goes through it.
+        wait_for_queued_seals();
+        assert_eq!(
+            nice_of_threads_named("sealer"),
+            vec![crate::storage::BACKGROUND_NICE]
+        );
     }
 
     #[test]
