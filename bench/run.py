@@ -839,7 +839,7 @@ def write_markdown(results):
         if sustained:
             lines += ["The sustained run goes on four times as long as the others, through seals and log segment",
                       "rotations, with the members' state growing all along. (Since proposals linger, a partition's",
-                      "log reaches only about 1,600-1,800 entries in it, short of the 2,000 that start the first",
+                      "log reaches only about 1,500-1,800 entries in it, short of the 2,000 that start the first",
                       "snapshot: snapshots and log purges come later than this run.)"]
         variants = c.get("latency_variants")
         if variants:
