@@ -175,7 +175,8 @@ def bench_cluster(events, seed, workdir, rounds=3):
             "half_load_runs": paced_runs, "half_load_sustained": sustained}
 
 
-# Events of the long paced run: about 30 s at half load on this machine.
+# Events of the long paced run: four times the short ones (30-45 s at half load on the machines
+# it has run on).
 SUSTAINED_EVENTS = 4_000_000
 
 
