@@ -213,14 +213,7 @@ impl TestNode {
                 .is_ok_and(|r| r.status().is_success());
             // Checked after asking: another test's node on a port this one failed to take can
             // answer too, and only a child still running counts.
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                return Err(format!(
-                    "prism exited with {status} while starting:\n{}",
-                    self.log()
-                ));
-            }
+            self.exited()?;
             if ready {
                 return Ok(());
             }
@@ -229,6 +222,39 @@ impl TestNode {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Waits until a node outside the initial members has its ports and waits to be added (it
+    /// serves HTTP only once added, so its log says when), or its process exits (`Err` with
+    /// the log).
+    fn waiting_to_join_or_exited(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            self.exited()?;
+            if self.log().contains("is not a member yet") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "prism did not wait to be added within 120 s:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `Err` with the log once the process has exited.
+    fn exited(&mut self) -> Result<(), String> {
+        if let Some(child) = self.child.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            return Err(format!(
+                "prism exited with {status} while starting:\n{}",
+                self.log()
+            ));
+        }
+        Ok(())
     }
 
     /// `kill -9`: no shutdown, no flush beyond what acknowledged writes already did.
@@ -428,14 +454,34 @@ impl TestCluster {
     }
 
     /// Starts node `id` (the next id after the members) on `127.0.0.{id}`, outside the initial
-    /// members: it waits to be added (`prismctl node add`) and is not ready before. Returns its
-    /// raft, HTTP and Flight addresses; it becomes `node(id)`.
+    /// members: it waits to be added (`prismctl node add`) and is not ready before. Returns once
+    /// it waits so, with its raft, HTTP and Flight addresses; it becomes `node(id)`.
     pub fn start_joining(&mut self, id: u64) -> [String; 3] {
         assert_eq!(
             id as usize,
             self.nodes.len() + 1,
             "joining nodes take the next id"
         );
+        // As for the initial members: a port found free can be taken by another test's process
+        // before the node binds it, and then the node starts again on fresh ports.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (addrs, mut node) = self.joining_node(id);
+            node.spawn_process();
+            match node.waiting_to_join_or_exited() {
+                Ok(()) => {
+                    self.nodes.push(node);
+                    return addrs;
+                }
+                Err(log) if attempts < 3 && log.contains("Address already in use") => {}
+                Err(log) => panic!("{log}"),
+            }
+        }
+    }
+
+    /// Node `id` on fresh ports of `127.0.0.{id}`, not started.
+    fn joining_node(&self, id: u64) -> ([String; 3], TestNode) {
         let dir = self.config.parent().expect("cluster dir").to_path_buf();
         let ip = format!("127.0.0.{id}");
         let addrs = [
@@ -443,7 +489,7 @@ impl TestCluster {
             format!("{ip}:{}", free_port_on(&ip)),
             format!("{ip}:{}", free_port_on(&ip)),
         ];
-        let mut node = TestNode {
+        let node = TestNode {
             child: None,
             launch: Launch::Member {
                 config: self.config.clone(),
@@ -464,9 +510,7 @@ impl TestCluster {
             _tmp: tempfile::tempdir().expect("tempdir"),
             client: http_client(),
         };
-        node.spawn_process();
-        self.nodes.push(node);
-        addrs
+        (addrs, node)
     }
 
     /// Member `id` (from 1).
