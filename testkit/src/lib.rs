@@ -204,57 +204,51 @@ impl TestNode {
     /// Waits until the node answers `/readyz`; fails with its log if it exits first (panics
     /// after two minutes).
     fn ready_or_exited(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let ready = self
-                .client
-                .get(format!("{}/readyz", self.http))
+        self.starting_until("was not ready", |node| {
+            node.client
+                .get(format!("{}/readyz", node.http))
                 .send()
-                .is_ok_and(|r| r.status().is_success());
-            // Checked after asking: another test's node on a port this one failed to take can
-            // answer too, and only a child still running counts.
-            self.exited()?;
-            if ready {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                panic!("prism was not ready within 120 s:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+                .is_ok_and(|r| r.status().is_success())
+        })
     }
 
     /// Waits until a node outside the initial members has its ports and waits to be added (it
-    /// serves HTTP only once added, so its log says when), or its process exits (`Err` with
-    /// the log).
+    /// serves HTTP only once added, so its log says when); fails with its log if it exits first
+    /// (panics after two minutes).
     fn waiting_to_join_or_exited(&mut self) -> Result<(), String> {
+        self.starting_until("did not wait to be added", |node| {
+            node.log().contains("is not a member yet")
+        })
+    }
+
+    /// Polls `started` until it holds while the process still runs; `Err` with the log once the
+    /// process has exited, a panic saying the node `failed_to` after two minutes.
+    fn starting_until(
+        &mut self,
+        failed_to: &str,
+        started: impl Fn(&TestNode) -> bool,
+    ) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            self.exited()?;
-            if self.log().contains("is not a member yet") {
+            let done = started(self);
+            // Checked after asking: another test's node on a port this one failed to take can
+            // answer too, and only a child still running counts.
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(format!(
+                    "prism exited with {status} while starting:\n{}",
+                    self.log()
+                ));
+            }
+            if done {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                panic!(
-                    "prism did not wait to be added within 120 s:\n{}",
-                    self.log()
-                );
+                panic!("prism {failed_to} within 120 s:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-    }
-
-    /// `Err` with the log once the process has exited.
-    fn exited(&mut self) -> Result<(), String> {
-        if let Some(child) = self.child.as_mut()
-            && let Ok(Some(status)) = child.try_wait()
-        {
-            return Err(format!(
-                "prism exited with {status} while starting:\n{}",
-                self.log()
-            ));
-        }
-        Ok(())
     }
 
     /// `kill -9`: no shutdown, no flush beyond what acknowledged writes already did.
