@@ -202,9 +202,11 @@ pub struct MemberConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ClusterSection {
-    /// Number of event partitions (Raft groups besides the metadata group).
+    /// Number of event partitions (Raft groups besides the metadata group). Default: 8 for a
+    /// node alone, 16 when the file names several `initial-members`.
     pub partitions: u32,
-    /// Replicas per partition.
+    /// Replicas per partition. Default: 1 for a node alone; with several `initial-members`, 3
+    /// (or every member, when fewer).
     pub replication_factor: u32,
     /// The nodes that form the cluster at initialization; empty means just this node.
     pub initial_members: Vec<MemberConfig>,
@@ -216,6 +218,14 @@ pub struct ClusterSection {
     /// every `/admin` request when set; without it, only read-only admin requests are allowed.
     pub admin_token: Option<String>,
 }
+
+/// `cluster.partitions` of a cluster whose file leaves it out: twice a node alone's, so three to
+/// five members each lead several partitions and a moved partition is a small share of the data.
+const CLUSTER_PARTITIONS: u32 = 16;
+
+/// `cluster.replication-factor` of a cluster whose file leaves it out: a quorum of two survives
+/// losing any one member.
+const CLUSTER_REPLICATION_FACTOR: u32 = 3;
 
 impl Default for ClusterSection {
     fn default() -> ClusterSection {
@@ -407,6 +417,33 @@ impl NodeConfig {
 
     /// Parses TOML text (`path` only labels errors). Does not validate.
     pub fn from_toml(text: &str, path: &Path) -> Result<NodeConfig, ConfigError> {
+        let mut config = NodeConfig::parse_toml(text, path)?;
+        config.apply_cluster_defaults(text);
+        Ok(config)
+    }
+
+    /// A file that names several initial members gets a cluster's defaults for the `[cluster]`
+    /// keys it leaves out (16 partitions, three replicas), where a node alone keeps 8 and one:
+    /// otherwise a cluster whose file omits `replication-factor` would keep one copy of every
+    /// event and lose events with any member.
+    fn apply_cluster_defaults(&mut self, text: &str) {
+        let members = self.cluster.initial_members.len();
+        if members <= 1 {
+            return;
+        }
+        // The text parsed as a `NodeConfig` a moment ago, so it parses as a table too.
+        let table: toml::Table = text.parse().unwrap_or_default();
+        let given = |key: &str| table.get("cluster").and_then(|c| c.get(key)).is_some();
+        if !given("partitions") {
+            self.cluster.partitions = CLUSTER_PARTITIONS;
+        }
+        if !given("replication-factor") {
+            self.cluster.replication_factor = CLUSTER_REPLICATION_FACTOR.min(members as u32);
+        }
+    }
+
+    /// Parses TOML text into a configuration, errors on one line naming the key.
+    fn parse_toml(text: &str, path: &Path) -> Result<NodeConfig, ConfigError> {
         toml::from_str(text).map_err(|e| {
             // toml's message spans several lines (with a source excerpt): keep it to one line,
             // "line L, column C: <what>".
@@ -676,6 +713,45 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("invalid size"), "{e}");
+    }
+
+    #[test]
+    fn a_cluster_file_gets_cluster_defaults_for_the_keys_it_leaves_out() {
+        let members = |n: u64| -> String {
+            (1..=n)
+                .map(|i| {
+                    format!(
+                        "[[cluster.initial-members]]\nid = {i}\nraft = \"127.0.0.{i}:7001\"\n\
+                         http = \"127.0.0.{i}:8080\"\nflight = \"127.0.0.{i}:8081\"\n"
+                    )
+                })
+                .collect()
+        };
+        let parse = |text: &str| NodeConfig::from_toml(text, Path::new("x.toml")).unwrap();
+        let alone = parse("[cluster]\n");
+        assert_eq!(
+            (alone.cluster.partitions, alone.cluster.replication_factor),
+            (8, 1)
+        );
+        let three = parse(&members(3));
+        assert_eq!(
+            (three.cluster.partitions, three.cluster.replication_factor),
+            (16, 3)
+        );
+        three.validate().unwrap();
+        let two = parse(&members(2));
+        assert_eq!(two.cluster.replication_factor, 2);
+        let five = parse(&members(5));
+        assert_eq!(five.cluster.replication_factor, 3);
+        // Keys the file gives win.
+        let given = parse(&format!(
+            "[cluster]\npartitions = 4\nreplication-factor = 1\n{}",
+            members(3)
+        ));
+        assert_eq!(
+            (given.cluster.partitions, given.cluster.replication_factor),
+            (4, 1)
+        );
     }
 
     #[test]
