@@ -288,11 +288,12 @@ pub struct IngestSection {
     /// ones to join, while the next is due at the recent pace before it ends (a partition that
     /// has been idle proposes at once). Every Raft entry costs the same fixed CPU on every
     /// member, so at moderate load larger entries leave the cores room: at half load, a linger
-    /// took about a fifth off three members' CPU and halved the p99 (`bench/notes.md`). The
-    /// default, 15 ms, waits for two more requests at 6 ms apart (a partition's pace at half
-    /// load on the faster machine the benchmark has run on) and for one at 12 ms apart (on the
-    /// slower one), as 20 ms did there: it gathers as much at the slow pace and holds requests
-    /// less at the fast one (p50 4 ms lower at the same CPU there). `0s` turns it off.
+    /// took about a fifth off three members' CPU and halved the p99 (`bench/notes.md`). A
+    /// proposal stops lingering at three requests, so this is a ceiling for slow paces: the
+    /// default, 25 ms, gathers two more requests at 6 ms apart (a partition's pace at half load
+    /// on the faster machine the benchmark has run on), and one at 12 to 25 ms apart (half load
+    /// on the slower one), where a shorter linger gathered none and left the cores full. `0s`
+    /// turns it off.
     pub linger: HumanDuration,
 }
 
@@ -304,7 +305,7 @@ impl Default for IngestSection {
             max_event_age: HumanDuration(Duration::from_secs(10 * 366 * 86_400)),
             max_future_skew: HumanDuration(Duration::from_secs(86_400)),
             clock_skew_threshold: HumanDuration(Duration::from_secs(1)),
-            linger: HumanDuration(Duration::from_millis(15)),
+            linger: HumanDuration(Duration::from_millis(25)),
         }
     }
 }

@@ -11,10 +11,11 @@
 //! and a slot is free, the proposal stays open for up to `linger` for the next ones to join
 //! (Kafka's `linger.ms`), for as long as the next request is due, at the recent pace, before
 //! the linger ends: at a pace slower than the linger, waiting would add the linger to every
-//! request and gather nothing. An idle partition never waits. A proposal carries each request's
-//! events as a separate part, so every request gets its own counts back, and a message id
-//! repeated across requests counts as a duplicate in the later one, as if they had been
-//! proposed one after the other.
+//! request and gather nothing; and only until the proposal holds three requests, where more
+//! would hold the first one longer for little CPU saved. An idle partition never waits. A
+//! proposal carries each request's events as a separate part, so every request gets its own
+//! counts back, and a message id repeated across requests counts as a duplicate in the later
+//! one, as if they had been proposed one after the other.
 
 use crate::server::{ProposeError, Proposer};
 use crate::storage::chunk::StoredEvent;
@@ -39,6 +40,14 @@ const MAX_EVENTS_PER_PROPOSAL: usize = 32_768;
 /// A proposal with this many events stops lingering: an entry's fixed cost is already small
 /// beside what its events cost.
 const LINGER_ENOUGH_EVENTS: usize = 4_096;
+
+/// A proposal of this many requests stops lingering. The first request that joins halves the
+/// partition's entries and the second takes a further third off, but a third would take only
+/// a quarter more off while holding the first request another gap: gathering two was better
+/// than gathering three or none at half load on both machines the benchmark ran on
+/// (`bench/notes.md`). With this cap, the linger is a ceiling for slow paces rather than what
+/// sets how many requests a fast pace gathers.
+const LINGER_ENOUGH_REQUESTS: usize = 3;
 
 type Reply = oneshot::Sender<Result<IngestOutcome, ProposeError>>;
 
@@ -187,7 +196,7 @@ async fn run(group: Group, mut queue: mpsc::UnboundedReceiver<Request>) {
             let deadline = arrived + linger;
             // Wait only while the next request is due before the deadline: at a pace slower
             // than the linger, waiting would add the linger to every request and gather none.
-            while batch.events < LINGER_ENOUGH_EVENTS && arrivals.next_due_before(deadline) {
+            while batch.worth_lingering(&arrivals, deadline) {
                 let Ok(Some(r)) = tokio::time::timeout_at(deadline, queue.recv()).await else {
                     break;
                 };
@@ -249,6 +258,14 @@ struct Gathering {
 }
 
 impl Gathering {
+    /// Whether to wait for the next request until `deadline`: while the proposal is still
+    /// small and the next request is due, at the recent pace, before the deadline.
+    fn worth_lingering(&self, arrivals: &Arrivals, deadline: Instant) -> bool {
+        self.requests.len() < LINGER_ENOUGH_REQUESTS
+            && self.events < LINGER_ENOUGH_EVENTS
+            && arrivals.next_due_before(deadline)
+    }
+
     /// Adds `request`, or hands it back when it is of another project than `project`: one
     /// project per proposal, so another project's request starts the next one.
     fn join(&mut self, project: ProjectId, request: Request) -> Result<(), Request> {
@@ -371,5 +388,41 @@ mod tests {
         assert!(arrivals.next_due_before(last + Duration::from_millis(20)));
         // Before any pace is known, nothing is worth waiting for.
         assert!(!paced(&[]).0.next_due_before(last + Duration::from_secs(1)));
+    }
+
+    /// A proposal of `requests` requests of `events` events each.
+    fn gathering(requests: usize, events: usize) -> Gathering {
+        let requests = (0..requests)
+            .map(|_| Request {
+                project: ProjectId(1),
+                events: Vec::new(),
+                reply: oneshot::channel().0,
+            })
+            .collect::<Vec<_>>();
+        Gathering {
+            events: requests.len() * events,
+            requests,
+        }
+    }
+
+    #[test]
+    fn a_proposal_lingers_for_two_more_requests_at_most() {
+        let linger = Duration::from_millis(25);
+        // Requests every 6 ms: the linger would fit three more, but two are enough.
+        let (arrivals, last) = paced(&[6, 6, 6, 6]);
+        let deadline = last + linger;
+        assert!(gathering(1, 125).worth_lingering(&arrivals, deadline));
+        assert!(gathering(2, 125).worth_lingering(&arrivals, deadline));
+        assert!(!gathering(3, 125).worth_lingering(&arrivals, deadline));
+        // Large requests: one proposal already has enough events.
+        assert!(!gathering(2, LINGER_ENOUGH_EVENTS / 2).worth_lingering(&arrivals, deadline));
+        // Requests every 17 ms: one more is due within the linger.
+        let (arrivals, last) = paced(&[17, 17, 17, 17]);
+        assert!(gathering(1, 125).worth_lingering(&arrivals, last + linger));
+        // Once it joined, the next is due 34 ms after the first: past the deadline.
+        let first = last;
+        let mut arrivals = arrivals;
+        arrivals.note(first + Duration::from_millis(17));
+        assert!(!gathering(2, 125).worth_lingering(&arrivals, first + linger));
     }
 }
