@@ -217,7 +217,26 @@ enum Waiter {
 #[derive(Clone)]
 pub struct Wal {
     state: Arc<Mutex<State>>,
+    /// Declared before `_sync_thread`: fields drop in order, so when the last handle drops,
+    /// the last sender is gone (the thread's channel closed) before the thread is joined.
     commits: mpsc::Sender<Waiter>,
+    _sync_thread: Arc<SyncThread>,
+}
+
+/// The sync thread, joined when the last handle of the log drops: it holds the state, and with
+/// it the directory's lock, so joining releases the lock before the drop returns and the log
+/// can be opened again at once (a node restarted in the same process). Without the join the
+/// lock outlived the handles by however long the thread took to notice its channel closed.
+struct SyncThread(Option<std::thread::JoinHandle<()>>);
+
+impl Drop for SyncThread {
+    fn drop(&mut self) {
+        if let Some(thread) = self.0.take()
+            && thread.thread().id() != std::thread::current().id()
+        {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for Wal {
@@ -665,11 +684,15 @@ impl Wal {
         let state = Arc::new(Mutex::new(state));
         let (commits, waiting) = mpsc::channel();
         let synced = Arc::clone(&state);
-        std::thread::Builder::new()
+        let sync_thread = std::thread::Builder::new()
             .name("raft-log-sync".into())
             .spawn(move || sync_loop(&synced, &waiting))
             .map_err(io_at("start the sync thread for", dir))?;
-        Ok(Wal { state, commits })
+        Ok(Wal {
+            state,
+            commits,
+            _sync_thread: Arc::new(SyncThread(Some(sync_thread))),
+        })
     }
 
     /// Whether the log holds anything of `group`.
@@ -923,19 +946,10 @@ mod tests {
             .collect()
     }
 
-    /// The same log, opened again after the handle is dropped.
+    /// Drops `wal` and opens its directory again at once: dropping releases the lock.
     fn reopen(wal: Wal, dir: &Path, options: WalOptions) -> Wal {
         drop(wal);
-        // The sync thread drops its handle on the files once its channel closes.
-        for _ in 0..100 {
-            match Wal::open_with(dir, options) {
-                Err(WalError::Locked { .. }) => {
-                    std::thread::sleep(std::time::Duration::from_millis(10))
-                }
-                other => return other.unwrap(),
-            }
-        }
-        panic!("the log stayed locked after its handle was dropped");
+        Wal::open_with(dir, options).unwrap()
     }
 
     #[test]
