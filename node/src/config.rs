@@ -428,8 +428,7 @@ impl NodeConfig {
     /// otherwise a cluster whose file omits `replication-factor` would keep one copy of every
     /// event and lose events with any member.
     fn apply_cluster_defaults(&mut self, text: &str) {
-        let members = self.cluster.initial_members.len();
-        if members <= 1 {
+        if !self.is_cluster() {
             return;
         }
         // The text parsed as a `NodeConfig` a moment ago, so it parses as a table too.
@@ -439,7 +438,8 @@ impl NodeConfig {
             self.cluster.partitions = CLUSTER_PARTITIONS;
         }
         if !given("replication-factor") {
-            self.cluster.replication_factor = CLUSTER_REPLICATION_FACTOR.min(members as u32);
+            let members = self.cluster.initial_members.len() as u32;
+            self.cluster.replication_factor = CLUSTER_REPLICATION_FACTOR.min(members);
         }
     }
 

@@ -417,11 +417,9 @@ mod tests {
         // Large requests: one proposal already has enough events.
         assert!(!gathering(2, LINGER_ENOUGH_EVENTS / 2).worth_lingering(&arrivals, deadline));
         // Requests every 17 ms: one more is due within the linger.
-        let (arrivals, last) = paced(&[17, 17, 17, 17]);
-        assert!(gathering(1, 125).worth_lingering(&arrivals, last + linger));
+        let (mut arrivals, first) = paced(&[17, 17, 17, 17]);
+        assert!(gathering(1, 125).worth_lingering(&arrivals, first + linger));
         // Once it joined, the next is due 34 ms after the first: past the deadline.
-        let first = last;
-        let mut arrivals = arrivals;
         arrivals.note(first + Duration::from_millis(17));
         assert!(!gathering(2, 125).worth_lingering(&arrivals, first + linger));
     }
