@@ -79,7 +79,8 @@ class Node:
 
 class Cluster:
     """Three `prism node` members on 127.0.0.1-3 replicating every partition (factor 3), as the
-    repository's cluster.toml describes, on free ports."""
+    repository's cluster.toml describes, on free ports; `partitions` 8 (the one node's count)
+    unless given, where cluster.toml has 16."""
 
     def __init__(self, workdir, partitions=8, extra=""):
         self.dir = Path(workdir) / "cluster"
@@ -809,6 +810,9 @@ def write_markdown(results):
         lines += ["", "## Ingestion into a three-node cluster (replication factor 3, same machine)", "",
                   "Three `prism node` members on 127.0.0.1–3 share the two cores with the load generator; every",
                   "partition is replicated on all three, and an event is acknowledged once a majority flushed it.",
+                  "The cluster has 8 partitions, as the one node it is compared with has (a cluster's default and",
+                  "the repository's `cluster.toml` have 16: on these two cores that costs about a fifth of full",
+                  "speed, as the notes below show).",
                   "The generator sends to member 2; partition leaders start spread over the members, so member 2",
                   "forwards the events of the partitions it does not lead to their leaders over QUIC. The one-node",
                   "figure it is compared with is measured in the same run, in alternating rounds (one node, then",
