@@ -106,7 +106,9 @@ impl IntoResponse for IngestError {
         let status = match &self {
             IngestError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             IngestError::Malformed(_) | IngestError::InvalidEvents(_) => StatusCode::BAD_REQUEST,
-            IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::TooLarge { .. } | IngestError::TooLargeForAnEntry(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             IngestError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

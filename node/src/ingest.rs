@@ -49,6 +49,9 @@ pub enum IngestError {
         /// The limit in bytes.
         limit: u64,
     },
+    /// The events, within the body's limit, take more room in a log entry than it holds.
+    #[error("{0}")]
+    TooLargeForAnEntry(String),
     /// No leader or shutting down: retry later.
     #[error("{0}")]
     Unavailable(String),
@@ -64,7 +67,7 @@ impl IngestError {
             IngestError::Unauthorized(_) => "unauthorized",
             IngestError::Malformed(_) => "malformed",
             IngestError::InvalidEvents(_) => "invalid_events",
-            IngestError::TooLarge { .. } => "too_large",
+            IngestError::TooLarge { .. } | IngestError::TooLargeForAnEntry(_) => "too_large",
             IngestError::Unavailable(_) => "unavailable",
             IngestError::Internal(_) => "internal",
         }
@@ -78,7 +81,9 @@ impl IngestError {
 
 impl From<ProposeError> for IngestError {
     fn from(e: ProposeError) -> IngestError {
-        if e.is_retryable() {
+        if let ProposeError::TooLarge { .. } = e {
+            IngestError::TooLargeForAnEntry(e.to_string())
+        } else if e.is_retryable() {
             IngestError::Unavailable(e.to_string())
         } else {
             IngestError::Internal(e.to_string())

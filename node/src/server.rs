@@ -36,6 +36,16 @@ pub enum ProposeError {
     /// The node is shutting down.
     #[error("node is shutting down")]
     ShuttingDown,
+    /// A request's events take more room in a log entry than an entry may hold.
+    #[error(
+        "the request's events take {bytes} bytes in a log entry, over the {limit} bytes an entry may hold; send them in smaller batches"
+    )]
+    TooLarge {
+        /// Their size in an entry (Arrow IPC, uncompressed).
+        bytes: usize,
+        /// The most an entry holds.
+        limit: usize,
+    },
     /// The group stopped with a fatal error.
     #[error("raft group {group} failed: {message}")]
     Fatal {

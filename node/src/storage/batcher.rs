@@ -20,7 +20,7 @@
 use crate::server::{ProposeError, Proposer};
 use crate::storage::chunk::StoredEvent;
 use crate::storage::partition::{
-    IngestOutcome, LocalProposals, PartitionCommand, ProposedRows, encode_rows,
+    IngestOutcome, LocalProposals, PartitionCommand, ProposedRows, encode_rows, rows_fit_an_entry,
 };
 use optiprism_consensus::{GroupId, Raft};
 use optiprism_types::ProjectId;
@@ -280,6 +280,8 @@ impl Gathering {
 
 impl Group {
     /// Proposes the requests of `batch` as one entry and answers each with its own outcome.
+    /// Rows too large for one entry go as one entry per request; a request too large alone is
+    /// answered with [`ProposeError::TooLarge`] without being proposed.
     async fn propose(&self, project: ProjectId, batch: Vec<Request>) {
         let Group {
             group,
@@ -298,14 +300,32 @@ impl Group {
             events.extend(r.events);
             replies.push(r.reply);
         }
-        let token = tokens.next();
         let proposed = ProposedRows::of(&events);
+        let rows = encode_rows(&proposed.batch);
+        if let Err((bytes, limit)) = rows_fit_an_entry(&rows) {
+            drop((proposed, rows));
+            if replies.len() > 1 {
+                // Several requests that each fit may not fit together: each goes alone.
+                futures::future::join_all(
+                    separate(project, replies, &parts, events)
+                        .into_iter()
+                        .map(|r| Box::pin(self.propose(project, vec![r]))),
+                )
+                .await;
+            } else {
+                for reply in replies {
+                    let _ = reply.send(Err(ProposeError::TooLarge { bytes, limit }));
+                }
+            }
+            return;
+        }
         drop(events);
+        let token = tokens.next();
         let command = PartitionCommand::IngestRows {
             project,
             token,
             parts,
-            rows: encode_rows(&proposed.batch),
+            rows,
             person_sets: proposed.person_sets.clone(),
         };
         if let Some(local) = local {
@@ -352,6 +372,26 @@ impl Group {
             }
         }
     }
+}
+
+/// The requests a proposal merged, each with its own events again (`parts[i]` events for the
+/// `i`th reply, in order).
+fn separate(
+    project: ProjectId,
+    replies: Vec<Reply>,
+    parts: &[u32],
+    mut events: Vec<StoredEvent>,
+) -> Vec<Request> {
+    let mut requests = Vec::with_capacity(replies.len());
+    for (reply, &n) in replies.into_iter().zip(parts) {
+        let rest = events.split_off((n as usize).min(events.len()));
+        requests.push(Request {
+            project,
+            events: std::mem::replace(&mut events, rest),
+            reply,
+        });
+    }
+    requests
 }
 
 #[cfg(test)]
@@ -402,6 +442,39 @@ mod tests {
         Gathering {
             events: requests.len() * events,
             requests,
+        }
+    }
+
+    #[test]
+    fn a_merged_proposal_separates_into_its_requests_with_their_own_events() {
+        let event = |id: &str| StoredEvent {
+            message_id: id.to_string(),
+            distinct_id: "d".into(),
+            person_id: 1,
+            event: "e".into(),
+            timestamp_ms: 1_000,
+            props: vec![],
+            person_set: vec![],
+            person_set_once: vec![],
+        };
+        let events: Vec<StoredEvent> = ["a", "b", "c", "d", "e", "f"].map(event).into();
+        let (replies, answers): (Vec<Reply>, Vec<_>) = (0..3).map(|_| oneshot::channel()).unzip();
+        let requests = separate(ProjectId(4), replies, &[2, 3, 1], events);
+        let ids: Vec<Vec<&str>> = requests
+            .iter()
+            .map(|r| r.events.iter().map(|e| e.message_id.as_str()).collect())
+            .collect();
+        assert_eq!(ids, [vec!["a", "b"], vec!["c", "d", "e"], vec!["f"]]);
+        assert!(requests.iter().all(|r| r.project == ProjectId(4)));
+        // Each request answers its own caller.
+        for (i, r) in requests.into_iter().enumerate() {
+            let _ = r.reply.send(Ok(IngestOutcome {
+                accepted: i as u32,
+                duplicates: 0,
+            }));
+        }
+        for (i, mut answer) in answers.into_iter().enumerate() {
+            assert_eq!(answer.try_recv().unwrap().unwrap().accepted, i as u32);
         }
     }
 

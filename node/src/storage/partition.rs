@@ -202,9 +202,7 @@ const MAX_DECODED_EVENTS_BYTES: usize = 512 << 20;
 /// system, and each new one is zeroed again) than the decoding itself.
 fn decompress_framed<'r>(bytes: &[u8], raw: &'r mut Vec<u8>) -> Result<&'r [u8], CoreError> {
     let (len, body) = lz4_flex::block::uncompressed_size(bytes)?;
-    if len > MAX_DECODED_EVENTS_BYTES {
-        return Err(format!("a command claims {len} bytes of events").into());
-    }
+    check_decoded_size(len)?;
     raw.clear();
     raw.resize(len, 0);
     let written = lz4_flex::block::decompress_into(body, raw)?;
@@ -212,6 +210,25 @@ fn decompress_framed<'r>(bytes: &[u8], raw: &'r mut Vec<u8>) -> Result<&'r [u8],
         return Err(format!("a command's events decompress to {written} bytes, not {len}").into());
     }
     Ok(raw)
+}
+
+/// Fails a command whose events claim more than [`MAX_DECODED_EVENTS_BYTES`] decoded.
+fn check_decoded_size(len: usize) -> Result<(), CoreError> {
+    if len > MAX_DECODED_EVENTS_BYTES {
+        return Err(format!("a command claims {len} bytes of events").into());
+    }
+    Ok(())
+}
+
+/// Whether rows encoded by [`encode_rows`] fit one entry: every replica fails a command whose
+/// rows decode to more than [`MAX_DECODED_EVENTS_BYTES`]. `Err` holds their decoded size and
+/// the limit.
+pub fn rows_fit_an_entry(encoded: &[u8]) -> Result<(), (usize, usize)> {
+    match lz4_flex::block::uncompressed_size(encoded) {
+        Ok((len, _)) if len <= MAX_DECODED_EVENTS_BYTES => Ok(()),
+        Ok((len, _)) => Err((len, MAX_DECODED_EVENTS_BYTES)),
+        Err(_) => Err((encoded.len(), MAX_DECODED_EVENTS_BYTES)),
+    }
 }
 
 /// Decodes what `encode_events` wrote into owned events (apply borrows instead).
@@ -927,6 +944,9 @@ impl PartitionCore {
                 person_sets,
             } => match self.local.take(token) {
                 Some(local) => {
+                    // The proposer applies its own rows without decoding them, but it must
+                    // fail the command exactly where the other replicas' decoding would.
+                    check_decoded_size(lz4_flex::block::uncompressed_size(rows)?.0)?;
                     self.ingest_rows(project, &parts, &local.batch, &local.person_sets)?
                 }
                 None => {
@@ -1801,6 +1821,43 @@ mod tests {
         // The same rows, readable: stored.
         let ok = core.apply(2, &entry(encode_rows(&good.batch), vec![]));
         assert_eq!(outcomes(&ok), [(2, 0)]);
+    }
+
+    #[test]
+    fn the_proposer_fails_an_entry_too_large_to_decode_as_the_other_replicas_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut proposer = open_core(&db, &dir, 0, 1 << 20);
+        let mut replica = open_core(&db, &dir, 1, 1 << 20);
+        let rows = ProposedRows::of(&[event("a", 1), event("b", 2)]);
+        // Rows whose length prefix claims one byte over what any replica decodes.
+        let mut oversized = ((MAX_DECODED_EVENTS_BYTES + 1) as u32)
+            .to_le_bytes()
+            .to_vec();
+        oversized.extend_from_slice(b"rows");
+        assert_eq!(
+            rows_fit_an_entry(&oversized),
+            Err((MAX_DECODED_EVENTS_BYTES + 1, MAX_DECODED_EVENTS_BYTES))
+        );
+        assert_eq!(rows_fit_an_entry(&encode_rows(&rows.batch)), Ok(()));
+        let entry = optiprism_consensus::encode(&PartitionCommand::IngestRows {
+            project: ProjectId(1),
+            token: 7,
+            parts: vec![2],
+            rows: oversized,
+            person_sets: rows.person_sets.clone(),
+        });
+        // The proposer holds the rows decoded; the replica has only the entry.
+        proposer.local_proposals().insert(7, rows);
+        assert!(outcomes(&proposer.apply(1, &entry)).is_empty());
+        assert!(outcomes(&replica.apply(1, &entry)).is_empty());
+        for core in [&proposer, &replica] {
+            assert_eq!(contents(core).1.len(), 0);
+            assert_eq!(
+                core.data().read().rows(ProjectId(1), 0, 2_000, None).rows,
+                0
+            );
+        }
     }
 
     #[test]
