@@ -201,8 +201,7 @@ const MAX_DECODED_EVENTS_BYTES: usize = 512 << 20;
 /// entry's size cost more in page faults (the allocator returns freed large blocks to the
 /// system, and each new one is zeroed again) than the decoding itself.
 fn decompress_framed<'r>(bytes: &[u8], raw: &'r mut Vec<u8>) -> Result<&'r [u8], CoreError> {
-    let (len, body) = lz4_flex::block::uncompressed_size(bytes)?;
-    check_decoded_size(len)?;
+    let (len, body) = claimed_decoded_size(bytes)?;
     raw.clear();
     raw.resize(len, 0);
     let written = lz4_flex::block::decompress_into(body, raw)?;
@@ -212,12 +211,14 @@ fn decompress_framed<'r>(bytes: &[u8], raw: &'r mut Vec<u8>) -> Result<&'r [u8],
     Ok(raw)
 }
 
-/// Fails a command whose events claim more than [`MAX_DECODED_EVENTS_BYTES`] decoded.
-fn check_decoded_size(len: usize) -> Result<(), CoreError> {
+/// The decoded size that what [`compress_framed`] wrote claims, and its compressed body; fails
+/// a command whose events claim more than [`MAX_DECODED_EVENTS_BYTES`].
+fn claimed_decoded_size(bytes: &[u8]) -> Result<(usize, &[u8]), CoreError> {
+    let (len, body) = lz4_flex::block::uncompressed_size(bytes)?;
     if len > MAX_DECODED_EVENTS_BYTES {
         return Err(format!("a command claims {len} bytes of events").into());
     }
-    Ok(())
+    Ok((len, body))
 }
 
 /// Whether rows encoded by [`encode_rows`] fit one entry: every replica fails a command whose
@@ -946,7 +947,7 @@ impl PartitionCore {
                 Some(local) => {
                     // The proposer applies its own rows without decoding them, but it must
                     // fail the command exactly where the other replicas' decoding would.
-                    check_decoded_size(lz4_flex::block::uncompressed_size(rows)?.0)?;
+                    claimed_decoded_size(rows)?;
                     self.ingest_rows(project, &parts, &local.batch, &local.person_sets)?
                 }
                 None => {
