@@ -10,6 +10,8 @@ Usage (from the repository root):
     python3 bench/run.py --report-only                            # rewrite docs/benchmarks.md
 
 The binaries are read from $CARGO_TARGET_DIR/release (default ~/.cache/optiprism/target-release).
+$PRISM_LOG sets the nodes' `--log` filter (default `warn`), e.g.
+`warn,optiprism_consensus::wal=debug` to time the Raft log's segment rotations.
 
 For each size it generates the same events (prismctl gen, fixed seed) as an Arrow file for the
 peers and as Segment batches for Optiprism; measures HTTP ingestion with batches of 1,000 (and of
@@ -61,7 +63,7 @@ class Node:
         self.log = open(Path(data_dir).parent / "prism.log", "ab")
         self.proc = subprocess.Popen(
             [binary("prism"), "up", "--data-dir", str(data_dir), "--http", f"127.0.0.1:{self.http_port}",
-             "--flight", self.flight, "--write-key", WRITE_KEY, "--api-token", TOKEN, "--log", "warn"],
+             "--flight", self.flight, "--write-key", WRITE_KEY, "--api-token", TOKEN, "--log", os.environ.get("PRISM_LOG", "warn")],
             stdout=self.log, stderr=self.log)
         import urllib.request
         for _ in range(600):
@@ -99,7 +101,7 @@ class Cluster:
         self.log = open(self.dir / "prism.log", "ab")
         self.procs = [subprocess.Popen(
             [binary("prism"), "node", "--config", str(config), "--id", str(i), "--write-key", WRITE_KEY,
-             "--api-token", TOKEN, "--log", "warn"], stdout=self.log, stderr=self.log) for i in (1, 2, 3)]
+             "--api-token", TOKEN, "--log", os.environ.get("PRISM_LOG", "warn")], stdout=self.log, stderr=self.log) for i in (1, 2, 3)]
         import urllib.request
         for url in self.http:
             for _ in range(1200):

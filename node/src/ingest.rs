@@ -19,7 +19,7 @@ use crate::storage::partition::IngestOutcome;
 use optiprism_types::PersonId;
 use optiprism_types::event::{Coerced, Event, PropType};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// One rejected event of a batch.
@@ -261,10 +261,11 @@ impl Ingestor {
         let mut new_keys: Vec<(String, PropType)> = Vec::new();
         self.node.metadata.read(|m| {
             let schema = m.schemas.get(&p);
-            let mut seen = std::collections::HashSet::new();
+            // A request names a few dozen keys over and over: the schema is asked once per key.
+            let mut seen = foldhash::HashSet::default();
             for e in &parsed.events {
                 for (k, v) in &e.properties {
-                    if schema.is_none_or(|s| !s.contains_key(k)) && seen.insert(k.as_str()) {
+                    if seen.insert(k.as_str()) && schema.is_none_or(|s| !s.contains_key(k)) {
                         new_keys.push((k.clone(), PropType::infer(v)));
                     }
                 }
@@ -306,7 +307,10 @@ impl Ingestor {
             let empty = BTreeMap::new();
             let schema = m.schemas.get(&p).unwrap_or(&empty);
             let ids = m.identities.get(&p);
-            let mut person_cache: HashMap<String, PersonId> = HashMap::new();
+            let mut person_cache: foldhash::HashMap<String, PersonId> =
+                foldhash::HashMap::default();
+            // The committed schema's type of each key, asked once per key of the request.
+            let mut types: foldhash::HashMap<String, PropType> = foldhash::HashMap::default();
             for e in events {
                 let person = match person_cache.get(&e.distinct_id) {
                     Some(p) => *p,
@@ -323,7 +327,14 @@ impl Ingestor {
                     .properties
                     .into_iter()
                     .map(|(k, v)| {
-                        let ty = schema.get(&k).map(|s| s.ty).unwrap_or(PropType::String);
+                        let ty = match types.get(k.as_str()) {
+                            Some(ty) => *ty,
+                            None => {
+                                let ty = schema.get(&k).map_or(PropType::String, |s| s.ty);
+                                types.insert(k.clone(), ty);
+                                ty
+                            }
+                        };
                         let value = Coerced::new(v, ty);
                         (k, value)
                     })

@@ -30,7 +30,6 @@ use arrow_ipc::writer::{IpcWriteOptions, StreamWriter};
 use optiprism_types::ProjectId;
 use optiprism_types::event::{Coerced, PropValue};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Name prefix of property columns.
@@ -526,9 +525,11 @@ pub struct ChunkBuilder {
     timestamp: TimestampMillisecondBuilder,
     distinct: StringDictionaryBuilder<Int32Type>,
     person: UInt64Builder,
-    // BTreeMap: column order is the same whatever order properties arrived in.
-    props: BTreeMap<String, PropBuilder>,
-    texts: BTreeMap<String, StringBuilder>,
+    // Hashed, not ordered: every property of every event looks its builder up, and a tree of
+    // a few dozen keys cost several string comparisons each. Batches put the columns in key
+    // order (`sorted`), so it is the same whatever order properties arrived in.
+    props: foldhash::HashMap<String, PropBuilder>,
+    texts: foldhash::HashMap<String, StringBuilder>,
 }
 
 impl std::fmt::Debug for ChunkBuilder {
@@ -549,8 +550,8 @@ impl Default for ChunkBuilder {
             timestamp: TimestampMillisecondBuilder::new().with_timezone("UTC"),
             distinct: StringDictionaryBuilder::new(),
             person: UInt64Builder::new(),
-            props: BTreeMap::new(),
-            texts: BTreeMap::new(),
+            props: foldhash::HashMap::default(),
+            texts: foldhash::HashMap::default(),
         }
     }
 }
@@ -705,13 +706,11 @@ impl ChunkBuilder {
             Arc::new(self.distinct.finish_cloned()),
             Arc::new(self.person.finish_cloned()),
         ];
-        let props = self
-            .props
-            .iter()
+        let props = sorted(self.props.iter())
+            .into_iter()
             .map(|(k, b)| (k.as_str(), b.finish_cloned()));
-        let texts = self
-            .texts
-            .iter()
+        let texts = sorted(self.texts.iter())
+            .into_iter()
             .map(|(k, b)| (k.as_str(), Arc::new(b.finish_cloned()) as ArrayRef));
         assemble(self.rows, fixed, props, texts)
     }
@@ -731,16 +730,23 @@ impl ChunkBuilder {
             Arc::new(built.person.finish()),
         ];
         // Padded in the builders, so `assemble` has nothing to copy.
-        let props = built.props.iter_mut().map(|(k, b)| {
+        let props = sorted(built.props.iter_mut()).into_iter().map(|(k, b)| {
             b.pad_to(rows);
             (k.as_str(), b.finish())
         });
-        let texts = built.texts.iter_mut().map(|(k, b)| {
+        let texts = sorted(built.texts.iter_mut()).into_iter().map(|(k, b)| {
             (b.len()..rows).for_each(|_| b.append_null());
             (k.as_str(), Arc::new(b.finish()) as ArrayRef)
         });
         assemble(rows, fixed, props, texts)
     }
+}
+
+/// A builder's columns in key order.
+fn sorted<'a, B>(columns: impl Iterator<Item = (&'a String, B)>) -> Vec<(&'a String, B)> {
+    let mut columns: Vec<_> = columns.collect();
+    columns.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    columns
 }
 
 /// A batch of `rows` rows from the fixed columns, then the property columns and the columns of
@@ -941,6 +947,50 @@ mod tests {
         assert_eq!(n.values().to_vec(), vec![1.0, 3.0]);
         let s = batch.column_by_name("properties.s#text").unwrap();
         assert_eq!(s.as_string::<i32>().value(0), "a");
+    }
+
+    #[test]
+    fn columns_are_in_key_order_whatever_order_properties_arrive_in() {
+        let keys = ["zone", "a", "m", "b9", "b10", "plan"];
+        let columns = |keys: &[&str]| {
+            let props = keys
+                .iter()
+                .map(|k| (k.to_string(), Coerced::Str("v".into())))
+                .chain(
+                    keys.iter()
+                        .map(|k| (format!("{k}!"), Coerced::Mismatch("x".into()))),
+                )
+                .collect();
+            let mut builder = ChunkBuilder::default();
+            builder.append(&event(0, props));
+            let snapshot = builder.snapshot();
+            let finished = builder.finish();
+            assert_eq!(snapshot, finished);
+            finished
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect::<Vec<_>>()
+        };
+        let forward = columns(&keys);
+        let mut reversed = keys;
+        reversed.reverse();
+        assert_eq!(columns(&reversed), forward);
+        let mut typed: Vec<String> = keys.iter().map(|k| property_column(k)).collect();
+        typed.sort();
+        let mut texts: Vec<String> = keys
+            .iter()
+            .map(|k| property_text_column(&format!("{k}!")))
+            .collect();
+        texts.sort();
+        let expected: Vec<String> = fixed_fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .chain(typed)
+            .chain(texts)
+            .collect();
+        assert_eq!(forward, expected);
     }
 
     #[test]
