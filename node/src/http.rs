@@ -68,7 +68,7 @@ pub fn router(node: Arc<NodeShared>) -> Router {
         app = app.route(p, post(posthog_handler));
     }
     app.route("/api/v1/projects/{project}/query", post(query_handler))
-        .route("/livez", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|uri: Uri| async move {
@@ -323,6 +323,8 @@ async fn query_handler(
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.node.is_ready() {
         Json(json!({"status": "ready"})).into_response()
+    } else if let Some(message) = failed_groups_message(&state) {
+        error(StatusCode::SERVICE_UNAVAILABLE, "failed", &message)
     } else {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -330,6 +332,32 @@ async fn readyz(State(state): State<AppState>) -> Response {
             "not every partition has a leader, or the node is shutting down",
         )
     }
+}
+
+/// Alive unless an error stopped one of the node's Raft groups: only a restart brings such a
+/// group back, so a supervisor that restarts on a failed liveness check (Kubernetes does)
+/// recovers the node once the cause (a full or failing disk) is fixed.
+async fn livez(State(state): State<AppState>) -> Response {
+    match failed_groups_message(&state) {
+        None => Json(json!({"status": "ok"})).into_response(),
+        Some(message) => error(StatusCode::SERVICE_UNAVAILABLE, "failed", &message),
+    }
+}
+
+/// What stopped the node's failed groups, if any did.
+fn failed_groups_message(state: &AppState) -> Option<String> {
+    let failed = state.node.failed_groups();
+    if failed.is_empty() {
+        return None;
+    }
+    let groups: Vec<String> = failed
+        .iter()
+        .map(|(group, why)| format!("{group}: {why}"))
+        .collect();
+    Some(format!(
+        "raft groups stopped on an error and take no writes until the node restarts ({})",
+        groups.join("; ")
+    ))
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -406,6 +434,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "optiprism_consensus_has_leader",
         "Whether the group has a known leader.",
         &|g| Some(u64::from(g.leader.is_some())),
+    );
+    gauge(
+        "optiprism_consensus_failed",
+        "Whether an error stopped the group here (it takes no writes until the node restarts).",
+        &|g| Some(u64::from(g.failed.is_some())),
     );
     gauge(
         "optiprism_consensus_apply_lag",

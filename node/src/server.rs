@@ -378,6 +378,17 @@ pub struct GroupStatus {
     pub replication: Option<BTreeMap<u64, u64>>,
     /// The addresses of the group's replicas.
     pub addresses: BTreeMap<u64, NodeAddr>,
+    /// Why the group stopped here, when an error stopped it (its storage failed, say): it
+    /// takes no writes until the node restarts.
+    pub failed: Option<String>,
+}
+
+/// Why a group stopped, when an error stopped it rather than a shutdown.
+fn failure(metrics: &openraft::RaftMetrics<u64, NodeAddr>) -> Option<String> {
+    match &metrics.running_state {
+        Ok(()) | Err(openraft::error::Fatal::Stopped) => None,
+        Err(e) => Some(e.to_string()),
+    }
 }
 
 /// What every front end (HTTP, Flight) of the node shares.
@@ -596,10 +607,21 @@ impl NodeShared {
     pub fn is_ready(&self) -> bool {
         !self.is_shutting_down()
             && !self.is_draining()
-            && self
-                .groups()
-                .iter()
-                .all(|(_, r)| r.metrics().borrow().current_leader.is_some())
+            && self.groups().iter().all(|(_, r)| {
+                let metrics = r.metrics();
+                let m = metrics.borrow();
+                m.current_leader.is_some() && m.running_state.is_ok()
+            })
+    }
+
+    /// The groups here that an error stopped (not a shutdown), with the error. Such a group
+    /// takes no writes until the node restarts: the Raft log stops at its first failed write
+    /// or sync, as what reached the disk after it is unknown.
+    pub fn failed_groups(&self) -> Vec<(GroupId, String)> {
+        self.groups()
+            .into_iter()
+            .filter_map(|(group, raft)| Some((group, failure(&raft.metrics().borrow())?)))
+            .collect()
     }
 
     /// Whether an operator drained this node (see [`NodeShared::drain`]).
@@ -640,6 +662,7 @@ impl NodeShared {
                         .nodes()
                         .map(|(id, addr)| (*id, addr.clone()))
                         .collect(),
+                    failed: failure(&m),
                 }
             })
             .collect()

@@ -76,6 +76,8 @@ pub struct TestNode {
     pub data_dir: PathBuf,
     log: PathBuf,
     extra_args: Vec<String>,
+    /// The largest file the process may write, in 512-byte blocks (`ulimit -f`), if limited.
+    file_size_limit: Option<u64>,
     _tmp: tempfile::TempDir,
     client: reqwest::blocking::Client,
 }
@@ -88,6 +90,18 @@ impl TestNode {
 
     /// Starts a node with extra `prism up` arguments.
     pub fn start_with(extra: &[&str]) -> TestNode {
+        TestNode::start_up(extra, None)
+    }
+
+    /// Starts a node whose writes past `blocks` 512-byte blocks of any one file fail with
+    /// `EFBIG` (`ulimit -f`, `SIGXFSZ` ignored): a disk that refuses writes, for the real
+    /// process and its real error paths. [`TestNode::set_file_size_limit`] lifts it for the
+    /// next start.
+    pub fn start_with_file_size_limit(extra: &[&str], blocks: u64) -> TestNode {
+        TestNode::start_up(extra, Some(blocks))
+    }
+
+    fn start_up(extra: &[&str], file_size_limit: Option<u64>) -> TestNode {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut node = TestNode {
             child: None,
@@ -97,11 +111,17 @@ impl TestNode {
             data_dir: tmp.path().join("data"),
             log: tmp.path().join("prism.log"),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            file_size_limit,
             _tmp: tmp,
             client: http_client(),
         };
         node.spawn();
         node
+    }
+
+    /// The file size limit of the next start (see [`TestNode::start_with_file_size_limit`]).
+    pub fn set_file_size_limit(&mut self, blocks: Option<u64>) {
+        self.file_size_limit = blocks;
     }
 
     fn spawn(&mut self) {
@@ -130,7 +150,21 @@ impl TestNode {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let mut command = Command::new(prism_binary());
+        let mut command = match self.file_size_limit {
+            None => Command::new(prism_binary()),
+            Some(blocks) => {
+                // An ignored signal stays ignored across `exec`, and so does the limit.
+                let mut sh = Command::new("sh");
+                sh.args([
+                    "-c",
+                    "trap '' XFSZ; ulimit -f \"$1\" || exit 1; shift; exec \"$@\"",
+                    "sh",
+                    &blocks.to_string(),
+                ])
+                .arg(prism_binary());
+                sh
+            }
+        };
         match &self.launch {
             Launch::Up => {
                 let (http, flight) = (free_port(), free_port());
@@ -429,6 +463,7 @@ impl TestCluster {
                 data_dir: tmp.path().join(format!("node-{id}")),
                 log: tmp.path().join(format!("node-{id}.log")),
                 extra_args: Vec::new(),
+                file_size_limit: None,
                 _tmp: tempfile::tempdir().expect("tempdir"),
                 client: http_client(),
             });
@@ -501,6 +536,7 @@ impl TestCluster {
                 "--flight".into(),
                 addrs[2].clone(),
             ],
+            file_size_limit: None,
             _tmp: tempfile::tempdir().expect("tempdir"),
             client: http_client(),
         };

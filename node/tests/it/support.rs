@@ -247,3 +247,30 @@ pub(crate) async fn ingest_case_events(
         .await
         .expect("ingest");
 }
+
+/// Every stored message id with how many rows carry it, over Flight SQL.
+pub(crate) fn uuid_counts(node: &optiprism_testkit::TestNode) -> Vec<(String, i64)> {
+    let sql = "SELECT uuid, count(*) AS n FROM events GROUP BY uuid";
+    // Unavailable (a leader change under way) is retryable; anything else fails the test.
+    let mut attempts = 0;
+    let batches = loop {
+        match node.sql(sql) {
+            Ok(batches) => break batches,
+            Err(e) if format!("{e:#}").contains("Unavailable") && attempts < 300 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Err(e) => panic!("{sql}: {e:#}"),
+        }
+    };
+    let mut out = Vec::new();
+    for b in &batches {
+        let uuid = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+        let uuid = uuid.as_string::<i32>();
+        let n = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+        for i in 0..b.num_rows() {
+            out.push((uuid.value(i).to_string(), n.value(i)));
+        }
+    }
+    out
+}

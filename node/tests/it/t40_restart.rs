@@ -1,5 +1,6 @@
 //! Acknowledged events survive a stop, a `kill -9` and a restart, exactly once.
 
+use crate::support::uuid_counts;
 use optiprism_testkit::{TestNode, WRITE_KEY};
 use serde_json::json;
 
@@ -140,4 +141,79 @@ fn nodes_opt_out_of_transparent_huge_pages_unless_asked() {
     let node = TestNode::start_with(&["--huge-pages"]);
     let pid = node.pid().unwrap().to_string();
     assert_eq!(transparent_huge_pages(&pid), transparent_huge_pages("self"));
+}
+
+#[test]
+fn a_disk_that_refuses_writes_fails_requests_clearly_and_a_restart_keeps_every_acknowledged_event()
+{
+    // No file may grow past 2 MiB: the Raft log's segment outgrows that after some thousands of
+    // these events, and its next write fails with EFBIG, as on a full or failing disk.
+    let mut node = TestNode::start_with_file_size_limit(&["--partitions", "4"], 4096);
+    let batch = |b: usize| -> (Vec<String>, serde_json::Value) {
+        let ids: Vec<String> = (0..500).map(|i| format!("f{b}-{i}")).collect();
+        let events: Vec<_> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                // Text that neither the dictionaries nor LZ4 shrink much.
+                let pad: String = (1..=6u64)
+                    .map(|k| format!("{:016x}", ((b * 500 + i) as u64 + k).wrapping_mul(0x9e37_79b9_7f4a_7c15 ^ k)))
+                    .collect();
+                json!({"type": "track", "userId": format!("u{}", i % 50), "event": "tick",
+                       "messageId": id, "timestamp": "2024-02-01T10:00:00Z", "properties": {"pad": pad}})
+            })
+            .collect();
+        (ids, json!({"writeKey": WRITE_KEY, "batch": events}))
+    };
+    let mut acknowledged = Vec::new();
+    let mut refusal = None;
+    for b in 0..400 {
+        let (ids, body) = batch(b);
+        let (status, answer) = node.post("/v1/batch", &body);
+        if status == 200 {
+            acknowledged.extend(ids);
+        } else {
+            refusal = Some((status, answer));
+            break;
+        }
+    }
+    let (status, answer) = refusal.expect("a write past the limit fails");
+    assert_eq!(status, 500, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("File too large"), "{answer}");
+    assert!(
+        !acknowledged.is_empty(),
+        "the limit left room for some events"
+    );
+    // The node stays up, answers every later request with the same error instead of hanging,
+    // and tells load balancers and supervisors why it is neither ready nor alive.
+    let (status, answer) = node.post("/v1/batch", &batch(1_000).1);
+    assert_eq!(status, 500, "{answer}");
+    for path in ["/readyz", "/livez"] {
+        let (status, body) = node.get(path);
+        assert_eq!(status, 503, "{path}: {body}");
+        assert!(
+            body.contains("take no writes until the node restarts")
+                && body.contains("File too large"),
+            "{path}: {body}"
+        );
+    }
+    let metrics = node.get("/metrics").1;
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("optiprism_consensus_failed{group=\"partition-") && l.ends_with(" 1")
+        ),
+        "{metrics}"
+    );
+    node.stop();
+    // With the disk fixed, a restart keeps every acknowledged event, each once.
+    node.set_file_size_limit(None);
+    node.restart();
+    let stored: std::collections::HashMap<String, i64> = uuid_counts(&node).into_iter().collect();
+    for id in &acknowledged {
+        assert_eq!(stored.get(id), Some(&1), "acknowledged {id}");
+    }
+    assert!(stored.values().all(|&n| n == 1), "an event stored twice");
+    let (status, answer) = node.post("/v1/batch", &batch(2_000).1);
+    assert_eq!(status, 200, "{answer}");
 }

@@ -3,6 +3,7 @@
 //! killing the busiest leader during ingestion loses and doubles no acknowledged event. A busy
 //! partition gathers requests within `ingest.linger` into one entry; an idle one does not wait.
 
+use crate::support::uuid_counts;
 use optiprism_testkit::{TestCluster, TestNode};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
@@ -40,34 +41,6 @@ fn queries() -> Vec<Value> {
                "series": [{"event": "purchase", "math": "unique_users",
                            "filters": [{"key": "price", "op": "gt", "value": 10}]}]}),
     ]
-}
-
-/// Every stored message id with how many rows carry it, over Flight SQL.
-fn uuid_counts(node: &TestNode) -> Vec<(String, i64)> {
-    use arrow::array::AsArray;
-    let sql = "SELECT uuid, count(*) AS n FROM events GROUP BY uuid";
-    // Unavailable (a leader change under way) is retryable; anything else fails the test.
-    let mut attempts = 0;
-    let batches = loop {
-        match node.sql(sql) {
-            Ok(batches) => break batches,
-            Err(e) if format!("{e:#}").contains("Unavailable") && attempts < 300 => {
-                attempts += 1;
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-            Err(e) => panic!("{sql}: {e:#}"),
-        }
-    };
-    let mut out = Vec::new();
-    for b in &batches {
-        let uuid = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
-        let uuid = uuid.as_string::<i32>();
-        let n = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
-        for i in 0..b.num_rows() {
-            out.push((uuid.value(i).to_string(), n.value(i)));
-        }
-    }
-    out
 }
 
 /// Runs a query, retrying while the node answers 503 (a leader change under way: the retryable
