@@ -1,4 +1,5 @@
-//! Acknowledged events survive a stop, a `kill -9` and a restart, exactly once.
+//! Acknowledged events survive a stop, a `kill -9`, a disk that refuses writes and a restart,
+//! exactly once.
 
 use crate::support::uuid_counts;
 use optiprism_testkit::{TestNode, WRITE_KEY};
