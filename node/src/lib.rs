@@ -96,6 +96,7 @@ async fn serve(config: NodeConfig, query_runtime: tokio::runtime::Handle) -> any
         tokio::spawn(optiprism_flight::serve(backend, flight_listener, stop))
     };
     let sealer = server::spawn_sealer(Arc::clone(&node));
+    let failure_watch = server::spawn_failure_watch(Arc::clone(&node));
     let placement = placement::spawn_placement_watcher(Arc::clone(&node));
     print!(
         "{}",
@@ -114,6 +115,7 @@ async fn serve(config: NodeConfig, query_runtime: tokio::runtime::Handle) -> any
     })
     .await;
     sealer.abort();
+    failure_watch.abort();
     placement.abort();
     tracing::info!("sealing partitions and stopping raft groups");
     node.shutdown().await;

@@ -1227,6 +1227,41 @@ fn until_phase(now: std::time::SystemTime, step: Duration, phase: f64) -> Durati
     Duration::from_nanos(u64::try_from(wait).unwrap_or(u64::MAX))
 }
 
+/// How often [`spawn_failure_watch`] looks for groups an error stopped.
+const FAILURE_WATCH_TICK: Duration = Duration::from_millis(200);
+
+/// Stops every group of the node once an error stopped one of them. They share the node's
+/// Raft log, which takes no writes after a failed one until the node restarts; a group that
+/// has not tried to write since (a leader with no new entries sends heartbeats, which write
+/// nothing) would go on leading, and its followers would elect a leader that can write only
+/// after its next write failed: for the metadata group, the next new property key or
+/// identity merge, which would fail first.
+pub fn spawn_failure_watch(node: Arc<NodeShared>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(FAILURE_WATCH_TICK).await;
+            if node.is_shutting_down() {
+                return;
+            }
+            let failed = node.failed_groups();
+            let Some((group, error)) = failed.first() else {
+                continue;
+            };
+            tracing::error!(
+                %group,
+                %error,
+                "a raft group stopped on an error: stopping every group here until the node restarts"
+            );
+            for (group, raft) in node.groups() {
+                if let Err(e) = raft.shutdown().await {
+                    tracing::warn!(%group, error = %e, "stopping the group");
+                }
+            }
+            return;
+        }
+    })
+}
+
 /// Seals partitions periodically so the Raft log (the write-ahead log of unsealed rows) and
 /// replay after a crash stay short: each partition at least every `seal-interval`, one at a
 /// time in turn (a tick every interval divided by the partitions held). Sealing sorts, encodes

@@ -352,6 +352,19 @@ impl TestNode {
         (status, request.json().unwrap_or(serde_json::Value::Null))
     }
 
+    /// POSTs a JSON body to an admin path with the cluster's admin token.
+    pub fn post_admin(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let request = self
+            .client
+            .post(format!("{}{path}", self.http))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(body)
+            .send()
+            .expect("request");
+        let status = request.status().as_u16();
+        (status, request.json().unwrap_or(serde_json::Value::Null))
+    }
+
     /// Runs a JSON query over HTTP.
     pub fn query(&self, query: &serde_json::Value) -> (u16, serde_json::Value) {
         let response = self

@@ -1,7 +1,7 @@
 //! Acknowledged events survive a stop, a `kill -9`, a disk that refuses writes and a restart,
 //! exactly once.
 
-use crate::support::uuid_counts;
+use crate::support::{incompressible_batch, uuid_counts};
 use optiprism_testkit::{TestNode, WRITE_KEY};
 use serde_json::json;
 
@@ -150,20 +150,8 @@ fn a_disk_that_refuses_writes_fails_requests_clearly_and_a_restart_keeps_every_a
     // No file may grow past 2 MiB: the Raft log's segment outgrows that after some thousands of
     // these events, and its next write fails with EFBIG, as on a full or failing disk.
     let mut node = TestNode::start_with_file_size_limit(&["--partitions", "4"], 4096);
-    let batch = |b: usize| -> (Vec<String>, serde_json::Value) {
-        let ids: Vec<String> = (0..500).map(|i| format!("f{b}-{i}")).collect();
-        let events: Vec<_> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                // Text that neither the dictionaries nor LZ4 shrink much.
-                let pad: String = (1..=6u64)
-                    .map(|k| format!("{:016x}", ((b * 500 + i) as u64 + k).wrapping_mul(0x9e37_79b9_7f4a_7c15 ^ k)))
-                    .collect();
-                json!({"type": "track", "userId": format!("u{}", i % 50), "event": "tick",
-                       "messageId": id, "timestamp": "2024-02-01T10:00:00Z", "properties": {"pad": pad}})
-            })
-            .collect();
+    let batch = |b: usize| {
+        let (ids, events) = incompressible_batch("f", b, 500);
         (ids, json!({"writeKey": WRITE_KEY, "batch": events}))
     };
     let mut acknowledged = Vec::new();

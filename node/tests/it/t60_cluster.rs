@@ -3,7 +3,7 @@
 //! killing the busiest leader during ingestion loses and doubles no acknowledged event. A busy
 //! partition gathers requests within `ingest.linger` into one entry; an idle one does not wait.
 
-use crate::support::uuid_counts;
+use crate::support::{eventually, incompressible_batch, uuid_counts};
 use optiprism_testkit::{TestCluster, TestNode};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
@@ -332,4 +332,106 @@ fn a_busy_partition_lingers_for_the_next_request_and_an_idle_one_proposes_at_onc
     send_two_apart(cluster.node(2), &events[30..35], &events[35..40]);
     assert_eq!(applied(), before + 2, "{}", cluster.logs());
     assert_eq!(uuid_counts(cluster.node(3)).len(), 40);
+}
+
+/// Sends `events` to `node` until they are acknowledged: a 5xx (a leader that stopped, an
+/// election under way) is retried, as a client would; message ids make retries safe.
+fn send_until_acknowledged(node: &TestNode, events: &[Value]) {
+    for _ in 0..300 {
+        let (status, body) = send(node, events);
+        match status {
+            200 => return,
+            500..=599 => std::thread::sleep(std::time::Duration::from_millis(200)),
+            _ => panic!("{status}: {body}"),
+        }
+    }
+    panic!("not acknowledged after 300 attempts");
+}
+
+#[test]
+fn a_member_whose_disk_fails_leaves_the_others_taking_events_and_catches_up_after_a_restart() {
+    let mut cluster = TestCluster::start(3, 4);
+    // Member 3's files may not grow past 2 MiB: its Raft log's next write past that fails, and
+    // every group on it stops, leaders included.
+    cluster.node_mut(3).set_file_size_limit(Some(4096));
+    cluster.node_mut(3).restart();
+    // It leads the metadata group and two partitions when it fails.
+    for group in ["metadata", "partition-0", "partition-1"] {
+        let transfer = json!({"group": group, "to": 3});
+        eventually(
+            || format!("{group} to member 3"),
+            || {
+                cluster
+                    .node(1)
+                    .post_admin("/admin/v1/leader-transfer", &transfer)
+                    .0
+                    == 200
+            },
+        );
+        assert_eq!(
+            cluster.gauge(3, "optiprism_consensus_is_leader", group),
+            Some(1),
+            "{group}"
+        );
+    }
+    let mut acknowledged = Vec::new();
+    let mut b = 0;
+    while cluster.node(3).get("/livez").0 == 200 {
+        assert!(b < 400, "member 3 never failed:\n{}", cluster.logs());
+        let (ids, events) = incompressible_batch("d", b, 500);
+        send_until_acknowledged(cluster.node(1), &events);
+        acknowledged.extend(ids);
+        b += 1;
+    }
+    let (status, body) = cluster.node(3).get("/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("File too large"), "{body}");
+    // The other two elect leaders for what member 3 led and go on acknowledging events.
+    for _ in 0..5 {
+        let (ids, events) = incompressible_batch("d", b, 500);
+        send_until_acknowledged(cluster.node(2), &events);
+        acknowledged.extend(ids);
+        b += 1;
+    }
+    // Every group has a leader again, the metadata group included (no ingestion request
+    // needed it here).
+    for group in [
+        "metadata",
+        "partition-0",
+        "partition-1",
+        "partition-2",
+        "partition-3",
+    ] {
+        eventually(
+            || format!("{group} has a leader on members 1-2:\n{}", cluster.logs()),
+            || {
+                let leads = |id| cluster.gauge(id, "optiprism_consensus_is_leader", group);
+                cluster.gauge(1, "optiprism_consensus_has_leader", group) == Some(1)
+                    && (leads(1) == Some(1) || leads(2) == Some(1))
+            },
+        );
+    }
+    // With its disk fixed, member 3 restarts and catches up: every member holds every
+    // acknowledged event, once.
+    cluster.node_mut(3).set_file_size_limit(None);
+    cluster.node_mut(3).restart();
+    for id in 1..=3 {
+        eventually(
+            || format!("member {id} holds every acknowledged event"),
+            || uuid_counts(cluster.node(id)).len() >= acknowledged.len(),
+        );
+        let stored = uuid_counts(cluster.node(id));
+        let stored: std::collections::HashMap<String, i64> = stored.into_iter().collect();
+        for message_id in &acknowledged {
+            assert_eq!(
+                stored.get(message_id),
+                Some(&1),
+                "member {id}: {message_id}"
+            );
+        }
+        assert!(
+            stored.values().all(|&n| n == 1),
+            "member {id} stored an event twice"
+        );
+    }
 }
