@@ -75,6 +75,7 @@ fn group_json(node: &NodeShared, g: &GroupStatus) -> Value {
         "purged": g.purged,
         "snapshot": g.snapshot,
         "replication_lag": lag,
+        "failed": g.failed,
     })
 }
 

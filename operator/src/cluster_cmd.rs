@@ -63,6 +63,22 @@ fn leads(view: &ClusterView, id: u64) -> usize {
     view.groups.iter().filter(|g| g.leader == Some(id)).count()
 }
 
+/// The groups an error stopped on a member (`group: error`), as its status reports them.
+fn failed_groups(status: &Value) -> Vec<String> {
+    status["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|g| {
+            Some(format!(
+                "{}: {}",
+                g["group"].as_str()?,
+                g["failed"].as_str()?
+            ))
+        })
+        .collect()
+}
+
 /// `cluster status`: members, then groups.
 pub(crate) async fn status(endpoints: &Endpoints, output: Output) -> anyhow::Result<()> {
     let view = ClusterView::gather(endpoints).await?;
@@ -72,7 +88,8 @@ pub(crate) async fn status(endpoints: &Endpoints, output: Output) -> anyhow::Res
             .iter()
             .map(|m| match &m.status {
                 Ok(s) => json!({"id": m.id, "http": m.http, "flight": m.flight, "reachable": true,
-                                "ready": s["ready"], "draining": s["draining"], "leads": leads(&view, m.id)}),
+                                "ready": s["ready"], "draining": s["draining"], "leads": leads(&view, m.id),
+                                "failed": failed_groups(s)}),
                 Err(e) => json!({"id": m.id, "http": m.http, "flight": m.flight, "reachable": false, "error": e}),
             })
             .collect();
@@ -88,6 +105,7 @@ pub(crate) async fn status(endpoints: &Endpoints, output: Output) -> anyhow::Res
         .iter()
         .map(|m| {
             let state = match &m.status {
+                Ok(s) if !failed_groups(s).is_empty() => "failed (restart it)".to_string(),
                 Ok(s) if s["draining"].as_bool() == Some(true) => "draining".to_string(),
                 Ok(s) if s["ready"].as_bool() == Some(true) => "ready".to_string(),
                 Ok(_) => "not ready".to_string(),
@@ -114,6 +132,11 @@ fn problems(view: &ClusterView) -> Vec<String> {
     for m in &view.members {
         match &m.status {
             Err(e) => out.push(format!("node {} is unreachable: {e}", m.id)),
+            Ok(s) if !failed_groups(s).is_empty() => out.push(format!(
+                "node {} has raft groups an error stopped; restart it once the cause is fixed ({})",
+                m.id,
+                failed_groups(s).join("; ")
+            )),
             Ok(s) if s["draining"].as_bool() == Some(true) => {
                 out.push(format!("node {} is draining", m.id))
             }

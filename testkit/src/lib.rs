@@ -737,3 +737,28 @@ pub fn run_python(script: &str, args: &[&str]) -> anyhow::Result<String> {
     }
     Ok(String::from_utf8(output.stdout)?)
 }
+
+/// Batch `b` of `n` events with message ids `{tag}{b}-{i}`, each with a property of 96 hex
+/// digits that neither the dictionaries nor LZ4 shrink much: for filling a node's files.
+pub fn incompressible_batch(
+    tag: &str,
+    b: usize,
+    n: usize,
+) -> (Vec<String>, Vec<serde_json::Value>) {
+    let ids: Vec<String> = (0..n).map(|i| format!("{tag}{b}-{i}")).collect();
+    let events = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let pad: String = (1..=6u64)
+                .map(|k| {
+                    let x = (b * n + i) as u64 + k;
+                    format!("{:016x}", x.wrapping_mul(0x9e37_79b9_7f4a_7c15 ^ k))
+                })
+                .collect();
+            serde_json::json!({"type": "track", "userId": format!("u{}", i % 50), "event": "tick",
+                   "messageId": id, "timestamp": "2024-02-01T10:00:00Z", "properties": {"pad": pad}})
+        })
+        .collect();
+    (ids, events)
+}

@@ -1,8 +1,8 @@
 //! Acknowledged events survive a stop, a `kill -9`, a disk that refuses writes and a restart,
 //! exactly once.
 
-use crate::support::{incompressible_batch, uuid_counts};
-use optiprism_testkit::{TestNode, WRITE_KEY};
+use crate::support::uuid_counts;
+use optiprism_testkit::{TestNode, WRITE_KEY, incompressible_batch};
 use serde_json::json;
 
 fn total(node: &TestNode) -> u64 {

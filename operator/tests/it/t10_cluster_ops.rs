@@ -3,7 +3,7 @@
 //! and exit codes of bad requests.
 
 use crate::support::prismctl;
-use optiprism_testkit::{TestCluster, WRITE_KEY};
+use optiprism_testkit::{TestCluster, WRITE_KEY, incompressible_batch};
 use serde_json::{Value, json};
 use std::process::Output;
 
@@ -227,4 +227,58 @@ fn reqwest_client() -> reqwest::blocking::Client {
         .timeout(std::time::Duration::from_secs(30))
         .build()
         .unwrap()
+}
+
+#[test]
+fn operators_see_which_member_a_failed_disk_stopped_and_why() {
+    let mut cluster = TestCluster::start(3, 4);
+    // Member 3's files may not grow past 2 MiB: its Raft log's next write past that fails.
+    cluster.node_mut(3).set_file_size_limit(Some(4096));
+    cluster.node_mut(3).restart();
+    let mut b = 0;
+    while cluster.node(3).get("/livez").0 == 200 {
+        assert!(b < 400, "member 3 never failed:\n{}", cluster.logs());
+        let body = json!({"writeKey": WRITE_KEY, "batch": incompressible_batch("o", b, 500).1});
+        // A 5xx while member 3's groups stop and the others elect is retried by the next
+        // round with the next batch; only the failure matters here.
+        let _ = cluster.node(1).post("/v1/batch", &body);
+        b += 1;
+    }
+    let endpoints = cluster.node(1).http.clone();
+    let member = |status: &Value, id: u64| -> Value {
+        status["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    let json_status = status(&endpoints);
+    let failed = member(&json_status, 3)["failed"].clone();
+    assert!(
+        failed.as_array().is_some_and(|f| !f.is_empty())
+            && failed.to_string().contains("File too large"),
+        "{json_status}"
+    );
+    assert_eq!(
+        member(&json_status, 1)["failed"],
+        json!([]),
+        "{json_status}"
+    );
+    let table = prismctl(&endpoints, &["cluster", "status"]);
+    assert!(
+        stdout(&table).contains("failed (restart it)"),
+        "{}",
+        stdout(&table)
+    );
+    let health = prismctl(&endpoints, &["cluster", "health"]);
+    assert_eq!(health.status.code(), Some(3), "{}", stdout(&health));
+    assert!(
+        stdout(&health).contains(
+            "node 3 has raft groups an error stopped; restart it once the cause is fixed"
+        ) && stdout(&health).contains("File too large"),
+        "{}",
+        stdout(&health)
+    );
 }
