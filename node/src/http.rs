@@ -334,13 +334,34 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Alive unless an error stopped one of the node's Raft groups: only a restart brings such a
-/// group back, so a supervisor that restarts on a failed liveness check (Kubernetes does)
-/// recovers the node once the cause (a full or failing disk) is fixed.
+/// Alive unless an error stopped one of the node's Raft groups or a partition's sealing: only
+/// a restart brings either back (a partition that cannot seal keeps its rows in memory and in
+/// the Raft log, both growing), so a supervisor that restarts on a failed liveness check
+/// (Kubernetes does) recovers the node once the cause (a full or failing disk) is fixed.
 async fn livez(State(state): State<AppState>) -> Response {
-    match failed_groups_message(&state) {
-        None => Json(json!({"status": "ok"})).into_response(),
-        Some(message) => error(StatusCode::SERVICE_UNAVAILABLE, "failed", &message),
+    let seals = state.node.failed_seals();
+    let seals = (!seals.is_empty() && !state.node.is_shutting_down()).then(|| {
+        let partitions: Vec<String> = seals
+            .iter()
+            .map(|(group, why)| format!("{group}: {why}"))
+            .collect();
+        format!(
+            "sealing failed and stays stopped until the node restarts; the rows wait in memory and in the raft log ({})",
+            partitions.join("; ")
+        )
+    });
+    let problems: Vec<String> = failed_groups_message(&state)
+        .into_iter()
+        .chain(seals)
+        .collect();
+    if problems.is_empty() {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "failed",
+            problems.join(". "),
+        )
     }
 }
 
@@ -439,6 +460,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "optiprism_consensus_failed",
         "Whether an error stopped the group here (it takes no writes until the node restarts).",
         &|g| Some(u64::from(g.failed.is_some())),
+    );
+    let seals = state.node.failed_seals();
+    gauge(
+        "optiprism_storage_seal_failed",
+        "Whether a seal of the partition failed here (it seals nothing until the node restarts).",
+        &|g| {
+            g.group
+                .as_partition()
+                .map(|_| u64::from(seals.iter().any(|(failed, _)| *failed == g.group)))
+        },
     );
     gauge(
         "optiprism_consensus_apply_lag",

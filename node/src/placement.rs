@@ -134,6 +134,7 @@ impl NodeShared {
             .map_err(|e| anyhow::anyhow!("cannot open partition {p}: {e}"))?;
         let data = core.data();
         let local = core.local_proposals();
+        let seal_failure = core.seal_failure();
         let group = GroupId::partition(PartitionId(p));
         let (raft, state_machine, _) = start_group(
             self.node_id,
@@ -160,6 +161,7 @@ impl NodeShared {
                 raft,
                 state_machine,
             },
+            seal_failure,
         });
         h.data.write().insert(p, data);
         self.partitions.write().insert(p, hosted);

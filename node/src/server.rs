@@ -177,6 +177,7 @@ pub(crate) struct Group<S> {
 pub(crate) struct PartitionGroup {
     pub(crate) group: Group<PartitionCore>,
     pub(crate) batcher: Batcher,
+    pub(crate) seal_failure: crate::storage::partition::SealFailure,
 }
 
 /// Commits commands to groups: on this node when it leads the group, otherwise forwarded over
@@ -621,6 +622,15 @@ impl NodeShared {
         self.groups()
             .into_iter()
             .filter_map(|(group, raft)| Some((group, failure(&raft.metrics().borrow())?)))
+            .collect()
+    }
+
+    /// The partitions here whose sealing failed, with the error: they keep taking events
+    /// (the Raft log holds them) but seal nothing until the node restarts.
+    pub fn failed_seals(&self) -> Vec<(GroupId, String)> {
+        self.hosted()
+            .iter()
+            .filter_map(|g| Some((g.group.id, g.seal_failure.error()?)))
             .collect()
     }
 

@@ -576,8 +576,31 @@ enum SealerMessage {
 struct Sealer {
     partition: PartitionId,
     failure: Arc<Mutex<Option<String>>>,
+    /// Set by [`PartitionCore::close`], which stops sealing through `failure` without a fault.
+    closed: Arc<std::sync::atomic::AtomicBool>,
     /// Held while a write changes the durable state, so a snapshot read from it sees one cut.
     cut: Arc<Mutex<()>>,
+}
+
+/// Whether a partition's sealing failed, read without its state machine's lock (health checks
+/// ask it on every request). After a failed write the partition seals nothing until the node
+/// restarts: its rows stay in memory and in the Raft log, which no snapshot can purge, so both
+/// grow with every event.
+#[derive(Debug, Clone)]
+pub struct SealFailure {
+    failure: Arc<Mutex<Option<String>>>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SealFailure {
+    /// The error of the seal that failed, if one did (a partition closed to be dropped has
+    /// not failed).
+    pub fn error(&self) -> Option<String> {
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        self.failure.lock().clone()
+    }
 }
 
 fn sealer_queue() -> &'static std::sync::mpsc::Sender<SealerMessage> {
@@ -626,6 +649,7 @@ impl Sealer {
         Sealer {
             partition,
             failure: Arc::new(Mutex::new(None)),
+            closed: Arc::default(),
             cut: Arc::default(),
         }
     }
@@ -919,7 +943,18 @@ impl PartitionCore {
     /// Stops sealing: seals asked for from now on are skipped. For a replica about to be
     /// dropped (the periodic sealer may still ask, from a list of partitions taken before).
     pub fn close(&self) {
+        self.sealer
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         *self.sealer.failure.lock() = Some(format!("partition {} was closed", self.partition));
+    }
+
+    /// Tells whether sealing has failed; see [`SealFailure`].
+    pub fn seal_failure(&self) -> SealFailure {
+        SealFailure {
+            failure: Arc::clone(&self.sealer.failure),
+            closed: Arc::clone(&self.sealer.closed),
+        }
     }
 
     /// The data queries read.

@@ -206,3 +206,57 @@ fn a_disk_that_refuses_writes_fails_requests_clearly_and_a_restart_keeps_every_a
     let (status, answer) = node.post("/v1/batch", &batch(2_000).1);
     assert_eq!(status, 200, "{answer}");
 }
+
+/// Sends batch `b` of 200 incompressible events; checks it is acknowledged; returns its ids.
+fn send_acknowledged(node: &TestNode, b: usize) -> Vec<String> {
+    let (ids, events) = incompressible_batch("s", b, 200);
+    let body = json!({"writeKey": WRITE_KEY, "batch": events});
+    let (status, answer) = node.post("/v1/batch", &body);
+    assert_eq!(status, 200, "{answer}");
+    ids
+}
+
+#[test]
+fn a_partition_that_cannot_write_its_chunks_keeps_taking_events_says_so_and_loses_none() {
+    let mut node = TestNode::start_with(&["--partitions", "2"]);
+    // The chunk files' directory becomes a plain file before anything is sealed: every seal's
+    // write fails, while the Raft log (elsewhere in the data directory) works.
+    let chunks = node.data_dir.join("chunks");
+    std::fs::remove_dir_all(&chunks).expect("remove the chunks directory");
+    std::fs::write(&chunks, b"not a directory").expect("put a file in its place");
+    let mut acknowledged = Vec::new();
+    let mut b = 0;
+    // Events are still acknowledged (durable in the Raft log) once a seal has failed, and
+    // `/livez` says what failed: only a restart resumes sealing.
+    while node.get("/livez").0 == 200 {
+        assert!(b < 600, "no seal failed:\n{}", node.log());
+        acknowledged.extend(send_acknowledged(&node, b));
+        b += 1;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (_, live) = node.get("/livez");
+    assert!(
+        live.contains("sealing failed") && live.contains("partition-"),
+        "{live}"
+    );
+    assert_eq!(node.get("/readyz").0, 200, "it still takes events");
+    acknowledged.extend(send_acknowledged(&node, b));
+    let metrics = node.get("/metrics").1;
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("optiprism_storage_seal_failed{group=\"partition-")
+                && l.ends_with(" 1")
+        ),
+        "{metrics}"
+    );
+    node.stop();
+    // With the directory back, a restart replays the unsealed rows from the Raft log.
+    std::fs::remove_file(&chunks).expect("remove the file");
+    std::fs::create_dir(&chunks).expect("recreate the chunks directory");
+    node.restart();
+    let stored: std::collections::HashMap<String, i64> = uuid_counts(&node).into_iter().collect();
+    for id in &acknowledged {
+        assert_eq!(stored.get(id), Some(&1), "acknowledged {id}");
+    }
+    assert_eq!(node.get("/livez").0, 200, "{}", node.get("/livez").1);
+}
