@@ -63,18 +63,18 @@ fn leads(view: &ClusterView, id: u64) -> usize {
     view.groups.iter().filter(|g| g.leader == Some(id)).count()
 }
 
-/// The groups an error stopped on a member (`group: error`), as its status reports them.
+/// What failed on a member until it restarts, as its status reports it: groups an error
+/// stopped (`group: error`) and partitions whose sealing failed (`group: sealing failed: …`).
 fn failed_groups(status: &Value) -> Vec<String> {
-    status["groups"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|g| {
-            Some(format!(
-                "{}: {}",
-                g["group"].as_str()?,
-                g["failed"].as_str()?
-            ))
+    let groups = status["groups"].as_array().into_iter().flatten();
+    groups
+        .flat_map(|g| {
+            let name = g["group"].as_str().unwrap_or("?");
+            let stopped = g["failed"].as_str().map(|e| format!("{name}: {e}"));
+            let seal = g["seal_failed"]
+                .as_str()
+                .map(|e| format!("{name}: sealing failed: {e}"));
+            stopped.into_iter().chain(seal)
         })
         .collect()
 }
@@ -133,7 +133,7 @@ fn problems(view: &ClusterView) -> Vec<String> {
         match &m.status {
             Err(e) => out.push(format!("node {} is unreachable: {e}", m.id)),
             Ok(s) if !failed_groups(s).is_empty() => out.push(format!(
-                "node {} has raft groups an error stopped; restart it once the cause is fixed ({})",
+                "node {} failed and needs a restart once the cause is fixed ({})",
                 m.id,
                 failed_groups(s).join("; ")
             )),

@@ -275,9 +275,39 @@ fn operators_see_which_member_a_failed_disk_stopped_and_why() {
     let health = prismctl(&endpoints, &["cluster", "health"]);
     assert_eq!(health.status.code(), Some(3), "{}", stdout(&health));
     assert!(
-        stdout(&health).contains(
-            "node 3 has raft groups an error stopped; restart it once the cause is fixed"
-        ) && stdout(&health).contains("File too large"),
+        stdout(&health).contains("node 3 failed and needs a restart once the cause is fixed")
+            && stdout(&health).contains("File too large"),
+        "{}",
+        stdout(&health)
+    );
+}
+
+#[test]
+fn operators_see_which_member_cannot_seal_and_why() {
+    let cluster = TestCluster::start(3, 4);
+    // Member 3's chunks directory becomes a plain file: its seals fail, its Raft log works.
+    let chunks = cluster.node(3).data_dir.join("chunks");
+    std::fs::remove_dir_all(&chunks).expect("remove the chunks directory");
+    std::fs::write(&chunks, b"not a directory").expect("put a file in its place");
+    let mut b = 0;
+    while cluster.node(3).get("/livez").0 == 200 {
+        assert!(
+            b < 600,
+            "member 3 never failed to seal:\n{}",
+            cluster.logs()
+        );
+        let body = json!({"writeKey": WRITE_KEY, "batch": incompressible_batch("c", b, 200).1});
+        let (status, answer) = cluster.node(1).post("/v1/batch", &body);
+        assert_eq!(status, 200, "{answer}");
+        b += 1;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let endpoints = cluster.node(1).http.clone();
+    let health = prismctl(&endpoints, &["cluster", "health"]);
+    assert_eq!(health.status.code(), Some(3), "{}", stdout(&health));
+    assert!(
+        stdout(&health).contains("node 3 failed and needs a restart once the cause is fixed")
+            && stdout(&health).contains("sealing failed"),
         "{}",
         stdout(&health)
     );
