@@ -76,11 +76,7 @@ fn group_json(node: &NodeShared, g: &GroupStatus) -> Value {
         "snapshot": g.snapshot,
         "replication_lag": lag,
         "failed": g.failed,
-        "seal_failed": node
-            .failed_seals()
-            .into_iter()
-            .find(|(group, _)| *group == g.group)
-            .map(|(_, error)| error),
+        "seal_failed": g.seal_failed,
     })
 }
 

@@ -341,13 +341,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
 async fn livez(State(state): State<AppState>) -> Response {
     let seals = state.node.failed_seals();
     let seals = (!seals.is_empty() && !state.node.is_shutting_down()).then(|| {
-        let partitions: Vec<String> = seals
-            .iter()
-            .map(|(group, why)| format!("{group}: {why}"))
-            .collect();
         format!(
             "sealing failed and stays stopped until the node restarts; the rows wait in memory and in the raft log ({})",
-            partitions.join("; ")
+            listed(&seals)
         )
     });
     let problems: Vec<String> = failed_groups_message(&state)
@@ -371,14 +367,19 @@ fn failed_groups_message(state: &AppState) -> Option<String> {
     if failed.is_empty() {
         return None;
     }
-    let groups: Vec<String> = failed
+    Some(format!(
+        "raft groups stopped on an error and take no writes until the node restarts ({})",
+        listed(&failed)
+    ))
+}
+
+/// Failures by group as `group: error; group: error`.
+fn listed(failures: &[(optiprism_consensus::GroupId, String)]) -> String {
+    let listed: Vec<String> = failures
         .iter()
         .map(|(group, why)| format!("{group}: {why}"))
         .collect();
-    Some(format!(
-        "raft groups stopped on an error and take no writes until the node restarts ({})",
-        groups.join("; ")
-    ))
+    listed.join("; ")
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -461,14 +462,13 @@ async fn metrics(State(state): State<AppState>) -> Response {
         "Whether an error stopped the group here (it takes no writes until the node restarts).",
         &|g| Some(u64::from(g.failed.is_some())),
     );
-    let seals = state.node.failed_seals();
     gauge(
         "optiprism_storage_seal_failed",
         "Whether a seal of the partition failed here (it seals nothing until the node restarts).",
         &|g| {
             g.group
                 .as_partition()
-                .map(|_| u64::from(seals.iter().any(|(failed, _)| *failed == g.group)))
+                .map(|_| u64::from(g.seal_failed.is_some()))
         },
     );
     gauge(

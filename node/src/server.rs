@@ -382,6 +382,8 @@ pub struct GroupStatus {
     /// Why the group stopped here, when an error stopped it (its storage failed, say): it
     /// takes no writes until the node restarts.
     pub failed: Option<String>,
+    /// Why sealing the partition failed here, when it did (see [`NodeShared::failed_seals`]).
+    pub seal_failed: Option<String>,
 }
 
 /// Why a group stopped, when an error stopped it rather than a shutdown.
@@ -647,6 +649,7 @@ impl NodeShared {
 
     /// Per-group status for `/metrics` (and operators).
     pub fn group_status(&self) -> Vec<GroupStatus> {
+        let mut seals: BTreeMap<GroupId, String> = self.failed_seals().into_iter().collect();
         self.groups()
             .into_iter()
             .map(|(group, raft)| {
@@ -673,6 +676,7 @@ impl NodeShared {
                         .map(|(id, addr)| (*id, addr.clone()))
                         .collect(),
                     failed: failure(&m),
+                    seal_failed: seals.remove(&group),
                 }
             })
             .collect()

@@ -341,23 +341,23 @@ impl TestNode {
 
     /// POSTs JSON with the write key as Basic auth.
     pub fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
-        let request = self
-            .client
-            .post(format!("{}{path}", self.http))
-            .basic_auth(WRITE_KEY, Some(""))
-            .json(body)
-            .send()
-            .expect("request");
-        let status = request.status().as_u16();
-        (status, request.json().unwrap_or(serde_json::Value::Null))
+        self.post_json(path, body, |r| r.basic_auth(WRITE_KEY, Some("")))
     }
 
     /// POSTs a JSON body to an admin path with the cluster's admin token.
     pub fn post_admin(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
-        let request = self
-            .client
-            .post(format!("{}{path}", self.http))
-            .bearer_auth(ADMIN_TOKEN)
+        self.post_json(path, body, |r| r.bearer_auth(ADMIN_TOKEN))
+    }
+
+    /// POSTs a JSON body with the credentials `auth` adds; returns the status and the JSON
+    /// answer (or Null).
+    fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        auth: impl FnOnce(reqwest::blocking::RequestBuilder) -> reqwest::blocking::RequestBuilder,
+    ) -> (u16, serde_json::Value) {
+        let request = auth(self.client.post(format!("{}{path}", self.http)))
             .json(body)
             .send()
             .expect("request");
