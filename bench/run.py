@@ -139,7 +139,8 @@ def bench_cluster(events, seed, workdir, rounds=3):
     so about two thirds of each batch is forwarded) against one node, in the same run: `rounds`
     alternating rounds of one node then the cluster at full speed (fresh data directories each
     time), then `rounds` runs of the cluster paced at half its median full speed for
-    acknowledgement latency, and one four times as long at the same pace. Single runs on this
+    acknowledgement latency, one four times as long at the same pace, and the same pace in
+    requests of 100 (an SDK's size), to member 2 and spread over the members. Single runs on this
     shared machine move by 10-20%, so the report gives every round and the medians."""
     def median(xs):
         xs = sorted(xs)
@@ -170,12 +171,23 @@ def bench_cluster(events, seed, workdir, rounds=3):
     sustained = ingest_into_cluster(Cluster(workdir), SUSTAINED_EVENTS, seed + 1 + rounds, rate=half)
     print(f"[cluster] paced at {half:,.0f} events/s for {SUSTAINED_EVENTS:,} events: p50 "
           f"{sustained['latency_ms_p50']:.1f} ms, p99 {sustained['latency_ms_p99']:.1f} ms", flush=True)
+    # SDKs send small requests (analytics-python uploads at most 100 events, posthog-python
+    # flushes at 100): the same pace in requests of 100 from 64 clients (16 cannot keep the pace
+    # at these latencies), sent to member 2 and spread over all three as a load balancer would.
+    small = ingest_into_cluster(Cluster(workdir), min(events, 1_000_000), seed + 2 + rounds, rate=half,
+                                batch=100, concurrency=64)
+    small_spread = ingest_into_cluster(Cluster(workdir), min(events, 1_000_000), seed + 3 + rounds, rate=half,
+                                       batch=100, concurrency=64, spread=True)
+    for name, r in (("to member 2", small), ("spread over the members", small_spread)):
+        print(f"[cluster] requests of 100 {name} at {half:,.0f} events/s: p50 {r['latency_ms_p50']:.1f} ms,"
+              f" p99 {r['latency_ms_p99']:.1f} ms", flush=True)
     by_rate = sorted(zip(full_runs, single_runs), key=lambda fs: fs[0]["events_per_second"] / fs[1]["events_per_second"])
     full, single = by_rate[len(by_rate) // 2]
     return {"members": 3, "replication_factor": 3, "full": full, "single": single,
             "rounds": [{"single": s, "full": f} for s, f in zip(single_runs, full_runs)],
             "half_load": sorted(paced_runs, key=lambda p: p["latency_ms_p99"])[len(paced_runs) // 2],
-            "half_load_runs": paced_runs, "half_load_sustained": sustained}
+            "half_load_runs": paced_runs, "half_load_sustained": sustained,
+            "half_load_small_requests": small, "half_load_small_requests_spread": small_spread}
 
 
 # Events of the long paced run: four times the short ones (30-45 s at half load on the machines
@@ -209,12 +221,13 @@ def bench_cluster_latency(rate, seed, workdir, events=600_000):
     return out
 
 
-def ingest_into_cluster(cluster, events, seed, rate=None):
-    """Sends `events` through member 2 of the freshly started `cluster`, then stops it."""
+def ingest_into_cluster(cluster, events, seed, rate=None, batch=1000, concurrency=16, spread=False):
+    """Sends `events` through member 2 of the freshly started `cluster` (or over every member with
+    `spread`), then stops it."""
     try:
         class Target:
             http = cluster.http[1]
-        return ingest(Target, events, seed, 1000, 16, rate=rate)
+        return ingest(Target, events, seed, batch, concurrency, rate=rate, targets=cluster.http if spread else None)
     finally:
         cluster.stop()
 
@@ -223,10 +236,11 @@ def gen_args(events, seed):
     return ["--events", str(events), "--seed", str(seed), "--days", "90", "--start", "2024-01-01"]
 
 
-def ingest(node, events, seed, batch, concurrency, rate=None):
+def ingest(node, events, seed, batch, concurrency, rate=None, targets=None):
     pace = ["--rate", str(rate)] if rate else []
+    to = [arg for url in (targets or [node.http]) for arg in ("--target", url)]
     out = subprocess.check_output(
-        [binary("prismctl"), "gen", *gen_args(events, seed), "--target", node.http, "--write-key", WRITE_KEY,
+        [binary("prismctl"), "gen", *gen_args(events, seed), *to, "--write-key", WRITE_KEY,
          "--batch-size", str(batch), "--concurrency", str(concurrency), "--json", *pace], stderr=subprocess.DEVNULL)
     return json.loads(out.decode().strip().splitlines()[-1])
 
@@ -835,6 +849,12 @@ def write_markdown(results):
             lines.append(f"| three members, the same pace sustained | {sustained['events']:,} |"
                          f" {sustained['events_per_second']:,.0f} | | {sustained['latency_ms_p50']:.1f} ms |"
                          f" {sustained['latency_ms_p99']:.1f} ms |")
+        for key, load in (("half_load_small_requests", "the same pace in requests of 100, 64 clients"),
+                          ("half_load_small_requests_spread", "the same, spread over the three members")):
+            r = c.get(key)
+            if r:
+                lines.append(f"| three members, {load} | {r['events']:,} | {r['events_per_second']:,.0f} | |"
+                             f" {r['latency_ms_p50']:.1f} ms | {r['latency_ms_p99']:.1f} ms |")
         if c.get("rounds"):
             shares = ", ".join(f"{r['full']['events_per_second'] / r['single']['events_per_second']:.0%}"
                                f" ({r['full']['events_per_second']:,.0f} / {r['single']['events_per_second']:,.0f})"

@@ -289,7 +289,8 @@ pub struct IngestSection {
     /// has been idle proposes at once). Every Raft entry costs the same fixed CPU on every
     /// member, so at moderate load larger entries leave the cores room: at half load, a linger
     /// took about a fifth off three members' CPU and halved the p99 (`bench/notes.md`). A
-    /// proposal stops lingering at three requests, so this is a ceiling for slow paces: the
+    /// proposal stops lingering at three requests (unless they hold fewer than 256 events, as
+    /// an SDK's small requests do), so this is a ceiling for slow paces: the
     /// default, 25 ms, gathers two more requests at 6 ms apart (a partition's pace at half load
     /// on the faster machine the benchmark has run on), and one at 12 to 25 ms apart (half load
     /// on the slower one), where a shorter linger gathered none and left the cores full. `0s`

@@ -12,7 +12,9 @@
 //! (Kafka's `linger.ms`), for as long as the next request is due, at the recent pace, before
 //! the linger ends: at a pace slower than the linger, waiting would add the linger to every
 //! request and gather nothing; and only until the proposal holds three requests, where more
-//! would hold the first one longer for little CPU saved. An idle partition never waits. A
+//! would hold the first one longer for little CPU saved, unless those three are small (SDKs
+//! send a few dozen events a request, a partition's share of which is a handful): then it
+//! lingers on until it holds a few hundred events. An idle partition never waits. A
 //! proposal carries each request's events as a separate part, so every request gets its own
 //! counts back, and a message id repeated across requests counts as a duplicate in the later
 //! one, as if they had been proposed one after the other.
@@ -48,6 +50,14 @@ const LINGER_ENOUGH_EVENTS: usize = 4_096;
 /// (`bench/notes.md`). With this cap, the linger is a ceiling for slow paces rather than what
 /// sets how many requests a fast pace gathers.
 const LINGER_ENOUGH_REQUESTS: usize = 3;
+
+/// A proposal of fewer events than this keeps lingering however many requests it holds. An
+/// SDK's request of 100 events gives each of 8 partitions about 12: stopping at three such
+/// requests made entries of about 40 events, so each entry's fixed cost, paid on every
+/// member, outweighed its events, and the members spent 37–40 µs of CPU per event against
+/// 24–26 µs lingering until this many (`bench/notes.md`). Requests of 1,000 events (125 a
+/// partition) reach it at the third request, so this changes nothing for them.
+const LINGER_FEWEST_EVENTS: usize = 256;
 
 type Reply = oneshot::Sender<Result<IngestOutcome, ProposeError>>;
 
@@ -261,7 +271,7 @@ impl Gathering {
     /// Whether to wait for the next request until `deadline`: while the proposal is still
     /// small and the next request is due, at the recent pace, before the deadline.
     fn worth_lingering(&self, arrivals: &Arrivals, deadline: Instant) -> bool {
-        self.requests.len() < LINGER_ENOUGH_REQUESTS
+        (self.requests.len() < LINGER_ENOUGH_REQUESTS || self.events < LINGER_FEWEST_EVENTS)
             && self.events < LINGER_ENOUGH_EVENTS
             && arrivals.next_due_before(deadline)
     }
@@ -495,5 +505,18 @@ mod tests {
         // Once it joined, the next is due 34 ms after the first: past the deadline.
         arrivals.note(first + Duration::from_millis(17));
         assert!(!gathering(2, 125).worth_lingering(&arrivals, first + linger));
+    }
+
+    #[test]
+    fn small_requests_gather_past_three_until_a_few_hundred_events() {
+        let linger = Duration::from_millis(25);
+        // An SDK's requests of 100 events, a partition's share every 1.5 ms.
+        let (arrivals, last) = paced(&[2, 1, 2, 1, 2, 1]);
+        let deadline = last + linger;
+        assert!(gathering(3, 12).worth_lingering(&arrivals, deadline));
+        assert!(gathering(20, 12).worth_lingering(&arrivals, deadline));
+        assert!(!gathering(22, 12).worth_lingering(&arrivals, deadline));
+        // Still only while the next request is due before the deadline.
+        assert!(!gathering(3, 12).worth_lingering(&arrivals, last));
     }
 }
