@@ -134,17 +134,46 @@ def free_port_on(ip):
             continue
 
 
+def disk_sync_probe(directory, seconds=20, block=64 * 1024):
+    """The data disk's own flush latency, with nothing else running: one writer appending `block`
+    bytes and calling fdatasync in a loop for `seconds`, as the Raft log does. Every member's
+    acknowledgement waits on such flushes, and the three members share this one disk, so a
+    stall of the device stalls every quorum at once."""
+    path = Path(directory) / "disk-sync-probe"
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC)
+    data, times = b"x" * block, []
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            os.write(fd, data)
+            started = time.perf_counter()
+            os.fdatasync(fd)
+            times.append((time.perf_counter() - started) * 1e3)
+    finally:
+        os.close(fd)
+        path.unlink()
+    times.sort()
+    at = lambda q: times[min(len(times) - 1, int(len(times) * q))]
+    return {"seconds": seconds, "block_bytes": block, "syncs": len(times), "ms_p50": at(0.5),
+            "ms_p99": at(0.99), "ms_p999": at(0.999), "ms_max": times[-1]}
+
+
 def bench_cluster(events, seed, workdir, rounds=3):
     """Ingestion into a three-member cluster through member 2 (leaders are spread over the members,
     so about two thirds of each batch is forwarded) against one node, in the same run: `rounds`
     alternating rounds of one node then the cluster at full speed (fresh data directories each
     time), then `rounds` runs of the cluster paced at half its median full speed for
     acknowledgement latency, one four times as long at the same pace, and the same pace in
-    requests of 100 (an SDK's size), to member 2 and spread over the members. Single runs on this
+    requests of 100 (an SDK's size), to member 2 and spread over the members; first, the data
+    disk's own flush latency (`disk_sync_probe`). Single runs on this
     shared machine move by 10-20%, so the report gives every round and the medians."""
     def median(xs):
         xs = sorted(xs)
         return xs[len(xs) // 2]
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    disk = disk_sync_probe(workdir)
+    print(f"[cluster] the data disk alone: fdatasync of 64 KiB p50 {disk['ms_p50']:.2f} ms, p99 {disk['ms_p99']:.2f} ms,"
+          f" p99.9 {disk['ms_p999']:.2f} ms, max {disk['ms_max']:.1f} ms", flush=True)
     single_runs, full_runs = [], []
     for r in range(rounds):
         data = Path(workdir) / f"single-{r}" / "data"
@@ -187,7 +216,8 @@ def bench_cluster(events, seed, workdir, rounds=3):
             "rounds": [{"single": s, "full": f} for s, f in zip(single_runs, full_runs)],
             "half_load": sorted(paced_runs, key=lambda p: p["latency_ms_p99"])[len(paced_runs) // 2],
             "half_load_runs": paced_runs, "half_load_sustained": sustained,
-            "half_load_small_requests": small, "half_load_small_requests_spread": small_spread}
+            "half_load_small_requests": small, "half_load_small_requests_spread": small_spread,
+            "disk_sync": disk}
 
 
 # Events of the long paced run: four times the short ones (30-45 s at half load on the machines
@@ -868,6 +898,12 @@ def write_markdown(results):
                       "rotations, with the members' state growing all along. (Since proposals linger, a partition's",
                       "log reaches only about 1,500-1,800 entries in it, short of the 2,000 that start the first",
                       "snapshot: snapshots and log purges come later than this run.)"]
+        disk = c.get("disk_sync")
+        if disk:
+            lines += ["", f"The data disk by itself, before the cluster runs (one writer appending 64 KiB and calling",
+                      f"`fdatasync`, {disk['syncs']:,} times in {disk['seconds']} s): p50 {disk['ms_p50']:.2f} ms, p99"
+                      f" {disk['ms_p99']:.2f} ms, p99.9 {disk['ms_p999']:.2f} ms, max {disk['ms_max']:.1f} ms. The three",
+                      "members' logs share this disk, so one stall of the device holds every quorum at once."]
         variants = c.get("latency_variants")
         if variants:
             lines += ["", "Where the tail at half load comes from (`--cluster-latency`: the same paced run, 600,000",
