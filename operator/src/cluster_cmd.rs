@@ -130,12 +130,13 @@ pub(crate) async fn status(endpoints: &Endpoints, output: Output) -> anyhow::Res
 fn problems(view: &ClusterView) -> Vec<String> {
     let mut out = Vec::new();
     for m in &view.members {
+        let failed = m.status.as_ref().map(failed_groups).unwrap_or_default();
         match &m.status {
             Err(e) => out.push(format!("node {} is unreachable: {e}", m.id)),
-            Ok(s) if !failed_groups(s).is_empty() => out.push(format!(
+            Ok(_) if !failed.is_empty() => out.push(format!(
                 "node {} failed and needs a restart once the cause is fixed ({})",
                 m.id,
-                failed_groups(s).join("; ")
+                failed.join("; ")
             )),
             Ok(s) if s["draining"].as_bool() == Some(true) => {
                 out.push(format!("node {} is draining", m.id))
