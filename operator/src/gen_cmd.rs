@@ -53,6 +53,11 @@ pub(crate) struct GenArgs {
     /// a given load; unlimited by default.
     #[arg(long)]
     rate: Option<f64>,
+    /// Render up to this many MiB of requests before the clock starts: a run that fits is
+    /// rendered whole first, so the figures are the node's speed and not the generator's; a
+    /// larger one renders the rest while it sends, in that much memory.
+    #[arg(long, default_value_t = 4096)]
+    render_ahead_mb: u64,
     /// Write an Arrow IPC file instead of sending.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -207,6 +212,71 @@ fn write_file(config: GenConfig, out: &PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Batch `k` of the run: its number, its events and its request body.
+type Body = (usize, usize, Vec<u8>);
+
+/// Starts rendering the run's request bodies on a thread of its own and waits until it has
+/// rendered `--render-ahead-mb` of them (or all, if fewer), so that the clock starts with them
+/// ready; it goes on rendering as the senders take them, never holding more than that.
+fn render_ahead(
+    config: GenConfig,
+    args: &GenArgs,
+) -> anyhow::Result<(
+    tokio::sync::mpsc::Receiver<Body>,
+    std::thread::JoinHandle<anyhow::Result<()>>,
+)> {
+    let bar = progress(config.events, "generating");
+    let batch_size = args.batch_size;
+    let mut events = Generator::new(config).peekable();
+    let mut render = move || -> anyhow::Result<Option<(usize, Vec<u8>)>> {
+        if events.peek().is_none() {
+            return Ok(None);
+        }
+        let chunk: Vec<serde_json::Value> = events
+            .by_ref()
+            .take(batch_size)
+            .map(|e| segment_message(&e))
+            .collect();
+        let body = serde_json::to_vec(&serde_json::json!({ "batch": chunk }))?;
+        Ok(Some((chunk.len(), body)))
+    };
+    // The first body sizes the queue: the budget in bodies, and at least two per sender.
+    let first = render()?.context("the generator made no events")?;
+    let budget = args.render_ahead_mb.saturating_mul(1 << 20) as usize;
+    let capacity = (budget / first.1.len().max(1)).max(2 * args.concurrency);
+    let (queue, bodies) = tokio::sync::mpsc::channel(capacity);
+    let (ready, prefilled) = std::sync::mpsc::channel::<()>();
+    let renderer = std::thread::Builder::new()
+        .name("gen-render".into())
+        .spawn(move || -> anyhow::Result<()> {
+            let mut next = Some(first);
+            let mut k = 0;
+            while let Some((n, body)) = next {
+                if k < capacity {
+                    bar.inc(n as u64);
+                }
+                // Fails once the senders are done with the queue (all sent, or one failed).
+                if queue.blocking_send((k, n, body)).is_err() {
+                    return Ok(());
+                }
+                k += 1;
+                if k == capacity {
+                    bar.finish_and_clear();
+                    let _ = ready.send(());
+                }
+                next = render()?;
+            }
+            bar.finish_and_clear();
+            let _ = ready.send(());
+            Ok(())
+        })
+        .context("starting the request renderer")?;
+    // Also returns when the renderer failed before filling the queue: its error comes from
+    // `join` at the end, and the senders find the queue closed.
+    let _ = prefilled.recv();
+    Ok((bodies, renderer))
+}
+
 /// A Segment `track` message of an event.
 fn segment_message(e: &Event) -> serde_json::Value {
     let properties: serde_json::Map<String, serde_json::Value> = e
@@ -300,24 +370,8 @@ fn send(args: &GenArgs, config: GenConfig, targets: &[String]) -> anyhow::Result
             .map(|t| format!("{}/v1/batch", t.trim().trim_end_matches('/')))
             .collect(),
     );
-    // Serialize every batch first, so the measurement is the node's speed, not ours.
     let total = config.events;
-    let bar = progress(total, "generating");
-    let mut bodies: Vec<(usize, Vec<u8>)> = Vec::new();
-    let mut events = Generator::new(config).peekable();
-    while events.peek().is_some() {
-        let chunk: Vec<serde_json::Value> = events
-            .by_ref()
-            .take(args.batch_size)
-            .map(|e| segment_message(&e))
-            .collect();
-        bar.inc(chunk.len() as u64);
-        bodies.push((
-            chunk.len(),
-            serde_json::to_vec(&serde_json::json!({ "batch": chunk }))?,
-        ));
-    }
-    bar.finish_and_clear();
+    let (bodies, renderer) = render_ahead(config, args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -327,7 +381,7 @@ fn send(args: &GenArgs, config: GenConfig, targets: &[String]) -> anyhow::Result
             .pool_max_idle_per_host(args.concurrency)
             .build()?;
         let bar = progress(total, "sending");
-        let queue = Arc::new(tokio::sync::Mutex::new(bodies.into_iter().enumerate()));
+        let queue = Arc::new(tokio::sync::Mutex::new(bodies));
         // With --rate, batch k leaves at k batches' worth of events after the start.
         let batch_interval = args
             .rate
@@ -356,7 +410,7 @@ fn send(args: &GenArgs, config: GenConfig, targets: &[String]) -> anyhow::Result
                         if failed.load(std::sync::atomic::Ordering::Relaxed) {
                             return Ok(());
                         }
-                        let Some((k, (n, body))) = queue.lock().await.next() else {
+                        let Some((k, n, body)) = queue.lock().await.recv().await else {
                             break;
                         };
                         if let Some(interval) = batch_interval {
@@ -409,6 +463,7 @@ fn send(args: &GenArgs, config: GenConfig, targets: &[String]) -> anyhow::Result
         }
         let elapsed = started.elapsed();
         bar.finish_and_clear();
+        drop(queue);
         let mut latencies = std::mem::take(&mut *latencies.lock().expect("workers are done"));
         if let Some(path) = &args.latency_log {
             write_latency_log(path, started_at, &mut latencies)?;
@@ -429,6 +484,10 @@ fn send(args: &GenArgs, config: GenConfig, targets: &[String]) -> anyhow::Result
             "latency_ms_p99": percentile(&latencies, 0.99),
         }))
     })?;
+    // The queue is gone, so a renderer still waiting to hand over a body has stopped.
+    renderer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the request renderer stopped on a bug (it panicked)"))??;
     if args.json {
         println!("{report}");
     } else {

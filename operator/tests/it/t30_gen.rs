@@ -120,6 +120,40 @@ fn gen_spreads_batches_over_several_targets_in_turn() {
 }
 
 #[test]
+fn gen_renders_ahead_only_its_budget_and_sends_the_rest_as_it_renders() {
+    let (first, second) = (TestNode::start(), TestNode::start());
+    let targets = format!("{},{}", first.http, second.http);
+    // No budget: the queue holds two bodies per sender, 4 of the 30, and the other 26 are
+    // rendered while the first ones are sent.
+    let out = gen_cmd(&[
+        "--events",
+        "2950",
+        "--seed",
+        "6",
+        "--target",
+        &targets,
+        "--write-key",
+        WRITE_KEY,
+        "--batch-size",
+        "100",
+        "--concurrency",
+        "2",
+        "--render-ahead-mb",
+        "0",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Batches keep their numbers when rendered late: the even ones to the first node, and the
+    // last (29, of 50 events) to the second.
+    assert_eq!(stored_events(&first), 1500);
+    assert_eq!(stored_events(&second), 1450);
+}
+
+#[test]
 fn gen_refuses_bad_flags_with_a_message() {
     let zero_rate = gen_cmd(&[
         "--events",
