@@ -181,7 +181,7 @@ def bench_cluster(events, seed, workdir, rounds=3):
         data.parent.mkdir(parents=True)
         node = Node(data)
         try:
-            single_runs.append(ingest(node, events, seed, 1000, 16))
+            single_runs.append(ingest([node.http], events, seed, 1000, 16))
         finally:
             node.stop()
             shutil.rmtree(data.parent, ignore_errors=True)
@@ -255,9 +255,7 @@ def ingest_into_cluster(cluster, events, seed, rate=None, batch=1000, concurrenc
     """Sends `events` through member 2 of the freshly started `cluster` (or over every member with
     `spread`), then stops it."""
     try:
-        class Target:
-            http = cluster.http[1]
-        return ingest(Target, events, seed, batch, concurrency, rate=rate, targets=cluster.http if spread else None)
+        return ingest(cluster.http if spread else [cluster.http[1]], events, seed, batch, concurrency, rate=rate)
     finally:
         cluster.stop()
 
@@ -266,9 +264,11 @@ def gen_args(events, seed):
     return ["--events", str(events), "--seed", str(seed), "--days", "90", "--start", "2024-01-01"]
 
 
-def ingest(node, events, seed, batch, concurrency, rate=None, targets=None):
+def ingest(targets, events, seed, batch, concurrency, rate=None):
+    """Sends `events` with `prismctl gen` to the HTTP addresses `targets`, batch k to target k
+    modulo their number; returns its report."""
     pace = ["--rate", str(rate)] if rate else []
-    to = [arg for url in (targets or [node.http]) for arg in ("--target", url)]
+    to = [arg for url in targets for arg in ("--target", url)]
     out = subprocess.check_output(
         [binary("prismctl"), "gen", *gen_args(events, seed), *to, "--write-key", WRITE_KEY,
          "--batch-size", str(batch), "--concurrency", str(concurrency), "--json", *pace], stderr=subprocess.DEVNULL)
@@ -779,7 +779,7 @@ def bench_size(events, seed, runs, workdir, queries_only=False, only=()):
         data.parent.mkdir(parents=True, exist_ok=True)
         node = Node(data)
         print(f"[{events:,}] ingesting {small:,} events in batches of 100", flush=True)
-        result["ingest_batch_100"] = ingest(node, small, seed, 100, 32)
+        result["ingest_batch_100"] = ingest([node.http], small, seed, 100, 32)
         node.stop()
         shutil.rmtree(data.parent, ignore_errors=True)
 
@@ -788,7 +788,7 @@ def bench_size(events, seed, runs, workdir, queries_only=False, only=()):
     node = Node(data)
     try:
         print(f"[{events:,}] ingesting {events:,} events in batches of 1,000", flush=True)
-        ingested = ingest(node, events, seed, 1000, 16)
+        ingested = ingest([node.http], events, seed, 1000, 16)
         print(f"[{events:,}] ingestion: {ingested['events_per_second']:,.0f} events/s (batches of 1,000)", flush=True)
         if not queries_only:
             result["ingest_batch_1000"] = ingested
