@@ -334,15 +334,17 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Alive unless an error stopped one of the node's Raft groups or a partition's sealing: only
-/// a restart brings either back (a partition that cannot seal keeps its rows in memory and in
-/// the Raft log, both growing), so a supervisor that restarts on a failed liveness check
-/// (Kubernetes does) recovers the node once the cause (a full or failing disk) is fixed.
+/// Alive unless an error stopped one of the node's Raft groups or a partition cannot seal. A
+/// stopped group needs a restart, so a supervisor that restarts on a failed liveness check
+/// (Kubernetes does) recovers the node once the cause (a full or failing disk) is fixed. A
+/// partition that cannot seal keeps its rows in memory and in the Raft log, both growing, and
+/// retries the seal on its own; this answers 200 again once a retry has written them, and a
+/// restart meanwhile loses nothing (the log replays them).
 async fn livez(State(state): State<AppState>) -> Response {
     let seals = state.node.failed_seals();
     let seals = (!seals.is_empty() && !state.node.is_shutting_down()).then(|| {
         format!(
-            "sealing failed and stays stopped until the node restarts; the rows wait in memory and in the raft log ({})",
+            "sealing failed and is retried (after 1 s, doubling up to every 30 s); the rows wait in memory and in the raft log ({})",
             listed(&seals)
         )
     });
@@ -464,7 +466,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
     );
     gauge(
         "optiprism_storage_seal_failed",
-        "Whether a seal of the partition failed here (it seals nothing until the node restarts).",
+        "Whether a seal of the partition failed here (it seals nothing until a retry writes it).",
         &|g| {
             g.group
                 .as_partition()

@@ -628,7 +628,7 @@ impl NodeShared {
     }
 
     /// The partitions here whose sealing failed, with the error: they keep taking events
-    /// (the Raft log holds them) but seal nothing until the node restarts.
+    /// (the Raft log holds them) but seal nothing until a retry of the failed seal succeeds.
     pub fn failed_seals(&self) -> Vec<(GroupId, String)> {
         self.hosted()
             .iter()

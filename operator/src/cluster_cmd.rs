@@ -64,17 +64,24 @@ fn leads(view: &ClusterView, id: u64) -> usize {
 }
 
 /// What failed on a member until it restarts, as its status reports it: groups an error
-/// stopped (`group: error`) and partitions whose sealing failed (`group: sealing failed: …`).
+/// stopped (`group: error`).
 fn failed_groups(status: &Value) -> Vec<String> {
+    groups_with(status, "failed", "")
+}
+
+/// The partitions a member cannot seal (`group: sealing failed: …`): it retries on its own and
+/// resumes once the cause (a full disk, say) is gone, with no restart.
+fn unsealable_groups(status: &Value) -> Vec<String> {
+    groups_with(status, "seal_failed", "sealing failed: ")
+}
+
+/// `group: {prefix}{error}` for each group whose status has an error under `field`.
+fn groups_with(status: &Value, field: &str, prefix: &str) -> Vec<String> {
     let groups = status["groups"].as_array().into_iter().flatten();
     groups
-        .flat_map(|g| {
+        .filter_map(|g| {
             let name = g["group"].as_str().unwrap_or("?");
-            let stopped = g["failed"].as_str().map(|e| format!("{name}: {e}"));
-            let seal = g["seal_failed"]
-                .as_str()
-                .map(|e| format!("{name}: sealing failed: {e}"));
-            stopped.into_iter().chain(seal)
+            g[field].as_str().map(|e| format!("{name}: {prefix}{e}"))
         })
         .collect()
 }
@@ -89,7 +96,7 @@ pub(crate) async fn status(endpoints: &Endpoints, output: Output) -> anyhow::Res
             .map(|m| match &m.status {
                 Ok(s) => json!({"id": m.id, "http": m.http, "flight": m.flight, "reachable": true,
                                 "ready": s["ready"], "draining": s["draining"], "leads": leads(&view, m.id),
-                                "failed": failed_groups(s)}),
+                                "failed": failed_groups(s), "cannot_seal": unsealable_groups(s)}),
                 Err(e) => json!({"id": m.id, "http": m.http, "flight": m.flight, "reachable": false, "error": e}),
             })
             .collect();
@@ -106,6 +113,7 @@ pub(crate) async fn status(endpoints: &Endpoints, output: Output) -> anyhow::Res
         .map(|m| {
             let state = match &m.status {
                 Ok(s) if !failed_groups(s).is_empty() => "failed (restart it)".to_string(),
+                Ok(s) if !unsealable_groups(s).is_empty() => "cannot seal (retrying)".to_string(),
                 Ok(s) if s["draining"].as_bool() == Some(true) => "draining".to_string(),
                 Ok(s) if s["ready"].as_bool() == Some(true) => "ready".to_string(),
                 Ok(_) => "not ready".to_string(),
@@ -131,6 +139,14 @@ fn problems(view: &ClusterView) -> Vec<String> {
     let mut out = Vec::new();
     for m in &view.members {
         let failed = m.status.as_ref().map(failed_groups).unwrap_or_default();
+        let unsealable = m.status.as_ref().map(unsealable_groups).unwrap_or_default();
+        if !unsealable.is_empty() {
+            out.push(format!(
+                "node {} cannot seal chunks and retries on its own; it resumes once the cause is fixed ({})",
+                m.id,
+                unsealable.join("; ")
+            ));
+        }
         match &m.status {
             Err(e) => out.push(format!("node {} is unreachable: {e}", m.id)),
             Ok(_) if !failed.is_empty() => out.push(format!(

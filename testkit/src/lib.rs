@@ -762,3 +762,15 @@ pub fn incompressible_batch(
         .collect();
     (ids, events)
 }
+
+/// Polls `done` every 200 ms until it holds; panics with `what` after a minute. For conditions
+/// that a node reaches on its own (a retry, an election), not for timing anything.
+pub fn eventually(what: impl Fn() -> String, mut done: impl FnMut() -> bool) {
+    for _ in 0..300 {
+        if done() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("not after a minute: {}", what());
+}

@@ -552,26 +552,188 @@ struct SealJob {
 }
 
 enum SealerMessage {
-    Seal {
-        partition: PartitionId,
-        tree: sled::Tree,
-        files: ChunkFiles,
-        data: Arc<RwLock<PartitionData>>,
-        failure: Arc<Mutex<Option<String>>>,
-        cut: Arc<Mutex<()>>,
-        job: SealJob,
-    },
+    Seal(Box<SealTask>),
     /// Answered once every job sent before it is done.
     Barrier(std::sync::mpsc::SyncSender<()>),
+}
+
+/// A job with what writing it needs: the partition's tree, files, data and sealer state.
+struct SealTask {
+    partition: PartitionId,
+    tree: sled::Tree,
+    files: ChunkFiles,
+    data: Arc<RwLock<PartitionData>>,
+    failure: Arc<Mutex<Option<String>>>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+    cut: Arc<Mutex<()>>,
+    job: SealJob,
+}
+
+impl SealTask {
+    fn write(&self) -> Result<(), CoreError> {
+        write_sealed(
+            self.partition,
+            &self.tree,
+            &self.files,
+            &self.data,
+            &self.cut,
+            &self.job,
+        )
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Which partition core the task is of: its failure flag is the core's own. Not the
+    /// partition id, which a replica that moved away and back (or a test) has twice.
+    fn core(&self) -> usize {
+        Arc::as_ptr(&self.failure) as usize
+    }
+}
+
+/// The wait before the first retry of a failed seal; it doubles after each failed retry up to
+/// [`SEAL_RETRY_LONGEST`]. A disk that filled up is usually freed by an operator within
+/// minutes, and a retry is cheap (it writes the same chunks under fresh file names), so the
+/// partition resumes sealing soon after without a restart.
+const SEAL_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The longest wait between retries of a failed seal.
+const SEAL_RETRY_LONGEST: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A partition whose seal failed: its jobs from the failed one on, in order, and when to try
+/// again.
+struct HeldSeals {
+    tasks: std::collections::VecDeque<SealTask>,
+    retry_at: std::time::Instant,
+    wait: std::time::Duration,
+}
+
+/// The sealing thread's state: the partitions whose seals wait for a retry, by
+/// [`SealTask::core`].
+#[derive(Default)]
+struct SealerThread {
+    held: HashMap<usize, HeldSeals>,
+}
+
+impl SealerThread {
+    fn run(mut self, queue: std::sync::mpsc::Receiver<SealerMessage>) {
+        loop {
+            let message = match self.next_retry() {
+                None => match queue.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => return,
+                },
+                Some(at) => {
+                    let wait = at.saturating_duration_since(std::time::Instant::now());
+                    match queue.recv_timeout(wait) {
+                        Ok(m) => Some(m),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+            };
+            match message {
+                Some(SealerMessage::Seal(task)) => self.seal(*task),
+                Some(SealerMessage::Barrier(done)) => {
+                    let _ = done.send(());
+                }
+                None => {}
+            }
+            // Here rather than only on a timeout: other partitions' seals arriving more often
+            // than the wait would otherwise put a retry off for ever.
+            self.retry_due();
+        }
+    }
+
+    fn next_retry(&self) -> Option<std::time::Instant> {
+        self.held.values().map(|h| h.retry_at).min()
+    }
+
+    /// Writes `task`, or holds it behind an earlier failed job of its partition (markers only
+    /// move forward, so jobs are written in order).
+    fn seal(&mut self, task: SealTask) {
+        if task.is_closed() {
+            self.held.remove(&task.core());
+            return;
+        }
+        if let Some(held) = self.held.get_mut(&task.core()) {
+            held.tasks.push_back(task);
+            return;
+        }
+        if let Err(e) = task.write() {
+            tracing::error!(partition_id = %task.partition, error = %e, retry_in_s = SEAL_RETRY_FIRST.as_secs(), "sealing failed; the rows stay in memory and in the Raft log until a retry writes them");
+            *task.failure.lock() = Some(e.to_string());
+            self.held.insert(
+                task.core(),
+                HeldSeals {
+                    tasks: [task].into(),
+                    retry_at: std::time::Instant::now() + SEAL_RETRY_FIRST,
+                    wait: SEAL_RETRY_FIRST,
+                },
+            );
+        }
+    }
+
+    /// Retries the held jobs of every partition whose retry is due, in order, until one fails.
+    fn retry_due(&mut self) {
+        let now = std::time::Instant::now();
+        let due: Vec<usize> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.retry_at <= now)
+            .map(|(core, _)| *core)
+            .collect();
+        for core in due {
+            let Some(mut held) = self.held.remove(&core) else {
+                continue;
+            };
+            // Every job of one core shares its failure and closed flags.
+            let (partition, failure, closed) = match held.tasks.front() {
+                Some(t) => (t.partition, Arc::clone(&t.failure), Arc::clone(&t.closed)),
+                None => continue,
+            };
+            while let Some(task) = held.tasks.front() {
+                if task.is_closed() {
+                    held.tasks.clear();
+                    break;
+                }
+                match task.write() {
+                    Ok(()) => {
+                        held.tasks.pop_front();
+                    }
+                    Err(e) => {
+                        held.wait = (held.wait * 2).min(SEAL_RETRY_LONGEST);
+                        held.retry_at = std::time::Instant::now() + held.wait;
+                        tracing::warn!(partition_id = %partition, error = %e, retry_in_s = held.wait.as_secs(), "retrying a seal failed");
+                        *failure.lock() = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            if !held.tasks.is_empty() {
+                self.held.insert(core, held);
+                continue;
+            }
+            // Every held job is written: the partition seals (and snapshots) again. `close`
+            // sets the failure under the same lock, so a closed partition keeps its.
+            let mut failure = failure.lock();
+            if !closed.load(std::sync::atomic::Ordering::SeqCst) {
+                *failure = None;
+                tracing::info!(partition_id = %partition, "a retried seal was written; sealing resumes");
+            }
+        }
+    }
 }
 
 /// The process's sealing thread: sorts and encodes rows into chunks and writes them with their
 /// persons and marker, off the apply path (apply only hands the rows over). One thread for
 /// every partition, as the periodic sealer did it inline before: seals of many partitions at
 /// once would take both cores from Raft. Jobs run in order, so a partition's markers only move
-/// forward. A failed write stops that partition's sealing: its rows stay visible to queries
-/// and in the Raft log, and its next synchronous persist fails, so no snapshot (and no log
-/// purge) can pass them.
+/// forward. A failed write holds that partition's sealing: its rows stay visible to queries
+/// and in the Raft log, its next synchronous persist fails, so no snapshot (and no log purge)
+/// can pass them, and the thread retries the failed job and the ones behind it, in order,
+/// after [`SEAL_RETRY_FIRST`], then at doubling intervals, until they are written.
 #[derive(Debug)]
 struct Sealer {
     partition: PartitionId,
@@ -583,9 +745,9 @@ struct Sealer {
 }
 
 /// Whether a partition's sealing failed, read without its state machine's lock (health checks
-/// ask it on every request). After a failed write the partition seals nothing until the node
-/// restarts: its rows stay in memory and in the Raft log, which no snapshot can purge, so both
-/// grow with every event.
+/// ask it on every request). While a failed seal waits for its retry, the partition's rows
+/// stay in memory and in the Raft log, which no snapshot can purge, so both grow with every
+/// event; the error clears once a retry has written every held job.
 #[derive(Debug, Clone)]
 pub struct SealFailure {
     failure: Arc<Mutex<Option<String>>>,
@@ -612,32 +774,7 @@ fn sealer_queue() -> &'static std::sync::mpsc::Sender<SealerMessage> {
             .name("sealer".into())
             .spawn(move || {
                 super::run_as_background_thread();
-                for message in queue {
-                    match message {
-                        SealerMessage::Seal {
-                            partition,
-                            tree,
-                            files,
-                            data,
-                            failure,
-                            cut,
-                            job,
-                        } => {
-                            if failure.lock().is_some() {
-                                continue;
-                            }
-                            if let Err(e) =
-                                write_sealed(partition, &tree, &files, &data, &cut, job)
-                            {
-                                tracing::error!(partition_id = %partition, error = %e, "sealing failed; unsealed rows stay in the Raft log");
-                                *failure.lock() = Some(e.to_string());
-                            }
-                        }
-                        SealerMessage::Barrier(done) => {
-                            let _ = done.send(());
-                        }
-                    }
-                }
+                SealerThread::default().run(queue);
             })
             .expect("spawning the sealer thread");
         jobs
@@ -662,15 +799,16 @@ impl Sealer {
         job: SealJob,
     ) {
         // The thread runs for the life of the process: a send cannot fail.
-        let _ = sealer_queue().send(SealerMessage::Seal {
+        let _ = sealer_queue().send(SealerMessage::Seal(Box::new(SealTask {
             partition: self.partition,
             tree: tree.clone(),
             files: files.clone(),
             data: Arc::clone(data),
             failure: Arc::clone(&self.failure),
+            closed: Arc::clone(&self.closed),
             cut: Arc::clone(&self.cut),
             job,
-        });
+        })));
     }
 
     /// Waits until every job submitted so far is written; fails if one of this partition's
@@ -698,21 +836,39 @@ fn write_sealed(
     files: &ChunkFiles,
     data: &RwLock<PartitionData>,
     cut: &Mutex<()>,
-    job: SealJob,
+    job: &SealJob,
 ) -> Result<(), CoreError> {
     let started = std::time::Instant::now();
     let mut batch = sled::Batch::default();
     let mut sealed = Vec::with_capacity(job.rows.len());
-    for (project, id, rows) in &job.rows {
-        let (meta, bytes, arrow_batch) = chunk::seal(*project, *id, rows);
-        // The body is a file of its own, written ahead of the batch that makes it part of the
-        // partition; a crash in between leaves a file nothing names, deleted on the next open.
-        let file = files.write(meta.project, meta.id, &bytes)?;
-        name_chunk(&mut batch, &meta, file);
-        sealed.push(Arc::new(Chunk {
-            meta,
-            batch: arrow_batch,
-        }));
+    let mut written = Vec::with_capacity(job.rows.len());
+    let bodies = (|| {
+        for (project, id, rows) in &job.rows {
+            let (meta, bytes, arrow_batch) = chunk::seal(*project, *id, rows);
+            // The body is a file of its own, written ahead of the batch that makes it part of
+            // the partition; a crash in between leaves a file nothing names, deleted on the
+            // next open.
+            let file = files.write(meta.project, meta.id, &bytes)?;
+            written.push(file);
+            name_chunk(&mut batch, &meta, file);
+            sealed.push(Arc::new(Chunk {
+                meta,
+                batch: arrow_batch,
+            }));
+        }
+        if !sealed.is_empty() {
+            files.sync_dir()?;
+        }
+        Ok::<(), std::io::Error>(())
+    })();
+    if let Err(e) = bodies {
+        // Nothing names these files yet, and a retry writes the chunks under new ones: without
+        // this, every failed retry on a disk that is full would leave its files until the next
+        // open. Best effort: the next open deletes what is left.
+        for file in written {
+            let _ = files.remove(file);
+        }
+        return Err(e.into());
     }
     for ((project, person), row) in &job.persons {
         batch.insert(
@@ -720,10 +876,7 @@ fn write_sealed(
             optiprism_consensus::encode(&**row),
         );
     }
-    if !sealed.is_empty() {
-        files.sync_dir()?;
-    }
-    batch.insert("marker", job.marker);
+    batch.insert("marker", job.marker.as_slice());
     {
         let _cut = cut.lock();
         tree.apply_batch(batch)?;
@@ -1582,6 +1735,54 @@ mod tests {
         assert_eq!(body_files(dir.path(), 0), 0);
         assert_eq!(core.tree.get("marker").unwrap(), None);
         assert!(core.persist(b"m2").is_err());
+    }
+
+    #[test]
+    fn a_failed_seal_and_the_ones_behind_it_are_retried_in_order_once_the_disk_takes_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut core = open_core(&db, &dir, 0, 1 << 20);
+        let bodies = dir.path().join("chunks").join("p0");
+        std::fs::remove_dir_all(&bodies).unwrap();
+        std::fs::write(&bodies, b"not a directory").unwrap();
+        core.apply(1, &command(1, &[&[event("a", 1), event("b", 2)]]));
+        core.persist_soon(b"m1").unwrap();
+        wait_for_queued_seals();
+        let failure = core.seal_failure();
+        assert!(failure.error().is_some(), "the write into a file must fail");
+        // A later seal waits behind the failed one, and a snapshot cannot pass either.
+        core.apply(2, &command(2, &[&[event("c", 3)]]));
+        core.persist_soon(b"m2").unwrap();
+        wait_for_queued_seals();
+        assert_eq!(core.tree.get("marker").unwrap(), None);
+        assert!(core.persist(b"m3").is_err());
+        std::fs::remove_file(&bodies).unwrap();
+        std::fs::create_dir(&bodies).unwrap();
+        let started = std::time::Instant::now();
+        while failure.error().is_some() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(120),
+                "no retry: {:?}",
+                failure.error()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        // Each held job wrote its chunk, the last one's marker stands, and the m3 rows (a
+        // persist that failed hands its rows over all the same) came with them.
+        assert_eq!(
+            core.tree.get("marker").unwrap().as_deref(),
+            Some(&b"m3"[..])
+        );
+        assert_eq!(body_files(dir.path(), 0), 2);
+        let rows = core
+            .data()
+            .read()
+            .rows(ProjectId(1), i64::MIN, i64::MAX, None);
+        assert_eq!(rows.rows, 3);
+        let sealed = contents(&core);
+        drop(core);
+        let reopened = open_core(&db, &dir, 0, 1 << 20);
+        assert_eq!(contents(&reopened), sealed);
     }
 
     /// How many files partition `p`'s chunk directory under `dir` holds.

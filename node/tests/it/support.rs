@@ -274,14 +274,3 @@ pub(crate) fn uuid_counts(node: &optiprism_testkit::TestNode) -> Vec<(String, i6
     }
     out
 }
-
-/// Polls `done` every 200 ms until it holds; panics with `what` after a minute.
-pub(crate) fn eventually(what: impl Fn() -> String, mut done: impl FnMut() -> bool) {
-    for _ in 0..300 {
-        if done() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    panic!("not after a minute: {}", what());
-}

@@ -2,7 +2,7 @@
 //! exactly once.
 
 use crate::support::uuid_counts;
-use optiprism_testkit::{TestNode, WRITE_KEY, incompressible_batch};
+use optiprism_testkit::{TestNode, WRITE_KEY, eventually, incompressible_batch};
 use serde_json::json;
 
 fn total(node: &TestNode) -> u64 {
@@ -217,17 +217,21 @@ fn send_acknowledged(node: &TestNode, b: usize) -> Vec<String> {
 }
 
 #[test]
-fn a_partition_that_cannot_write_its_chunks_keeps_taking_events_says_so_and_loses_none() {
+fn a_partition_that_cannot_write_its_chunks_keeps_taking_events_says_so_retries_and_loses_none() {
     let mut node = TestNode::start_with(&["--partitions", "2"]);
     // The chunk files' directory becomes a plain file before anything is sealed: every seal's
     // write fails, while the Raft log (elsewhere in the data directory) works.
     let chunks = node.data_dir.join("chunks");
+    let partition_dirs = std::fs::read_dir(&chunks)
+        .expect("list the chunks directory")
+        .map(|d| d.expect("list the chunks directory").file_name())
+        .collect::<Vec<_>>();
     std::fs::remove_dir_all(&chunks).expect("remove the chunks directory");
     std::fs::write(&chunks, b"not a directory").expect("put a file in its place");
     let mut acknowledged = Vec::new();
     let mut b = 0;
     // Events are still acknowledged (durable in the Raft log) once a seal has failed, and
-    // `/livez` says what failed: only a restart resumes sealing.
+    // `/livez` says what failed.
     while node.get("/livez").0 == 200 {
         assert!(b < 600, "no seal failed:\n{}", node.log());
         acknowledged.extend(send_acknowledged(&node, b));
@@ -236,23 +240,41 @@ fn a_partition_that_cannot_write_its_chunks_keeps_taking_events_says_so_and_lose
     }
     let (_, live) = node.get("/livez");
     assert!(
-        live.contains("sealing failed") && live.contains("partition-"),
+        live.contains("sealing failed") && live.contains("retried") && live.contains("partition-"),
         "{live}"
     );
     assert_eq!(node.get("/readyz").0, 200, "it still takes events");
     acknowledged.extend(send_acknowledged(&node, b));
-    let metrics = node.get("/metrics").1;
-    assert!(
-        metrics.lines().any(
-            |l| l.starts_with("optiprism_storage_seal_failed{group=\"partition-")
-                && l.ends_with(" 1")
-        ),
-        "{metrics}"
-    );
-    node.stop();
-    // With the directory back, a restart replays the unsealed rows from the Raft log.
+    b += 1;
+    let seal_failed = |node: &TestNode, value: &str| {
+        node.get("/metrics").1.lines().any(|l| {
+            l.starts_with("optiprism_storage_seal_failed{group=\"partition-")
+                && l.ends_with(&format!(" {value}"))
+        })
+    };
+    assert!(seal_failed(&node, "1"), "{}", node.get("/metrics").1);
+    // With the directory back, the sealer's retry writes the held rows without a restart.
     std::fs::remove_file(&chunks).expect("remove the file");
-    std::fs::create_dir(&chunks).expect("recreate the chunks directory");
+    for dir in &partition_dirs {
+        std::fs::create_dir_all(chunks.join(dir)).expect("recreate the chunks directory");
+    }
+    eventually(
+        || format!("{:?}\n{}", node.get("/livez"), node.log()),
+        || node.get("/livez").0 == 200,
+    );
+    assert!(!seal_failed(&node, "1"), "{}", node.get("/metrics").1);
+    let written = std::fs::read_dir(&chunks).expect("list chunks").count();
+    assert!(written > 0, "the retried seals wrote no chunk files");
+    acknowledged.extend(send_acknowledged(&node, b));
+    let stored: std::collections::HashMap<String, i64> = uuid_counts(&node).into_iter().collect();
+    for id in &acknowledged {
+        assert_eq!(
+            stored.get(id),
+            Some(&1),
+            "acknowledged {id} before the restart"
+        );
+    }
+    // What the retries sealed is what a restart reads back, with the rows after them.
     node.restart();
     let stored: std::collections::HashMap<String, i64> = uuid_counts(&node).into_iter().collect();
     for id in &acknowledged {

@@ -3,8 +3,8 @@
 //! killing the busiest leader during ingestion loses and doubles no acknowledged event. A busy
 //! partition gathers requests within `ingest.linger` into one entry; an idle one does not wait.
 
-use crate::support::{eventually, uuid_counts};
-use optiprism_testkit::{TestCluster, TestNode, incompressible_batch};
+use crate::support::uuid_counts;
+use optiprism_testkit::{TestCluster, TestNode, eventually, incompressible_batch};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 

@@ -3,7 +3,7 @@
 //! and exit codes of bad requests.
 
 use crate::support::prismctl;
-use optiprism_testkit::{TestCluster, WRITE_KEY, incompressible_batch};
+use optiprism_testkit::{TestCluster, WRITE_KEY, eventually, incompressible_batch};
 use serde_json::{Value, json};
 use std::process::Output;
 
@@ -277,11 +277,18 @@ fn operators_see_which_member_a_failed_disk_stopped_and_why() {
 
 /// `cluster health` exits 3 naming member 3 as failed, with `reason`.
 fn health_names_member_3_failed(endpoints: &str, reason: &str) {
+    health_names_member_3(
+        endpoints,
+        "node 3 failed and needs a restart once the cause is fixed",
+        reason,
+    );
+}
+
+fn health_names_member_3(endpoints: &str, problem: &str, reason: &str) {
     let health = prismctl(endpoints, &["cluster", "health"]);
     assert_eq!(health.status.code(), Some(3), "{}", stdout(&health));
     assert!(
-        stdout(&health).contains("node 3 failed and needs a restart once the cause is fixed")
-            && stdout(&health).contains(reason),
+        stdout(&health).contains(problem) && stdout(&health).contains(reason),
         "{}",
         stdout(&health)
     );
@@ -292,6 +299,10 @@ fn operators_see_which_member_cannot_seal_and_why() {
     let cluster = TestCluster::start(3, 4);
     // Member 3's chunks directory becomes a plain file: its seals fail, its Raft log works.
     let chunks = cluster.node(3).data_dir.join("chunks");
+    let partition_dirs = std::fs::read_dir(&chunks)
+        .expect("list the chunks directory")
+        .map(|d| d.expect("list the chunks directory").file_name())
+        .collect::<Vec<_>>();
     std::fs::remove_dir_all(&chunks).expect("remove the chunks directory");
     std::fs::write(&chunks, b"not a directory").expect("put a file in its place");
     let mut b = 0;
@@ -308,5 +319,24 @@ fn operators_see_which_member_cannot_seal_and_why() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let endpoints = cluster.node(1).http.clone();
-    health_names_member_3_failed(&endpoints, "sealing failed");
+    health_names_member_3(
+        &endpoints,
+        "node 3 cannot seal chunks and retries on its own",
+        "sealing failed",
+    );
+    let status = prismctl(&endpoints, &["cluster", "status"]);
+    assert!(
+        stdout(&status).contains("cannot seal (retrying)"),
+        "{}",
+        stdout(&status)
+    );
+    // With the directory back, member 3's retries seal and the cluster is healthy again.
+    std::fs::remove_file(&chunks).expect("remove the file");
+    for dir in &partition_dirs {
+        std::fs::create_dir_all(chunks.join(dir)).expect("recreate the chunks directory");
+    }
+    eventually(
+        || stdout(&prismctl(&endpoints, &["cluster", "health"])),
+        || prismctl(&endpoints, &["cluster", "health"]).status.code() == Some(0),
+    );
 }
