@@ -168,13 +168,7 @@ fn killing_the_busiest_leader_during_ingestion_loses_and_doubles_no_acknowledged
             })
             .sum()
     };
-    for _ in 0..300 {
-        if led_by_survivors() == 5 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    assert_eq!(led_by_survivors(), 5, "{}", cluster.logs());
+    eventually(|| cluster.logs(), || led_by_survivors() == 5);
     // Every acknowledged event is stored exactly once, as the surviving reader sees it.
     let mut seen = BTreeSet::new();
     for (uuid, n) in uuid_counts(cluster.node(reader)) {
