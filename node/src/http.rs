@@ -9,6 +9,7 @@
 use crate::ingest::{IngestError, Ingestor, ParseContext, Parsed, posthog, segment};
 use crate::query::QueryFailure;
 use crate::server::{GroupStatus, NodeShared};
+use crate::storage::partition::{SEAL_RETRY_FIRST, SEAL_RETRY_LONGEST};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -344,7 +345,9 @@ async fn livez(State(state): State<AppState>) -> Response {
     let seals = state.node.failed_seals();
     let seals = (!seals.is_empty() && !state.node.is_shutting_down()).then(|| {
         format!(
-            "sealing failed and is retried (after 1 s, doubling up to every 30 s); the rows wait in memory and in the raft log ({})",
+            "sealing failed and is retried (after {} s, doubling up to every {} s); the rows wait in memory and in the raft log ({})",
+            SEAL_RETRY_FIRST.as_secs(),
+            SEAL_RETRY_LONGEST.as_secs(),
             listed(&seals)
         )
     });

@@ -774,3 +774,42 @@ pub fn eventually(what: impl Fn() -> String, mut done: impl FnMut() -> bool) {
     }
     panic!("not after a minute: {}", what());
 }
+
+/// A node's chunk directory replaced by a plain file, so every seal's write fails while the
+/// Raft log (elsewhere in the data directory) works: a disk that refuses one kind of write.
+#[derive(Debug)]
+pub struct UnwritableChunks {
+    chunks: PathBuf,
+    partition_dirs: Vec<std::ffi::OsString>,
+}
+
+impl UnwritableChunks {
+    /// Replaces `data_dir`'s `chunks` directory (and the partitions' directories in it) by a
+    /// file.
+    pub fn make(data_dir: &Path) -> UnwritableChunks {
+        let chunks = data_dir.join("chunks");
+        let partition_dirs = std::fs::read_dir(&chunks)
+            .expect("list the chunks directory")
+            .map(|d| d.expect("list the chunks directory").file_name())
+            .collect();
+        std::fs::remove_dir_all(&chunks).expect("remove the chunks directory");
+        std::fs::write(&chunks, b"not a directory").expect("put a file in its place");
+        UnwritableChunks {
+            chunks,
+            partition_dirs,
+        }
+    }
+
+    /// Puts the directories back, empty, as a disk that takes writes again.
+    pub fn restore(&self) {
+        std::fs::remove_file(&self.chunks).expect("remove the file");
+        for dir in &self.partition_dirs {
+            std::fs::create_dir_all(self.chunks.join(dir)).expect("recreate the chunks directory");
+        }
+    }
+
+    /// The chunks directory.
+    pub fn path(&self) -> &Path {
+        &self.chunks
+    }
+}

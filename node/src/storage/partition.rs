@@ -596,16 +596,17 @@ impl SealTask {
 /// [`SEAL_RETRY_LONGEST`]. A disk that filled up is usually freed by an operator within
 /// minutes, and a retry is cheap (it writes the same chunks under fresh file names), so the
 /// partition resumes sealing soon after without a restart.
-const SEAL_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+pub(crate) const SEAL_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The longest wait between retries of a failed seal.
-const SEAL_RETRY_LONGEST: std::time::Duration = std::time::Duration::from_secs(30);
+pub(crate) const SEAL_RETRY_LONGEST: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A partition whose seal failed: its jobs from the failed one on, in order, and when to try
-/// again.
+/// A partition core's jobs not yet written, in order: the failed one first, then the ones
+/// queued behind it, and when to try again.
 struct HeldSeals {
     tasks: std::collections::VecDeque<SealTask>,
     retry_at: std::time::Instant,
+    /// The wait before `retry_at`; zero until a write has failed.
     wait: std::time::Duration,
 }
 
@@ -619,7 +620,7 @@ struct SealerThread {
 impl SealerThread {
     fn run(mut self, queue: std::sync::mpsc::Receiver<SealerMessage>) {
         loop {
-            let message = match self.next_retry() {
+            let message = match self.held.values().map(|h| h.retry_at).min() {
                 None => match queue.recv() {
                     Ok(m) => Some(m),
                     Err(_) => return,
@@ -646,36 +647,28 @@ impl SealerThread {
         }
     }
 
-    fn next_retry(&self) -> Option<std::time::Instant> {
-        self.held.values().map(|h| h.retry_at).min()
-    }
-
     /// Writes `task`, or holds it behind an earlier failed job of its partition (markers only
     /// move forward, so jobs are written in order).
     fn seal(&mut self, task: SealTask) {
+        let core = task.core();
         if task.is_closed() {
-            self.held.remove(&task.core());
+            self.held.remove(&core);
             return;
         }
-        if let Some(held) = self.held.get_mut(&task.core()) {
-            held.tasks.push_back(task);
-            return;
-        }
-        if let Err(e) = task.write() {
-            tracing::error!(partition_id = %task.partition, error = %e, retry_in_s = SEAL_RETRY_FIRST.as_secs(), "sealing failed; the rows stay in memory and in the Raft log until a retry writes them");
-            *task.failure.lock() = Some(e.to_string());
-            self.held.insert(
-                task.core(),
+        match self.held.get_mut(&core) {
+            Some(held) => held.tasks.push_back(task),
+            None => self.write_in_order(
+                core,
                 HeldSeals {
                     tasks: [task].into(),
-                    retry_at: std::time::Instant::now() + SEAL_RETRY_FIRST,
-                    wait: SEAL_RETRY_FIRST,
+                    retry_at: std::time::Instant::now(),
+                    wait: std::time::Duration::ZERO,
                 },
-            );
+            ),
         }
     }
 
-    /// Retries the held jobs of every partition whose retry is due, in order, until one fails.
+    /// Retries the held jobs of every partition whose retry is due.
     fn retry_due(&mut self) {
         let now = std::time::Instant::now();
         let due: Vec<usize> = self
@@ -685,43 +678,53 @@ impl SealerThread {
             .map(|(core, _)| *core)
             .collect();
         for core in due {
-            let Some(mut held) = self.held.remove(&core) else {
-                continue;
-            };
-            // Every job of one core shares its failure and closed flags.
-            let (partition, failure, closed) = match held.tasks.front() {
-                Some(t) => (t.partition, Arc::clone(&t.failure), Arc::clone(&t.closed)),
-                None => continue,
-            };
-            while let Some(task) = held.tasks.front() {
-                if task.is_closed() {
-                    held.tasks.clear();
-                    break;
-                }
-                match task.write() {
-                    Ok(()) => {
-                        held.tasks.pop_front();
-                    }
-                    Err(e) => {
-                        held.wait = (held.wait * 2).min(SEAL_RETRY_LONGEST);
-                        held.retry_at = std::time::Instant::now() + held.wait;
-                        tracing::warn!(partition_id = %partition, error = %e, retry_in_s = held.wait.as_secs(), "retrying a seal failed");
-                        *failure.lock() = Some(e.to_string());
-                        break;
-                    }
-                }
+            if let Some(held) = self.held.remove(&core) {
+                self.write_in_order(core, held);
             }
-            if !held.tasks.is_empty() {
+        }
+    }
+
+    /// Writes `held`'s jobs in order until one fails, which is then held with the rest for a
+    /// retry after a doubled wait (the first after [`SEAL_RETRY_FIRST`]). A closed core's jobs
+    /// are dropped. Once a held partition's jobs are all written, its failure clears.
+    fn write_in_order(&mut self, core: usize, mut held: HeldSeals) {
+        // Every job of one core shares its failure and closed flags.
+        let Some(first) = held.tasks.front() else {
+            return;
+        };
+        let (partition, failure, closed) = (
+            first.partition,
+            Arc::clone(&first.failure),
+            Arc::clone(&first.closed),
+        );
+        while let Some(task) = held.tasks.front() {
+            if task.is_closed() {
+                return;
+            }
+            if let Err(e) = task.write() {
+                if held.wait.is_zero() {
+                    held.wait = SEAL_RETRY_FIRST;
+                    tracing::error!(partition_id = %partition, error = %e, retry_in_s = held.wait.as_secs(), "sealing failed; the rows stay in memory and in the Raft log until a retry writes them");
+                } else {
+                    held.wait = (held.wait * 2).min(SEAL_RETRY_LONGEST);
+                    tracing::warn!(partition_id = %partition, error = %e, retry_in_s = held.wait.as_secs(), "retrying a seal failed");
+                }
+                held.retry_at = std::time::Instant::now() + held.wait;
+                *failure.lock() = Some(e.to_string());
                 self.held.insert(core, held);
-                continue;
+                return;
             }
-            // Every held job is written: the partition seals (and snapshots) again. `close`
-            // sets the failure under the same lock, so a closed partition keeps its.
-            let mut failure = failure.lock();
-            if !closed.load(std::sync::atomic::Ordering::SeqCst) {
-                *failure = None;
-                tracing::info!(partition_id = %partition, "a retried seal was written; sealing resumes");
-            }
+            held.tasks.pop_front();
+        }
+        if held.wait.is_zero() {
+            return;
+        }
+        // Every held job is written: the partition seals (and snapshots) again. `close` sets
+        // the failure under the same lock, so a closed partition keeps its.
+        let mut failure = failure.lock();
+        if !closed.load(std::sync::atomic::Ordering::SeqCst) {
+            *failure = None;
+            tracing::info!(partition_id = %partition, "a retried seal was written; sealing resumes");
         }
     }
 }
@@ -1758,15 +1761,10 @@ mod tests {
         assert!(core.persist(b"m3").is_err());
         std::fs::remove_file(&bodies).unwrap();
         std::fs::create_dir(&bodies).unwrap();
-        let started = std::time::Instant::now();
-        while failure.error().is_some() {
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(120),
-                "no retry: {:?}",
-                failure.error()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        optiprism_testkit::eventually(
+            || format!("no retry: {:?}", failure.error()),
+            || failure.error().is_none(),
+        );
         // Each held job wrote its chunk, the last one's marker stands, and the m3 rows (a
         // persist that failed hands its rows over all the same) came with them.
         assert_eq!(

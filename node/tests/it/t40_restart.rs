@@ -2,7 +2,7 @@
 //! exactly once.
 
 use crate::support::uuid_counts;
-use optiprism_testkit::{TestNode, WRITE_KEY, eventually, incompressible_batch};
+use optiprism_testkit::{TestNode, UnwritableChunks, WRITE_KEY, eventually, incompressible_batch};
 use serde_json::json;
 
 fn total(node: &TestNode) -> u64 {
@@ -221,13 +221,7 @@ fn a_partition_that_cannot_write_its_chunks_keeps_taking_events_says_so_retries_
     let mut node = TestNode::start_with(&["--partitions", "2"]);
     // The chunk files' directory becomes a plain file before anything is sealed: every seal's
     // write fails, while the Raft log (elsewhere in the data directory) works.
-    let chunks = node.data_dir.join("chunks");
-    let partition_dirs = std::fs::read_dir(&chunks)
-        .expect("list the chunks directory")
-        .map(|d| d.expect("list the chunks directory").file_name())
-        .collect::<Vec<_>>();
-    std::fs::remove_dir_all(&chunks).expect("remove the chunks directory");
-    std::fs::write(&chunks, b"not a directory").expect("put a file in its place");
+    let chunks = UnwritableChunks::make(&node.data_dir);
     let mut acknowledged = Vec::new();
     let mut b = 0;
     // Events are still acknowledged (durable in the Raft log) once a seal has failed, and
@@ -254,16 +248,21 @@ fn a_partition_that_cannot_write_its_chunks_keeps_taking_events_says_so_retries_
     };
     assert!(seal_failed(&node, "1"), "{}", node.get("/metrics").1);
     // With the directory back, the sealer's retry writes the held rows without a restart.
-    std::fs::remove_file(&chunks).expect("remove the file");
-    for dir in &partition_dirs {
-        std::fs::create_dir_all(chunks.join(dir)).expect("recreate the chunks directory");
-    }
+    chunks.restore();
     eventually(
         || format!("{:?}\n{}", node.get("/livez"), node.log()),
         || node.get("/livez").0 == 200,
     );
     assert!(!seal_failed(&node, "1"), "{}", node.get("/metrics").1);
-    let written = std::fs::read_dir(&chunks).expect("list chunks").count();
+    // Files in the partitions' directories (the directories themselves were put back empty).
+    let written: usize = std::fs::read_dir(chunks.path())
+        .expect("list chunks")
+        .map(|d| {
+            std::fs::read_dir(d.expect("list chunks").path())
+                .expect("list a partition's chunks")
+                .count()
+        })
+        .sum();
     assert!(written > 0, "the retried seals wrote no chunk files");
     acknowledged.extend(send_acknowledged(&node, b));
     let stored: std::collections::HashMap<String, i64> = uuid_counts(&node).into_iter().collect();

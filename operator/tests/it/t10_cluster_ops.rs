@@ -3,7 +3,9 @@
 //! and exit codes of bad requests.
 
 use crate::support::prismctl;
-use optiprism_testkit::{TestCluster, WRITE_KEY, eventually, incompressible_batch};
+use optiprism_testkit::{
+    TestCluster, UnwritableChunks, WRITE_KEY, eventually, incompressible_batch,
+};
 use serde_json::{Value, json};
 use std::process::Output;
 
@@ -298,13 +300,7 @@ fn health_names_member_3(endpoints: &str, problem: &str, reason: &str) {
 fn operators_see_which_member_cannot_seal_and_why() {
     let cluster = TestCluster::start(3, 4);
     // Member 3's chunks directory becomes a plain file: its seals fail, its Raft log works.
-    let chunks = cluster.node(3).data_dir.join("chunks");
-    let partition_dirs = std::fs::read_dir(&chunks)
-        .expect("list the chunks directory")
-        .map(|d| d.expect("list the chunks directory").file_name())
-        .collect::<Vec<_>>();
-    std::fs::remove_dir_all(&chunks).expect("remove the chunks directory");
-    std::fs::write(&chunks, b"not a directory").expect("put a file in its place");
+    let chunks = UnwritableChunks::make(&cluster.node(3).data_dir);
     let mut b = 0;
     while cluster.node(3).get("/livez").0 == 200 {
         assert!(
@@ -331,10 +327,7 @@ fn operators_see_which_member_cannot_seal_and_why() {
         stdout(&status)
     );
     // With the directory back, member 3's retries seal and the cluster is healthy again.
-    std::fs::remove_file(&chunks).expect("remove the file");
-    for dir in &partition_dirs {
-        std::fs::create_dir_all(chunks.join(dir)).expect("recreate the chunks directory");
-    }
+    chunks.restore();
     eventually(
         || stdout(&prismctl(&endpoints, &["cluster", "health"])),
         || prismctl(&endpoints, &["cluster", "health"]).status.code() == Some(0),
