@@ -2,11 +2,14 @@
 //! and one DataFusion partition per Raft partition.
 //!
 //! Chunks of a project differ in their property columns (a key that no event of the chunk had
-//! is absent). A query names the columns it reads; each batch is projected onto them, absent
-//! ones filled with nulls of the type the project's other batches have, so every batch of the
-//! plan has the same schema.
+//! is absent, and a key too rare in the chunk for a column has its values in the sparse
+//! column). A query names the columns it reads; each batch is projected onto them, a rare key's
+//! column built from the sparse column's values, absent ones filled with nulls of the type the
+//! project's other batches have, so every batch of the plan has the same schema.
 
-use crate::storage::chunk::{property_column, property_text_column};
+use crate::storage::chunk::{
+    property_array, property_column, property_text_column, sparse_field_type,
+};
 use crate::storage::partition::ProjectRows;
 use arrow::array::{ArrayRef, RecordBatch, new_null_array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -23,12 +26,15 @@ pub struct PropertyColumns {
     pub computed: Option<datafusion::logical_expr::Expr>,
 }
 
-/// Finds the field named `name` in any batch of any partition.
+/// Finds the field named `name` in any batch of any partition: a column of its own, or else
+/// values of it in a sparse column.
 fn find_field(parts: &[ProjectRows], name: &str) -> Option<Field> {
-    parts
-        .iter()
-        .flat_map(|p| &p.batches)
+    let batches = || parts.iter().flat_map(|p| &p.batches);
+    batches()
         .find_map(|b| b.schema().field_with_name(name).ok().cloned())
+        .or_else(|| {
+            batches().find_map(|b| sparse_field_type(b, name).map(|ty| Field::new(name, ty, true)))
+        })
 }
 
 /// The columns of property `key` in these rows.
@@ -60,8 +66,7 @@ pub fn project(parts: &[ProjectRows], names: &[String]) -> (SchemaRef, Vec<Vec<R
                         .fields()
                         .iter()
                         .map(|f| {
-                            b.column_by_name(f.name())
-                                .cloned()
+                            property_array(b, f.name(), f.data_type())
                                 .unwrap_or_else(|| new_null_array(f.data_type(), b.num_rows()))
                         })
                         .collect();

@@ -1,13 +1,16 @@
 //! SQL over a project's `events` and `persons` (Flight SQL).
 //!
 //! `events` has one DataFusion partition per Raft partition, with the union of every chunk's
-//! columns (properties a chunk lacks read as null) and `person_id` resolved through identity
+//! columns (properties a chunk lacks read as null; a key too rare in a chunk for a column of its
+//! own reads from the chunk's sparse column) and `person_id` resolved through identity
 //! merges. `persons` has one row per current person. Only queries run: DDL, DML and other
 //! statements are refused.
 
 use crate::metadata::Project;
 use crate::query::{QueryEngine, QueryFailure};
-use crate::storage::chunk::{fixed_fields, timestamp_type};
+use crate::storage::chunk::{
+    SPARSE_COLUMN, fixed_fields, property_array, sparse_fields, timestamp_type,
+};
 use arrow::array::{
     ArrayRef, ListBuilder, RecordBatch, StringBuilder, TimestampMillisecondBuilder, UInt64Array,
     UInt64Builder, new_null_array,
@@ -44,57 +47,119 @@ pub fn number_placeholders(sql: &str) -> String {
     out
 }
 
-async fn events_table(engine: &QueryEngine, project: &Project) -> Result<MemTable, QueryFailure> {
+/// `events`: every column any batch of the project has, its own or in a sparse column. A scan
+/// builds only the columns the query reads: a project whose events carry thousands of rare keys
+/// would otherwise build every row of every one of them (nulls mostly) for a `count(*)`.
+#[derive(Debug)]
+struct EventsTable {
+    schema: SchemaRef,
+    /// The batches as stored, one list per partition.
+    partitions: Vec<Vec<RecordBatch>>,
+    view: crate::query::udf::IdentityView,
+}
+
+impl EventsTable {
+    /// The columns `fields` of `batch`, rows of absent ones null, `person_id` resolved through
+    /// identity merges.
+    fn columns(&self, batch: &RecordBatch, fields: &[&Field]) -> Vec<ArrayRef> {
+        fields
+            .iter()
+            .map(|f| {
+                let column = property_array(batch, f.name(), f.data_type())
+                    .unwrap_or_else(|| new_null_array(f.data_type(), batch.num_rows()));
+                if f.name() == "person_id" && !self.view.merged.is_empty() {
+                    let ids = column
+                        .as_any()
+                        .downcast_ref::<UInt64Array>()
+                        .expect("person_id is u64");
+                    Arc::new(
+                        ids.iter()
+                            .map(|p| p.map(|p| self.view.resolve(p)))
+                            .collect::<UInt64Array>(),
+                    ) as ArrayRef
+                } else {
+                    column
+                }
+            })
+            .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl datafusion::catalog::TableProvider for EventsTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> datafusion::datasource::TableType {
+        datafusion::datasource::TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn datafusion::catalog::Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[datafusion::logical_expr::Expr],
+        _limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        let schema = match projection {
+            Some(indices) => Arc::new(self.schema.project(indices)?),
+            None => Arc::clone(&self.schema),
+        };
+        let fields: Vec<&Field> = schema.fields().iter().map(|f| f.as_ref()).collect();
+        let mut partitions = Vec::with_capacity(self.partitions.len());
+        for part in &self.partitions {
+            let mut batches = Vec::with_capacity(part.len());
+            for batch in part {
+                let columns = self.columns(batch, &fields);
+                // Built column by column, so a projection of no columns (`count(*)`) still
+                // says how many rows there are.
+                let options =
+                    arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+                batches.push(RecordBatch::try_new_with_options(
+                    Arc::clone(&schema),
+                    columns,
+                    &options,
+                )?);
+            }
+            partitions.push(batches);
+        }
+        Ok(
+            datafusion::datasource::memory::MemorySourceConfig::try_new_exec(
+                &partitions,
+                schema,
+                None,
+            )?,
+        )
+    }
+}
+
+async fn events_table(
+    engine: &QueryEngine,
+    project: &Project,
+) -> Result<EventsTable, QueryFailure> {
     let rows = engine.rows(project, i64::MIN, i64::MAX, None).await?;
     let mut fields: Vec<Field> = fixed_fields();
     let mut extra: BTreeMap<String, Field> = BTreeMap::new();
     for part in &rows {
         for batch in &part.batches {
-            for f in batch.schema().fields().iter().skip(fields.len()) {
+            let own = batch.schema_ref().fields().iter().skip(fields.len());
+            let own = own
+                .filter(|f| f.name() != SPARSE_COLUMN)
+                .map(|f| f.as_ref().clone());
+            for f in own.chain(sparse_fields(batch)) {
                 extra
                     .entry(f.name().clone())
-                    .or_insert_with(|| f.as_ref().clone().with_nullable(true));
+                    .or_insert_with(|| f.with_nullable(true));
             }
         }
     }
     fields.extend(extra.into_values());
-    let schema: SchemaRef = Arc::new(Schema::new(fields));
-    let view = engine.identity_view(project.id);
-    let mut partitions = Vec::with_capacity(rows.len());
-    for part in rows {
-        let mut batches = Vec::with_capacity(part.batches.len());
-        for batch in part.batches {
-            let columns: Vec<ArrayRef> = schema
-                .fields()
-                .iter()
-                .map(|f| {
-                    let column = batch
-                        .column_by_name(f.name())
-                        .cloned()
-                        .unwrap_or_else(|| new_null_array(f.data_type(), batch.num_rows()));
-                    if f.name() == "person_id" && !view.merged.is_empty() {
-                        let ids = column
-                            .as_any()
-                            .downcast_ref::<UInt64Array>()
-                            .expect("person_id is u64");
-                        Arc::new(
-                            ids.iter()
-                                .map(|p| p.map(|p| view.resolve(p)))
-                                .collect::<UInt64Array>(),
-                        ) as ArrayRef
-                    } else {
-                        column
-                    }
-                })
-                .collect();
-            batches.push(
-                RecordBatch::try_new(Arc::clone(&schema), columns)
-                    .map_err(|e| QueryFailure::Internal(e.to_string()))?,
-            );
-        }
-        partitions.push(batches);
-    }
-    Ok(MemTable::try_new(schema, partitions)?)
+    Ok(EventsTable {
+        schema: Arc::new(Schema::new(fields)),
+        partitions: rows.into_iter().map(|part| part.batches).collect(),
+        view: engine.identity_view(project.id),
+    })
 }
 
 async fn persons_table(engine: &QueryEngine, project: &Project) -> Result<MemTable, QueryFailure> {

@@ -12,6 +12,7 @@
 //! | `person_id` | UInt64 | the person at ingestion; merges are resolved at query time |
 //! | `properties.<key>` | Utf8 dictionary, Float64, Boolean or Timestamp(ms, UTC) | typed per project |
 //! | `properties.<key>#text` | Utf8 | values that did not fit the key's type, verbatim |
+//! | `sparse_properties` | Map(Utf8, Utf8) | values of keys too rare in the batch for their own columns, tagged with their type (last, and only when there are any) |
 //!
 //! Rows are sorted by (event, person, time) when sealed, and the chunk's metadata records where
 //! each event name's rows are: a query for one event reads a zero-copy slice of the chunk
@@ -264,16 +265,19 @@ pub struct Chunk {
     pub batch: RecordBatch,
 }
 
-/// The type of a typed property column.
+/// The type of a property column: a typed one's, or `Text` for the column of a key's values
+/// that did not fit its type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PropKind {
     Str,
     Num,
     Bool,
     Time,
+    Text,
 }
 
 impl PropKind {
+    /// The kind of a typed column's Arrow type (`Text` columns are told by their name).
     fn of(ty: &DataType) -> Option<PropKind> {
         match ty {
             DataType::Float64 => Some(PropKind::Num),
@@ -281,6 +285,27 @@ impl PropKind {
             t if *t == dictionary_type() => Some(PropKind::Str),
             t if *t == timestamp_type() => Some(PropKind::Time),
             _ => None,
+        }
+    }
+
+    /// The kind of column `v` belongs in, given no other.
+    fn of_value(v: CoercedRef<'_>) -> PropKind {
+        match v {
+            CoercedRef::Str(_) => PropKind::Str,
+            CoercedRef::Num(_) => PropKind::Num,
+            CoercedRef::Bool(_) => PropKind::Bool,
+            CoercedRef::DateTimeMs(_) => PropKind::Time,
+            CoercedRef::Mismatch(_) => PropKind::Text,
+        }
+    }
+
+    fn data_type(self) -> DataType {
+        match self {
+            PropKind::Str => dictionary_type(),
+            PropKind::Num => DataType::Float64,
+            PropKind::Bool => DataType::Boolean,
+            PropKind::Time => timestamp_type(),
+            PropKind::Text => DataType::Utf8,
         }
     }
 }
@@ -297,7 +322,7 @@ fn string_dictionary(
         .ok_or_else(|| ArrowError::InvalidArgumentError("not a dictionary of strings".into()))
 }
 
-/// The value of typed column `column` (of `kind`) at `row`, if any.
+/// The value of column `column` (of `kind`) at `row`, if any.
 fn typed_value(column: &ArrayRef, kind: PropKind, row: usize) -> Option<CoercedRef<'_>> {
     use arrow::array::{Array, ArrayAccessor, AsArray};
     use arrow::datatypes::{Float64Type, TimestampMillisecondType};
@@ -311,11 +336,205 @@ fn typed_value(column: &ArrayRef, kind: PropKind, row: usize) -> Option<CoercedR
         PropKind::Time => {
             CoercedRef::DateTimeMs(column.as_primitive::<TimestampMillisecondType>().value(row))
         }
+        PropKind::Text => CoercedRef::Mismatch(column.as_string_opt::<i32>()?.value(row)),
     })
 }
 
+/// The column of a batch holding, row by row, the values of keys too rare in the batch for
+/// columns of their own: a map from each key to its value, tagged with its type (see
+/// [`tag_value`]). A column costs a value or a null in every row, so a batch of events whose
+/// property names are mostly their own would cost rows × keys in columns; here it costs what
+/// the values take.
+pub const SPARSE_COLUMN: &str = "sparse_properties";
+
+/// A key's values get a column of their own once they fill at least one row in this many...
+const DENSE_FILL: usize = 8;
+/// ...and go back to the sparse column when they fill fewer than one row in this many. Apart,
+/// so that a key near the line does not go back and forth; together they bound what columns
+/// cost to this many rows of a column per value.
+const SPARSE_FILL: usize = 32;
+
+/// Whether `values` in `rows` rows are enough for a column.
+fn dense_enough(values: usize, rows: usize) -> bool {
+    values * DENSE_FILL >= rows
+}
+
+/// Whether a column of `values` in `rows` rows should go back to the sparse column.
+fn too_sparse(values: usize, rows: usize) -> bool {
+    values * SPARSE_FILL < rows
+}
+
+/// The Arrow type of [`SPARSE_COLUMN`].
+pub fn sparse_type() -> DataType {
+    DataType::Map(
+        Arc::new(Field::new(
+            "entries",
+            DataType::Struct(
+                vec![
+                    Field::new("keys", DataType::Utf8, false),
+                    Field::new("values", DataType::Utf8, false),
+                ]
+                .into(),
+            ),
+            false,
+        )),
+        false,
+    )
+}
+
+/// Appends `v` to `out` as the sparse column holds it: a letter for its type, then its text.
+/// A value that did not fit its key's type (`x`) belongs to the key's `#text` column.
+fn tag_value(v: CoercedRef<'_>, out: &mut String) {
+    use std::fmt::Write;
+    match v {
+        CoercedRef::Str(s) => {
+            out.push('s');
+            out.push_str(s);
+        }
+        // `Display` of an f64 is the shortest text that parses back to the same number.
+        CoercedRef::Num(n) => write!(out, "n{n}").expect("writing to a String"),
+        CoercedRef::Bool(b) => out.push(if b { 'T' } else { 'F' }),
+        CoercedRef::DateTimeMs(ms) => write!(out, "d{ms}").expect("writing to a String"),
+        CoercedRef::Mismatch(s) => {
+            out.push('x');
+            out.push_str(s);
+        }
+    }
+}
+
+/// Reads what [`tag_value`] wrote.
+fn untag(tagged: &str) -> Option<CoercedRef<'_>> {
+    let rest = tagged.get(1..)?;
+    Some(match tagged.as_bytes().first()? {
+        b's' => CoercedRef::Str(rest),
+        b'n' => CoercedRef::Num(rest.parse().ok()?),
+        b'T' if rest.is_empty() => CoercedRef::Bool(true),
+        b'F' if rest.is_empty() => CoercedRef::Bool(false),
+        b'd' => CoercedRef::DateTimeMs(rest.parse().ok()?),
+        b'x' => CoercedRef::Mismatch(rest),
+        _ => return None,
+    })
+}
+
+/// The sparse column of `batch`, if it has one.
+pub fn sparse_column(batch: &RecordBatch) -> Option<&arrow::array::MapArray> {
+    use arrow::array::AsArray;
+    batch.column_by_name(SPARSE_COLUMN)?.as_map_opt()
+}
+
+/// Every entry of a sparse column: its row, key and tagged value.
+fn sparse_entries(map: &arrow::array::MapArray) -> impl Iterator<Item = (usize, &str, &str)> {
+    use arrow::array::AsArray;
+    let keys = map.keys().as_string::<i32>();
+    let values = map.values().as_string::<i32>();
+    map.offsets()
+        .windows(2)
+        .enumerate()
+        .flat_map(move |(row, w)| {
+            (w[0] as usize..w[1] as usize).map(move |i| (row, keys.value(i), values.value(i)))
+        })
+}
+
+/// The key and kind of property column `name` as the sparse column would hold it: the typed
+/// column of key `rest`, or, for a name ending in `#text`, also the text column of the key
+/// before it (the two can share a name; the entries' tags tell them apart).
+fn sparse_names(name: &str) -> Option<(&str, Option<&str>)> {
+    let rest = name.strip_prefix(PROPERTY_PREFIX)?;
+    Some((rest, rest.strip_suffix(TEXT_SUFFIX)))
+}
+
+/// Whether the tag of `tagged` is of `kind`.
+fn tagged_kind(tagged: &str) -> Option<PropKind> {
+    untag(tagged).map(PropKind::of_value)
+}
+
+/// The type of property column `name` as the sparse column of `batch` holds it, if it holds
+/// any of its values.
+pub fn sparse_field_type(batch: &RecordBatch, name: &str) -> Option<DataType> {
+    let map = sparse_column(batch)?;
+    let (typed_key, text_key) = sparse_names(name)?;
+    sparse_entries(map).find_map(|(_, key, value)| {
+        let kind = tagged_kind(value)?;
+        if key == typed_key && kind != PropKind::Text {
+            Some(kind.data_type())
+        } else if Some(key) == text_key && kind == PropKind::Text {
+            Some(DataType::Utf8)
+        } else {
+            None
+        }
+    })
+}
+
+/// The property columns the sparse column of `batch` holds values of, with their types, each
+/// once.
+pub fn sparse_fields(batch: &RecordBatch) -> Vec<Field> {
+    let Some(map) = sparse_column(batch) else {
+        return Vec::new();
+    };
+    let mut seen: foldhash::HashMap<(&str, bool), PropKind> = foldhash::HashMap::default();
+    for (_, key, value) in sparse_entries(map) {
+        if let Some(kind) = tagged_kind(value) {
+            seen.entry((key, kind == PropKind::Text)).or_insert(kind);
+        }
+    }
+    let mut fields: Vec<Field> = seen
+        .into_iter()
+        .map(|((key, text), kind)| {
+            let name = if text {
+                property_text_column(key)
+            } else {
+                property_column(key)
+            };
+            Field::new(name, kind.data_type(), true)
+        })
+        .collect();
+    fields.sort_by(|a, b| a.name().cmp(b.name()));
+    fields
+}
+
+/// Property column `name` of `batch`, of `data_type`: the batch's own column of that name, or
+/// else one built from the sparse column's values of it, or `None` if the batch has neither.
+pub fn property_array(batch: &RecordBatch, name: &str, data_type: &DataType) -> Option<ArrayRef> {
+    if let Some(column) = batch.column_by_name(name) {
+        return Some(Arc::clone(column));
+    }
+    let map = sparse_column(batch)?;
+    let (typed_key, text_key) = sparse_names(name)?;
+    let want = if *data_type == DataType::Utf8 {
+        PropKind::Text
+    } else {
+        PropKind::of(data_type)?
+    };
+    let key = if want == PropKind::Text {
+        text_key?
+    } else {
+        typed_key
+    };
+    let mut builder = PropBuilder::of_kind(want, batch.num_rows());
+    let mut found = false;
+    for (row, k, value) in sparse_entries(map) {
+        if k != key || builder.len() > row {
+            continue;
+        }
+        match untag(value) {
+            Some(v) if PropKind::of_value(v) == want => {
+                builder.pad_to(row);
+                builder.append(v);
+                found = true;
+            }
+            _ => {}
+        }
+    }
+    if !found {
+        return None;
+    }
+    builder.pad_to(batch.num_rows());
+    Some(builder.finish().1)
+}
+
 /// The columns of a batch of [`ChunkBuilder`] layout, checked: the five fixed columns with
-/// their types and no nulls, then typed property columns and text columns, each key once.
+/// their types and no nulls, then typed property columns and text columns, each key once, then
+/// perhaps the sparse column, every value of it tagged.
 #[derive(Debug)]
 pub struct BatchLayout<'a> {
     /// `uuid`.
@@ -330,6 +549,7 @@ pub struct BatchLayout<'a> {
     pub person: &'a arrow::array::UInt64Array,
     typed: Vec<(&'a str, PropKind, &'a ArrayRef)>,
     texts: Vec<(&'a str, &'a ArrayRef)>,
+    sparse: Option<&'a arrow::array::MapArray>,
 }
 
 impl<'a> BatchLayout<'a> {
@@ -364,12 +584,40 @@ impl<'a> BatchLayout<'a> {
         }
         let mut typed = Vec::new();
         let mut texts = Vec::new();
-        for (field, column) in schema
+        let mut sparse = None;
+        let columns = schema.fields().len();
+        for (i, (field, column)) in schema
             .fields()
             .iter()
             .zip(batch.columns())
+            .enumerate()
             .skip(fixed.len())
         {
+            if field.name() == SPARSE_COLUMN {
+                if i + 1 != columns {
+                    return bad(format!("{SPARSE_COLUMN} is not the last column"));
+                }
+                let map = match (field.data_type() == &sparse_type(), column.as_map_opt()) {
+                    (true, Some(map)) => map,
+                    _ => {
+                        return bad(format!(
+                            "{SPARSE_COLUMN} has type {}, not {}",
+                            field.data_type(),
+                            sparse_type()
+                        ));
+                    }
+                };
+                if map.logical_null_count() > 0 || map.values().logical_null_count() > 0 {
+                    return bad(format!("{SPARSE_COLUMN} has nulls"));
+                }
+                if let Some((_, key, value)) =
+                    sparse_entries(map).find(|(_, _, value)| untag(value).is_none())
+                {
+                    return bad(format!("{SPARSE_COLUMN} holds {value:?} for {key:?}"));
+                }
+                sparse = Some(map);
+                continue;
+            }
             let Some(name) = field.name().strip_prefix(PROPERTY_PREFIX) else {
                 return bad(format!("column {} is not a property", field.name()));
             };
@@ -406,47 +654,32 @@ impl<'a> BatchLayout<'a> {
             person: batch.column(4).as_primitive::<UInt64Type>(),
             typed,
             texts,
+            sparse,
         })
     }
 }
 
+/// The Arrow builder of one property column.
 enum PropBuilder {
     Str(StringDictionaryBuilder<Int32Type>),
     Num(Float64Builder),
     Bool(BooleanBuilder),
     Time(TimestampMillisecondBuilder),
+    Text(StringBuilder),
 }
 
 impl PropBuilder {
-    fn for_value(v: CoercedRef<'_>) -> Option<PropBuilder> {
-        Some(match v {
-            CoercedRef::Str(_) => PropBuilder::Str(StringDictionaryBuilder::new()),
-            CoercedRef::Num(_) => PropBuilder::Num(Float64Builder::new()),
-            CoercedRef::Bool(_) => PropBuilder::Bool(BooleanBuilder::new()),
-            CoercedRef::DateTimeMs(_) => {
-                PropBuilder::Time(TimestampMillisecondBuilder::new().with_timezone("UTC"))
-            }
-            CoercedRef::Mismatch(_) => return None,
-        })
-    }
-
-    fn of_kind(kind: PropKind) -> PropBuilder {
+    /// A builder of `kind` with room for `rows` rows. (Arrow's own default is room for 1,024,
+    /// which a key with a handful of values would mostly leave empty.)
+    fn of_kind(kind: PropKind, rows: usize) -> PropBuilder {
         match kind {
-            PropKind::Str => PropBuilder::Str(StringDictionaryBuilder::new()),
-            PropKind::Num => PropBuilder::Num(Float64Builder::new()),
-            PropKind::Bool => PropBuilder::Bool(BooleanBuilder::new()),
-            PropKind::Time => {
-                PropBuilder::Time(TimestampMillisecondBuilder::new().with_timezone("UTC"))
-            }
-        }
-    }
-
-    fn kind(&self) -> PropKind {
-        match self {
-            PropBuilder::Str(_) => PropKind::Str,
-            PropBuilder::Num(_) => PropKind::Num,
-            PropBuilder::Bool(_) => PropKind::Bool,
-            PropBuilder::Time(_) => PropKind::Time,
+            PropKind::Str => PropBuilder::Str(StringDictionaryBuilder::with_capacity(rows, 16, 64)),
+            PropKind::Num => PropBuilder::Num(Float64Builder::with_capacity(rows)),
+            PropKind::Bool => PropBuilder::Bool(BooleanBuilder::with_capacity(rows)),
+            PropKind::Time => PropBuilder::Time(
+                TimestampMillisecondBuilder::with_capacity(rows).with_timezone("UTC"),
+            ),
+            PropKind::Text => PropBuilder::Text(StringBuilder::with_capacity(rows, 64)),
         }
     }
 
@@ -462,6 +695,7 @@ impl PropBuilder {
             PropBuilder::Time(b) => {
                 b.extend(column.as_primitive::<TimestampMillisecondType>().iter())
             }
+            PropBuilder::Text(b) => b.append_array(column.as_string::<i32>())?,
         }
         Ok(())
     }
@@ -472,7 +706,20 @@ impl PropBuilder {
             PropBuilder::Num(b) => b.len(),
             PropBuilder::Bool(b) => b.len(),
             PropBuilder::Time(b) => b.len(),
+            PropBuilder::Text(b) => b.len(),
         }
+    }
+
+    /// Whether row `row` (below [`Self::len`]) holds a value.
+    fn is_valid(&self, row: usize) -> bool {
+        let validity = match self {
+            PropBuilder::Str(b) => b.validity_slice(),
+            PropBuilder::Num(b) => b.validity_slice(),
+            PropBuilder::Bool(b) => b.validity_slice(),
+            PropBuilder::Time(b) => b.validity_slice(),
+            PropBuilder::Text(b) => b.validity_slice(),
+        };
+        validity.is_none_or(|bits| arrow::util::bit_util::get_bit(bits, row))
     }
 
     fn pad_to(&mut self, rows: usize) {
@@ -482,16 +729,18 @@ impl PropBuilder {
             PropBuilder::Num(b) => b.append_nulls(missing),
             PropBuilder::Bool(b) => b.append_nulls(missing),
             PropBuilder::Time(b) => b.append_nulls(missing),
+            PropBuilder::Text(b) => (0..missing).for_each(|_| b.append_null()),
         }
     }
 
-    /// Appends `v` if it has this builder's type; returns false otherwise.
+    /// Appends `v` if it is of this builder's kind; returns false otherwise.
     fn append(&mut self, v: CoercedRef<'_>) -> bool {
         match (self, v) {
             (PropBuilder::Str(b), CoercedRef::Str(s)) => b.append_value(s),
             (PropBuilder::Num(b), CoercedRef::Num(n)) => b.append_value(n),
             (PropBuilder::Bool(b), CoercedRef::Bool(x)) => b.append_value(x),
             (PropBuilder::Time(b), CoercedRef::DateTimeMs(ms)) => b.append_value(ms),
+            (PropBuilder::Text(b), CoercedRef::Mismatch(s)) => b.append_value(s),
             _ => return false,
         }
         true
@@ -503,6 +752,7 @@ impl PropBuilder {
             PropBuilder::Num(b) => (DataType::Float64, Arc::new(b.finish())),
             PropBuilder::Bool(b) => (DataType::Boolean, Arc::new(b.finish())),
             PropBuilder::Time(b) => (timestamp_type(), Arc::new(b.finish())),
+            PropBuilder::Text(b) => (DataType::Utf8, Arc::new(b.finish())),
         }
     }
 
@@ -512,12 +762,210 @@ impl PropBuilder {
             PropBuilder::Num(b) => (DataType::Float64, Arc::new(b.finish_cloned())),
             PropBuilder::Bool(b) => (DataType::Boolean, Arc::new(b.finish_cloned())),
             PropBuilder::Time(b) => (timestamp_type(), Arc::new(b.finish_cloned())),
+            PropBuilder::Text(b) => (DataType::Utf8, Arc::new(b.finish_cloned())),
         }
+    }
+}
+
+/// A value of a key held for the sparse column, its text in the builder's arena.
+#[derive(Debug, Clone, Copy)]
+enum Held {
+    Str(usize, u32),
+    Num(f64),
+    Bool(bool),
+    Time(i64),
+    Text(usize, u32),
+}
+
+impl Held {
+    fn hold(v: CoercedRef<'_>, arena: &mut String) -> Held {
+        let mut keep = |s: &str| {
+            let start = arena.len();
+            arena.push_str(s);
+            (start, s.len() as u32)
+        };
+        match v {
+            CoercedRef::Str(s) => {
+                let (start, len) = keep(s);
+                Held::Str(start, len)
+            }
+            CoercedRef::Num(n) => Held::Num(n),
+            CoercedRef::Bool(b) => Held::Bool(b),
+            CoercedRef::DateTimeMs(ms) => Held::Time(ms),
+            CoercedRef::Mismatch(s) => {
+                let (start, len) = keep(s);
+                Held::Text(start, len)
+            }
+        }
+    }
+
+    fn get(self, arena: &str) -> CoercedRef<'_> {
+        match self {
+            Held::Str(start, len) => CoercedRef::Str(&arena[start..start + len as usize]),
+            Held::Num(n) => CoercedRef::Num(n),
+            Held::Bool(b) => CoercedRef::Bool(b),
+            Held::Time(ms) => CoercedRef::DateTimeMs(ms),
+            Held::Text(start, len) => CoercedRef::Mismatch(&arena[start..start + len as usize]),
+        }
+    }
+
+    /// The slot of [`KeyColumns`] the value belongs to.
+    fn slot(self) -> usize {
+        match self {
+            Held::Text(..) => TEXT,
+            _ => TYPED,
+        }
+    }
+}
+
+/// Slots of [`KeyColumns`]: a key's typed values, and its values that did not fit the type.
+const TYPED: usize = 0;
+const TEXT: usize = 1;
+
+/// A key's values in a [`ChunkBuilder`]: for each slot, a column if its values are common
+/// enough in the rows, else entries for the sparse column.
+#[derive(Default)]
+struct KeyColumns {
+    /// The typed column's kind: the first typed value's (values of another type go to text).
+    kind: Option<PropKind>,
+    /// The typed column and the text column, when a slot's values have one.
+    columns: [Option<Box<PropBuilder>>; 2],
+    /// Values of each slot.
+    values: [usize; 2],
+    /// Values of the slots without a column, by row (rows ascending).
+    sparse: Vec<(u32, Held)>,
+}
+
+impl KeyColumns {
+    fn slot_kind(&self, slot: usize) -> PropKind {
+        if slot == TEXT {
+            PropKind::Text
+        } else {
+            self.kind.expect("a typed value set the kind")
+        }
+    }
+
+    /// Adds `v` (of `slot`'s kind) at `row`. A second value of a slot in one row is dropped.
+    fn add(&mut self, slot: usize, row: usize, v: CoercedRef<'_>, arena: &mut String) {
+        if let Some(column) = &mut self.columns[slot] {
+            let len = column.len();
+            if len > row && column.is_valid(row) {
+                return;
+            }
+            if len == row || (len < row && !too_sparse(self.values[slot] + 1, row + 1)) {
+                column.pad_to(row);
+                column.append(v);
+                self.values[slot] += 1;
+                return;
+            }
+            // Too sparse now, or a row the column has passed (a batch's values come column by
+            // column, so a key's values that change slot come out of row order): sparse
+            // entries take any row.
+            self.demote(slot, arena);
+        }
+        let at = self.sparse.partition_point(|(r, _)| *r as usize <= row);
+        let taken = self.sparse[..at]
+            .iter()
+            .rev()
+            .take_while(|(r, _)| *r as usize == row)
+            .any(|(_, held)| held.slot() == slot);
+        if taken {
+            return;
+        }
+        self.sparse.insert(at, (row as u32, Held::hold(v, arena)));
+        self.values[slot] += 1;
+        let rows = self
+            .sparse
+            .last()
+            .map_or(row, |(r, _)| *r as usize)
+            .max(row)
+            + 1;
+        if dense_enough(self.values[slot], rows) {
+            self.promote(slot, rows, arena);
+        }
+    }
+
+    /// Appends column `column` (of `slot`'s kind) of a batch whose rows start at `start`.
+    fn add_column(
+        &mut self,
+        slot: usize,
+        column: &ArrayRef,
+        start: usize,
+        arena: &mut String,
+    ) -> Result<(), ArrowError> {
+        let rows = column.len();
+        let values = rows - column.logical_null_count();
+        if values == 0 {
+            return Ok(());
+        }
+        let (total, end) = (self.values[slot] + values, start + rows);
+        let held = self.columns[slot].as_ref().map(|c| c.len());
+        let whole = match held {
+            // Rows of this slot already past the batch's start: only a malformed batch.
+            Some(len) if len > start => false,
+            Some(_) if too_sparse(total, end) => {
+                self.demote(slot, arena);
+                false
+            }
+            Some(_) => true,
+            None if dense_enough(total, end) => {
+                self.promote(slot, end, arena);
+                true
+            }
+            None => false,
+        };
+        if whole {
+            let column_builder = self.columns[slot].as_mut().expect("a column");
+            column_builder.pad_to(start);
+            column_builder.extend(column)?;
+            self.values[slot] = total;
+        } else {
+            let kind = self.slot_kind(slot);
+            for row in 0..rows {
+                if let Some(v) = typed_value(column, kind, row) {
+                    self.add(slot, start + row, v, arena);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives `slot` a column with room for `rows` rows, holding its sparse entries.
+    fn promote(&mut self, slot: usize, rows: usize, arena: &str) {
+        let mut column = PropBuilder::of_kind(self.slot_kind(slot), rows);
+        self.sparse.retain(|&(row, v)| {
+            if v.slot() != slot {
+                return true;
+            }
+            column.pad_to(row as usize);
+            column.append(v.get(arena));
+            false
+        });
+        self.columns[slot] = Some(Box::new(column));
+    }
+
+    /// Moves `slot`'s column into sparse entries.
+    fn demote(&mut self, slot: usize, arena: &mut String) {
+        let Some(mut column) = self.columns[slot].take() else {
+            return;
+        };
+        let kind = self.slot_kind(slot);
+        let (_, array) = column.finish();
+        for row in 0..array.len() {
+            if let Some(v) = typed_value(&array, kind, row) {
+                self.sparse.push((row as u32, Held::hold(v, arena)));
+            }
+        }
+        // Stable: values of one row keep their order.
+        self.sparse.sort_by_key(|(row, _)| *row);
     }
 }
 
 /// Arrow builders that events are appended to as they are applied, so unsealed rows are held
 /// columnar (a tenth of the memory of the events themselves) and sealing only sorts them.
+/// A key's values have a column while they fill enough of the rows, and are otherwise held for
+/// the sparse column ([`SPARSE_COLUMN`]), so rows cost what their values take whatever their
+/// keys.
 pub struct ChunkBuilder {
     rows: usize,
     uuid: StringBuilder,
@@ -525,18 +973,19 @@ pub struct ChunkBuilder {
     timestamp: TimestampMillisecondBuilder,
     distinct: StringDictionaryBuilder<Int32Type>,
     person: UInt64Builder,
-    // Hashed, not ordered: every property of every event looks its builder up, and a tree of
-    // a few dozen keys cost several string comparisons each. Batches put the columns in key
-    // order (`sorted`), so it is the same whatever order properties arrived in.
-    props: foldhash::HashMap<String, PropBuilder>,
-    texts: foldhash::HashMap<String, StringBuilder>,
+    // Hashed, not ordered: every property of every event looks its key up, and a tree of a
+    // few dozen keys cost several string comparisons each. Batches put the columns in key
+    // order, so it is the same whatever order properties arrived in.
+    keys: foldhash::HashMap<String, KeyColumns>,
+    /// The text of values held for the sparse column.
+    arena: String,
 }
 
 impl std::fmt::Debug for ChunkBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChunkBuilder")
             .field("rows", &self.rows)
-            .field("properties", &self.props.len())
+            .field("properties", &self.keys.len())
             .finish()
     }
 }
@@ -550,10 +999,19 @@ impl Default for ChunkBuilder {
             timestamp: TimestampMillisecondBuilder::new().with_timezone("UTC"),
             distinct: StringDictionaryBuilder::new(),
             person: UInt64Builder::new(),
-            props: foldhash::HashMap::default(),
-            texts: foldhash::HashMap::default(),
+            keys: foldhash::HashMap::default(),
+            arena: String::new(),
         }
     }
+}
+
+/// A key's values as a batch is made of them: a column per slot, or sparse entries.
+struct KeyOut<'a> {
+    key: &'a str,
+    kind: Option<PropKind>,
+    columns: [Option<(DataType, ArrayRef)>; 2],
+    values: [usize; 2],
+    sparse: &'a [(u32, Held)],
 }
 
 impl ChunkBuilder {
@@ -567,6 +1025,26 @@ impl ChunkBuilder {
         self.rows == 0
     }
 
+    /// Adds `v` as key `key`'s value at `row`. A value of another type than the key's first
+    /// goes to the key's text column, rendered.
+    fn add(&mut self, key: &str, row: usize, v: CoercedRef<'_>) {
+        let columns = match self.keys.get_mut(key) {
+            Some(c) => c,
+            None => self.keys.entry(key.to_string()).or_default(),
+        };
+        let kind = PropKind::of_value(v);
+        if kind != PropKind::Text && columns.kind.is_none() {
+            columns.kind = Some(kind);
+        }
+        if kind == PropKind::Text || columns.kind == Some(kind) {
+            let slot = if kind == PropKind::Text { TEXT } else { TYPED };
+            columns.add(slot, row, v, &mut self.arena);
+        } else {
+            let text = render_coerced(v);
+            columns.add(TEXT, row, CoercedRef::Mismatch(&text), &mut self.arena);
+        }
+    }
+
     /// Appends one event as a row.
     pub fn append(&mut self, e: &impl EventRow) {
         let row = self.rows;
@@ -575,35 +1053,11 @@ impl ChunkBuilder {
         self.timestamp.append_value(e.timestamp_ms());
         self.distinct.append_value(e.distinct_id());
         self.person.append_value(e.person_id());
+        // A key given twice in one event keeps its first value: a second would make the
+        // column a row longer than the chunk. (Ingestion keeps one value per key; this guards
+        // entries written before it did, and any other way to an event.)
         for (key, value) in e.props() {
-            let typed = match self.props.get_mut(key) {
-                Some(b) => Some(b),
-                None => PropBuilder::for_value(value)
-                    .map(|b| self.props.entry(key.to_string()).or_insert(b)),
-            };
-            // A key given twice in one event keeps its first value: a second would make the
-            // column a row longer than the chunk. (Ingestion keeps one value per key; this
-            // guards entries written before it did, and any other way to an event.)
-            let stored = match typed {
-                Some(b) if b.len() > row => continue,
-                Some(b) => {
-                    b.pad_to(row);
-                    b.append(value)
-                }
-                None => false,
-            };
-            if !stored {
-                let b = match self.texts.get_mut(key) {
-                    Some(b) => b,
-                    None => self.texts.entry(key.to_string()).or_default(),
-                };
-                if b.len() > row {
-                    continue;
-                }
-                let text = render_coerced(value);
-                (b.len()..row).for_each(|_| b.append_null());
-                b.append_value(text);
-            }
+            self.add(key, row, value);
         }
         self.rows += 1;
     }
@@ -613,7 +1067,7 @@ impl ChunkBuilder {
     /// [`Self::append`] of each of its events would give, without reading the events one by
     /// one. (Rows filtered out of such a batch leave their strings in its dictionaries, and a
     /// key retyped within one batch has sent its later values to the key's text column; every
-    /// replica appends the same batch, so they agree.) A batch not of this layout is refused
+    /// replica appends the same batches, so they agree.) A batch not of this layout is refused
     /// with nothing appended; past that check only a column outgrowing Arrow's 32-bit offsets
     /// fails.
     pub fn append_batch(&mut self, batch: &RecordBatch) -> Result<(), ArrowError> {
@@ -624,73 +1078,43 @@ impl ChunkBuilder {
             // (A dictionary of values without keys is refused by `extend_dictionary`.)
             return Ok(());
         }
-        // Typed columns of another type than this builder's column of the key: their values go
-        // to the key's text column.
-        let conflicting: Vec<(&str, PropKind, &ArrayRef)> = layout
-            .typed
-            .iter()
-            .filter(|(key, kind, _)| self.props.get(*key).is_some_and(|b| b.kind() != *kind))
-            .copied()
-            .collect();
         self.uuid.append_array(layout.uuid)?;
         self.event.extend_dictionary(&layout.event)?;
         self.timestamp.append_slice(layout.timestamp.values());
         self.distinct.extend_dictionary(&layout.distinct)?;
         self.person.append_slice(layout.person.values());
         for &(key, kind, column) in &layout.typed {
-            // As `append`: a key gets a column with its first value, and a value of another
-            // type than its column's goes to the key's text column (below).
-            if column.null_count() == rows || conflicting.iter().any(|c| c.0 == key) {
+            let columns = match self.keys.get_mut(key) {
+                Some(c) => c,
+                None => self.keys.entry(key.to_string()).or_default(),
+            };
+            if arrow::array::Array::logical_null_count(column.as_ref()) == rows {
                 continue;
             }
-            let b = match self.props.get_mut(key) {
-                Some(b) => b,
-                None => self
-                    .props
-                    .entry(key.to_string())
-                    .or_insert_with(|| PropBuilder::of_kind(kind)),
-            };
-            b.pad_to(start);
-            b.extend(column)?;
-        }
-        let mut text_keys: Vec<&str> = layout.texts.iter().map(|(k, _)| *k).collect();
-        for &(key, ..) in &conflicting {
-            if !text_keys.contains(&key) {
-                text_keys.push(key);
-            }
-        }
-        for key in text_keys {
-            let text = layout.texts.iter().find(|(k, _)| *k == key).map(|(_, c)| {
-                use arrow::array::AsArray;
-                c.as_string::<i32>()
-            });
-            let typed = conflicting
-                .iter()
-                .find(|c| c.0 == key)
-                .map(|&(_, kind, column)| (kind, column));
-            if typed.is_none() && text.is_some_and(|t| arrow::array::Array::null_count(t) == rows) {
-                continue;
-            }
-            let b = match self.texts.get_mut(key) {
-                Some(b) => b,
-                None => self.texts.entry(key.to_string()).or_default(),
-            };
-            (b.len()..start).for_each(|_| b.append_null());
-            match (typed, text) {
-                (None, Some(text)) => b.append_array(text)?,
-                _ => {
-                    for row in 0..rows {
-                        use arrow::array::Array;
-                        let value = typed
-                            .and_then(|(kind, column)| typed_value(column, kind, row))
-                            .map(render_coerced)
-                            .or_else(|| {
-                                text.filter(|t| t.is_valid(row))
-                                    .map(|t| t.value(row).to_string())
-                            });
-                        b.append_option(value);
+            columns.kind.get_or_insert(kind);
+            if columns.kind == Some(kind) {
+                columns.add_column(TYPED, column, start, &mut self.arena)?;
+            } else {
+                // Another type than this builder's column of the key: as `append`, the values
+                // go to the key's text column.
+                for row in 0..rows {
+                    if let Some(v) = typed_value(column, kind, row) {
+                        self.add(key, start + row, v);
                     }
                 }
+            }
+        }
+        for &(key, column) in &layout.texts {
+            let columns = match self.keys.get_mut(key) {
+                Some(c) => c,
+                None => self.keys.entry(key.to_string()).or_default(),
+            };
+            columns.add_column(TEXT, column, start, &mut self.arena)?;
+        }
+        if let Some(map) = layout.sparse {
+            for (row, key, value) in sparse_entries(map) {
+                let v = untag(value).expect("checked by BatchLayout::read");
+                self.add(key, start + row, v);
             }
         }
         self.rows += rows;
@@ -706,13 +1130,18 @@ impl ChunkBuilder {
             Arc::new(self.distinct.finish_cloned()),
             Arc::new(self.person.finish_cloned()),
         ];
-        let props = sorted(self.props.iter())
-            .into_iter()
-            .map(|(k, b)| (k.as_str(), b.finish_cloned()));
-        let texts = sorted(self.texts.iter())
-            .into_iter()
-            .map(|(k, b)| (k.as_str(), Arc::new(b.finish_cloned()) as ArrayRef));
-        assemble(self.rows, fixed, props, texts)
+        let keys = self
+            .keys
+            .iter()
+            .map(|(key, c)| KeyOut {
+                key,
+                kind: c.kind,
+                columns: [0, 1].map(|s| c.columns[s].as_ref().map(|b| b.finish_cloned())),
+                values: c.values,
+                sparse: &c.sparse,
+            })
+            .collect();
+        assemble(self.rows, fixed, keys, &self.arena)
     }
 
     /// The rows as a batch, in the order they were appended; the builder is left empty. The
@@ -729,43 +1158,118 @@ impl ChunkBuilder {
             Arc::new(built.distinct.finish()),
             Arc::new(built.person.finish()),
         ];
-        // Padded in the builders, so `assemble` has nothing to copy.
-        let props = sorted(built.props.iter_mut()).into_iter().map(|(k, b)| {
-            b.pad_to(rows);
-            (k.as_str(), b.finish())
-        });
-        let texts = sorted(built.texts.iter_mut()).into_iter().map(|(k, b)| {
-            (b.len()..rows).for_each(|_| b.append_null());
-            (k.as_str(), Arc::new(b.finish()) as ArrayRef)
-        });
-        assemble(rows, fixed, props, texts)
+        let keys = built
+            .keys
+            .iter_mut()
+            .map(|(key, c)| {
+                let values = c.values;
+                let columns = [0, 1].map(|s| {
+                    c.columns[s].as_mut().map(|b| {
+                        // Padded in the builder when it stays a column, so `assemble` has
+                        // nothing to copy.
+                        if !too_sparse(values[s], rows) {
+                            b.pad_to(rows);
+                        }
+                        b.finish()
+                    })
+                });
+                KeyOut {
+                    key,
+                    kind: c.kind,
+                    columns,
+                    values,
+                    sparse: &c.sparse,
+                }
+            })
+            .collect();
+        assemble(rows, fixed, keys, &built.arena)
     }
-}
-
-/// A builder's columns in key order.
-fn sorted<'a, B>(columns: impl Iterator<Item = (&'a String, B)>) -> Vec<(&'a String, B)> {
-    let mut columns: Vec<_> = columns.collect();
-    columns.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    columns
 }
 
 /// A batch of `rows` rows from the fixed columns, then the property columns and the columns of
-/// mismatched values, each in key order and padded with nulls to `rows`.
-fn assemble<'a>(
+/// mismatched values, each in key order and padded with nulls to `rows`, then, if any key's
+/// values are too few for a column, the sparse column.
+fn assemble(
     rows: usize,
     fixed: [ArrayRef; 5],
-    props: impl Iterator<Item = (&'a str, (DataType, ArrayRef))>,
-    texts: impl Iterator<Item = (&'a str, ArrayRef)>,
+    mut keys: Vec<KeyOut<'_>>,
+    arena: &str,
 ) -> RecordBatch {
+    keys.sort_unstable_by(|a, b| a.key.cmp(b.key));
     let mut fields = fixed_fields();
     let mut columns: Vec<ArrayRef> = fixed.into();
-    for (key, (ty, array)) in props {
-        fields.push(Field::new(property_column(key), ty, true));
-        columns.push(pad_with_nulls(array, rows));
+    // Sparse entries: (row, key, tagged value's end in `tagged`), in key order.
+    let mut entries: Vec<(u32, &str, usize)> = Vec::new();
+    let mut tagged = String::new();
+    let mut hold = |row: u32, key, v: CoercedRef<'_>, entries: &mut Vec<_>| {
+        tag_value(v, &mut tagged);
+        entries.push((row, key, tagged.len()));
+    };
+    for slot in [TYPED, TEXT] {
+        for out in &mut keys {
+            let Some((ty, array)) = out.columns[slot].take() else {
+                continue;
+            };
+            if !too_sparse(out.values[slot], rows) {
+                let name = if slot == TEXT {
+                    property_text_column(out.key)
+                } else {
+                    property_column(out.key)
+                };
+                fields.push(Field::new(name, ty, true));
+                columns.push(pad_with_nulls(array, rows));
+                continue;
+            }
+            let kind = if slot == TEXT {
+                PropKind::Text
+            } else {
+                out.kind.expect("a typed column has a kind")
+            };
+            for row in 0..array.len() {
+                if let Some(v) = typed_value(&array, kind, row) {
+                    hold(row as u32, out.key, v, &mut entries);
+                }
+            }
+        }
     }
-    for (key, array) in texts {
-        fields.push(Field::new(property_text_column(key), DataType::Utf8, true));
-        columns.push(pad_with_nulls(array, rows));
+    for out in &keys {
+        for &(row, v) in out.sparse {
+            hold(row, out.key, v.get(arena), &mut entries);
+        }
+    }
+    if !entries.is_empty() {
+        // Each entry's text starts where the one before it in `tagged` ends.
+        let mut starts = Vec::with_capacity(entries.len());
+        let mut previous_end = 0;
+        for entry in &entries {
+            starts.push(previous_end);
+            previous_end = entry.2;
+        }
+        let mut order: Vec<usize> = (0..entries.len()).collect();
+        // Stable: within a row, entries keep key order.
+        order.sort_by_key(|&i| entries[i].0);
+        let mut map = arrow::array::MapBuilder::with_capacity(
+            None,
+            StringBuilder::with_capacity(entries.len(), entries.len() * 8),
+            StringBuilder::with_capacity(entries.len(), tagged.len()),
+            rows,
+        )
+        .with_values_field(Field::new("values", DataType::Utf8, false));
+        let mut next = order.iter().peekable();
+        for row in 0..rows as u32 {
+            while let Some(&&i) = next.peek() {
+                if entries[i].0 != row {
+                    break;
+                }
+                map.keys().append_value(entries[i].1);
+                map.values().append_value(&tagged[starts[i]..entries[i].2]);
+                next.next();
+            }
+            map.append(true).expect("keys and values appended alike");
+        }
+        let map = map.finish();
+        fields.push(Field::new(SPARSE_COLUMN, sparse_type(), false));
+        columns.push(Arc::new(map));
     }
     RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
         .expect("columns match their fields")
@@ -878,6 +1382,7 @@ mod tests {
     use super::*;
     use arrow::array::{Array, AsArray};
     use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     /// The Arrow batch of `events`, in the given order.
     fn build_batch(events: &[StoredEvent]) -> RecordBatch {
@@ -1024,6 +1529,309 @@ mod tests {
             .unwrap()
             .as_string::<i32>();
         assert_eq!(text.iter().flatten().collect::<Vec<_>>(), ["abc"]);
+    }
+
+    /// Every property value of `batch` by (row, column name), from its own columns and its
+    /// sparse column alike. The sparse column is read entry by entry here; queries build a
+    /// column at a time with [`property_array`], checked on `sampled` of the columns (every
+    /// column's build reads every entry).
+    fn values_of(batch: &RecordBatch) -> BTreeMap<(usize, String), String> {
+        let mut out = BTreeMap::new();
+        let mut record = |row: usize, name: String, v: CoercedRef<'_>| {
+            let previous = out.insert((row, name.clone()), format!("{v:?}"));
+            assert_eq!(previous, None, "two values of {name} in row {row}");
+        };
+        let own = batch
+            .schema()
+            .fields()
+            .iter()
+            .skip(fixed_fields().len())
+            .filter(|f| f.name() != SPARSE_COLUMN)
+            .map(|f| f.as_ref().clone())
+            .collect::<Vec<_>>();
+        for field in &own {
+            let column = batch.column_by_name(field.name()).unwrap();
+            let kind = kind_of_field(field);
+            for row in 0..column.len() {
+                if let Some(v) = typed_value(column, kind, row) {
+                    record(row, field.name().clone(), v);
+                }
+            }
+        }
+        if let Some(map) = sparse_column(batch) {
+            for (row, key, value) in sparse_entries(map) {
+                let v = untag(value).unwrap();
+                let name = match v {
+                    CoercedRef::Mismatch(_) => property_text_column(key),
+                    _ => property_column(key),
+                };
+                record(row, name, v);
+            }
+        }
+        // Columns built from the sparse column hold the same.
+        for (i, field) in sparse_fields(batch)
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 50 == 0)
+        {
+            let _ = i;
+            let column = property_array(batch, field.name(), field.data_type()).unwrap();
+            assert_eq!(column.len(), batch.num_rows(), "{}", field.name());
+            for row in 0..column.len() {
+                let v = typed_value(&column, kind_of_field(field), row).map(|v| format!("{v:?}"));
+                assert_eq!(
+                    v.as_ref(),
+                    out.get(&(row, field.name().clone())),
+                    "{} row {row}",
+                    field.name()
+                );
+            }
+        }
+        out
+    }
+
+    fn kind_of_field(field: &Field) -> PropKind {
+        if *field.data_type() == DataType::Utf8 {
+            PropKind::Text
+        } else {
+            PropKind::of(field.data_type()).unwrap()
+        }
+    }
+
+    /// What [`values_of`] should find for `events`: a key's column has the type of its first
+    /// typed value, and its values of other types are in its text column, rendered.
+    fn expected_values(events: &[StoredEvent]) -> BTreeMap<(usize, String), String> {
+        let mut kinds: BTreeMap<&str, PropKind> = BTreeMap::new();
+        let mut out = BTreeMap::new();
+        for (row, e) in events.iter().enumerate() {
+            for (key, value) in &e.props {
+                let v = CoercedRef::from(value);
+                let kind = PropKind::of_value(v);
+                let typed = kind != PropKind::Text && *kinds.entry(key).or_insert(kind) == kind;
+                let (name, shown) = if typed {
+                    (property_column(key), format!("{v:?}"))
+                } else {
+                    let text = render_coerced(v);
+                    (
+                        property_text_column(key),
+                        format!("{:?}", CoercedRef::Mismatch(&text)),
+                    )
+                };
+                out.entry((row, name)).or_insert(shown);
+            }
+        }
+        out
+    }
+
+    /// Checks what bounds a builder's memory: a column of a key has at most [`SPARSE_FILL`]
+    /// rows per value of it.
+    fn columns_are_full_enough(builder: &ChunkBuilder) -> Result<(), String> {
+        for (key, c) in &builder.keys {
+            for slot in [TYPED, TEXT] {
+                if let Some(column) = &c.columns[slot]
+                    && column.len() > SPARSE_FILL * c.values[slot]
+                {
+                    return Err(format!(
+                        "{key}: a column of {} rows for {} values",
+                        column.len(),
+                        c.values[slot]
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn events_with_keys_of_their_own_cost_what_their_values_take() {
+        // Each event has one key no other has (an id used as a name), and one all share.
+        let events: Vec<StoredEvent> = (0..5_000u64)
+            .map(|i| {
+                let props = vec![
+                    (format!("order_{i}"), Coerced::Num(i as f64)),
+                    ("plan".to_string(), Coerced::Str(format!("p{}", i % 3))),
+                ];
+                event(i, props)
+            })
+            .collect();
+        let mut builder = ChunkBuilder::default();
+        for e in &events {
+            builder.append(e);
+        }
+        columns_are_full_enough(&builder).unwrap();
+        let snapshot = builder.snapshot();
+        let batch = builder.finish();
+        assert_eq!(snapshot, batch);
+        // As columns these would be 5,000 of 5,000 rows each: over a hundred megabytes.
+        let bytes = batch.get_array_memory_size();
+        assert!(bytes < 200 * events.len(), "{bytes} bytes");
+        assert!(batch.column_by_name("properties.plan").is_some());
+        assert!(batch.column_by_name("properties.order_7").is_none());
+        assert_eq!(values_of(&batch), expected_values(&events));
+        // A replica appending the batch, and a chunk sealed from it, hold the same.
+        let mut replica = ChunkBuilder::default();
+        replica.append_batch(&batch).unwrap();
+        columns_are_full_enough(&replica).unwrap();
+        assert_eq!(values_of(&replica.finish()), expected_values(&events));
+        let (_, bytes, sealed) = seal(ProjectId(1), 1, &batch);
+        assert_eq!(decode(&bytes).unwrap(), sealed);
+        let order_7 = property_array(&sealed, "properties.order_7", &DataType::Float64).unwrap();
+        assert_eq!(order_7.len() - order_7.null_count(), 1);
+        assert_eq!(
+            sparse_field_type(&sealed, "properties.order_7"),
+            Some(DataType::Float64)
+        );
+        assert_eq!(sparse_field_type(&sealed, "properties.order_7#text"), None);
+    }
+
+    #[test]
+    fn a_key_that_stops_coming_goes_to_the_sparse_column_and_back_when_it_returns() {
+        // `k` in each of the first 10 rows, then in none of 1,000, then in every one of 1,000.
+        let events: Vec<StoredEvent> = (0..2_010u64)
+            .map(|i| {
+                let props = if !(10..1_010).contains(&i) {
+                    vec![("k".to_string(), Coerced::Bool(i % 2 == 0))]
+                } else {
+                    vec![]
+                };
+                event(i, props)
+            })
+            .collect();
+        let mut builder = ChunkBuilder::default();
+        for (i, e) in events.iter().enumerate() {
+            builder.append(e);
+            columns_are_full_enough(&builder).unwrap();
+            if i == 1_009 {
+                // Ten values in a thousand rows: not worth a column.
+                let shown = builder.snapshot();
+                assert!(shown.column_by_name("properties.k").is_none());
+                assert_eq!(values_of(&shown), expected_values(&events[..1_010]));
+            }
+        }
+        let batch = builder.finish();
+        assert!(batch.column_by_name("properties.k").is_some());
+        assert!(sparse_column(&batch).is_none());
+        assert_eq!(values_of(&batch), expected_values(&events));
+    }
+
+    #[test]
+    fn sparse_columns_with_values_that_are_not_tagged_are_refused() {
+        let mut builder = ChunkBuilder::default();
+        builder.append(&event(0, vec![("common".into(), Coerced::Num(1.0))]));
+        for i in 1..100 {
+            builder.append(&event(i, vec![]));
+        }
+        builder.append(&event(100, vec![("rare".into(), Coerced::DateTimeMs(5))]));
+        let good = builder.finish();
+        let map = sparse_column(&good).expect("rare keys are in the sparse column");
+        assert_eq!(sparse_entries(map).count(), 2);
+        for value in ["", "q1", "nx", "Tz", "d1.5"] {
+            let mut entries =
+                arrow::array::MapBuilder::new(None, StringBuilder::new(), StringBuilder::new())
+                    .with_values_field(Field::new("values", DataType::Utf8, false));
+            for row in 0..good.num_rows() {
+                if row == 3 {
+                    entries.keys().append_value("rare");
+                    entries.values().append_value(value);
+                }
+                entries.append(true).unwrap();
+            }
+            let mut columns = good.columns().to_vec();
+            *columns.last_mut().unwrap() = Arc::new(entries.finish());
+            let bad = RecordBatch::try_new(good.schema(), columns).unwrap();
+            let err = ChunkBuilder::default().append_batch(&bad).unwrap_err();
+            assert!(err.to_string().contains("sparse_properties holds"), "{err}");
+        }
+        let mut appended = ChunkBuilder::default();
+        appended.append_batch(&good).unwrap();
+        assert_eq!(appended.finish(), good);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Keys from common to rare, proposals of any size, keys that change type: whichever
+        /// rows a key's values are in, the node that made a proposal, the replicas that append
+        /// it and a snapshot of either read the same values, and no key's column holds more
+        /// than [`SPARSE_FILL`] rows per value.
+        #[test]
+        fn every_value_reads_back_whether_its_key_has_a_column_or_not(
+            rows in proptest::collection::vec(
+                proptest::collection::vec((0u32..400, -1e3f64..1e3, any::<bool>()), 0..4),
+                1..400,
+            ),
+            cuts in proptest::collection::vec(1usize..120, 1..8),
+            retype in any::<bool>(),
+        ) {
+            // The proposal of each event.
+            let mut proposal_of = Vec::with_capacity(rows.len());
+            for (n, cut) in cuts.iter().cycle().enumerate() {
+                if proposal_of.len() >= rows.len() { break; }
+                proposal_of.extend(std::iter::repeat_n(n, *cut));
+            }
+            let events: Vec<StoredEvent> = rows.iter().enumerate().map(|(i, props)| {
+                let mut seen = std::collections::BTreeSet::new();
+                // Key numbers spread so that low ones are common and high ones rare.
+                let props = props.iter().filter_map(|&(k, n, mismatch)| {
+                    let k = (k * k) / 400;
+                    seen.insert(k).then(|| {
+                        // Retyped keys change type from one proposal to the next (within
+                        // one, a project's schema gives each key one type).
+                        let kind = (k as usize + if retype { proposal_of[i] } else { 0 }) % 4;
+                        let value = match (mismatch, kind) {
+                            (true, _) => Coerced::Mismatch(format!("m{n}")),
+                            (_, 0) => Coerced::Num(n),
+                            (_, 1) => Coerced::Str(format!("s{}", n as i64)),
+                            (_, 2) => Coerced::Bool(n > 0.0),
+                            _ => Coerced::DateTimeMs(n as i64),
+                        };
+                        (format!("k{k}"), value)
+                    })
+                }).collect();
+                event(i as u64, props)
+            }).collect();
+            let expected = expected_values(&events);
+            let mut by_event = ChunkBuilder::default();
+            let mut by_batch = ChunkBuilder::default();
+            let mut start = 0;
+            for (n, cut) in cuts.iter().cycle().enumerate() {
+                if start >= events.len() { break; }
+                let end = (start + cut).min(events.len());
+                prop_assert!(proposal_of[start..end].iter().all(|&p| p == n));
+                let mut proposal = ChunkBuilder::default();
+                for e in &events[start..end] {
+                    by_event.append(e);
+                    proposal.append(e);
+                }
+                prop_assert!(columns_are_full_enough(&proposal).is_ok());
+                by_batch.append_batch(&proposal.finish()).unwrap();
+                prop_assert!(columns_are_full_enough(&by_batch).is_ok(), "after proposal {}", n);
+                start = end;
+            }
+            prop_assert!(columns_are_full_enough(&by_event).is_ok());
+            let shown = by_batch.snapshot();
+            prop_assert_eq!(&values_of(&shown), &expected);
+            let (a, b) = (by_event.finish(), by_batch.finish());
+            prop_assert_eq!(&b, &shown);
+            prop_assert_eq!(&values_of(&a), &expected);
+            prop_assert_eq!(&values_of(&b), &expected);
+            // Columns in a batch are full enough too, and a sealed chunk reads the same.
+            for batch in [&a, &b] {
+                for column in batch.columns().iter().skip(fixed_fields().len()) {
+                    if column.data_type() != &sparse_type() {
+                        prop_assert!(SPARSE_FILL * (column.len() - column.logical_null_count()) >= column.len());
+                    }
+                }
+            }
+            let (_, bytes, sealed) = seal(ProjectId(2), 1, &a);
+            let decoded = decode(&bytes).unwrap();
+            let uuids = |b: &RecordBatch| b.column(0).as_string::<i32>().iter().map(|u| u.unwrap().to_string()).collect::<Vec<_>>();
+            let sealed_rows = uuids(&decoded);
+            // The chunk is sorted: compare by message id.
+            let by_id = |b: &RecordBatch, ids: &[String]| values_of(b).into_iter().map(|((row, name), v)| ((ids[row].clone(), name), v)).collect::<BTreeMap<_, _>>();
+            prop_assert_eq!(by_id(&decoded, &sealed_rows), by_id(&a, &uuids(&a)));
+            prop_assert_eq!(decoded, sealed);
+        }
     }
 
     proptest! {
