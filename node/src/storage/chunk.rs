@@ -767,7 +767,7 @@ impl PropBuilder {
     }
 }
 
-/// A value of a key held for the sparse column, its text in the builder's arena.
+/// A value of a key held for the sparse column, its text in the builder's [`Store`].
 #[derive(Debug, Clone, Copy)]
 enum Held {
     Str(usize, u32),
@@ -836,6 +836,35 @@ struct KeyColumns {
     sparse: Vec<(u32, Held)>,
 }
 
+/// What a [`ChunkBuilder`]'s keys share: the text of values held for the sparse column, and
+/// the room new columns start with.
+#[derive(Debug, Default)]
+struct Store {
+    text: String,
+    /// Rows the builder expects (a proposal knows its events), so that its first columns start
+    /// with room for them instead of growing to it.
+    expected_rows: usize,
+    /// Columns that may still start with room for `expected_rows`: enough for the keys events
+    /// commonly carry, and few enough that keys a client makes up cannot make them rows ×
+    /// keys.
+    presized_left: usize,
+}
+
+/// How many columns of a builder start with room for its expected rows.
+const PRESIZED_COLUMNS: usize = 64;
+
+impl Store {
+    /// The room a new column of a builder with `rows` rows so far starts with.
+    fn room(&mut self, rows: usize) -> usize {
+        if self.expected_rows > rows && self.presized_left > 0 {
+            self.presized_left -= 1;
+            self.expected_rows
+        } else {
+            rows
+        }
+    }
+}
+
 impl KeyColumns {
     fn slot_kind(&self, slot: usize) -> PropKind {
         if slot == TEXT {
@@ -846,7 +875,7 @@ impl KeyColumns {
     }
 
     /// Adds `v` (of `slot`'s kind) at `row`. A second value of a slot in one row is dropped.
-    fn add(&mut self, slot: usize, row: usize, v: CoercedRef<'_>, arena: &mut String) {
+    fn add(&mut self, slot: usize, row: usize, v: CoercedRef<'_>, store: &mut Store) {
         if let Some(column) = &mut self.columns[slot] {
             let len = column.len();
             if len > row && column.is_valid(row) {
@@ -861,7 +890,7 @@ impl KeyColumns {
             // Too sparse now, or a row the column has passed (a batch's values come column by
             // column, so a key's values that change slot come out of row order): sparse
             // entries take any row.
-            self.demote(slot, arena);
+            self.demote(slot, store);
         }
         let at = self.sparse.partition_point(|(r, _)| *r as usize <= row);
         let taken = self.sparse[..at]
@@ -872,7 +901,8 @@ impl KeyColumns {
         if taken {
             return;
         }
-        self.sparse.insert(at, (row as u32, Held::hold(v, arena)));
+        self.sparse
+            .insert(at, (row as u32, Held::hold(v, &mut store.text)));
         self.values[slot] += 1;
         let rows = self
             .sparse
@@ -881,7 +911,7 @@ impl KeyColumns {
             .max(row)
             + 1;
         if dense_enough(self.values[slot], rows) {
-            self.promote(slot, rows, arena);
+            self.promote(slot, rows, store);
         }
     }
 
@@ -891,7 +921,7 @@ impl KeyColumns {
         slot: usize,
         column: &ArrayRef,
         start: usize,
-        arena: &mut String,
+        store: &mut Store,
     ) -> Result<(), ArrowError> {
         let rows = column.len();
         let values = rows - column.logical_null_count();
@@ -899,17 +929,25 @@ impl KeyColumns {
             return Ok(());
         }
         let (total, end) = (self.values[slot] + values, start + rows);
+        // Values already in the batch's rows (of a key that changed type, added value by value
+        // before its text column) leave it to `add`, which takes rows in any order.
+        let past_start = match &self.columns[slot] {
+            Some(column) => column.len() > start,
+            None => self
+                .sparse
+                .last()
+                .is_some_and(|(r, _)| *r as usize >= start),
+        };
         let held = self.columns[slot].as_ref().map(|c| c.len());
         let whole = match held {
-            // Rows of this slot already past the batch's start: only a malformed batch.
-            Some(len) if len > start => false,
+            _ if past_start => false,
             Some(_) if too_sparse(total, end) => {
-                self.demote(slot, arena);
+                self.demote(slot, store);
                 false
             }
             Some(_) => true,
             None if dense_enough(total, end) => {
-                self.promote(slot, end, arena);
+                self.promote(slot, end, store);
                 true
             }
             None => false,
@@ -923,29 +961,30 @@ impl KeyColumns {
             let kind = self.slot_kind(slot);
             for row in 0..rows {
                 if let Some(v) = typed_value(column, kind, row) {
-                    self.add(slot, start + row, v, arena);
+                    self.add(slot, start + row, v, store);
                 }
             }
         }
         Ok(())
     }
 
-    /// Gives `slot` a column with room for `rows` rows, holding its sparse entries.
-    fn promote(&mut self, slot: usize, rows: usize, arena: &str) {
-        let mut column = PropBuilder::of_kind(self.slot_kind(slot), rows);
+    /// Gives `slot` a column, holding its sparse entries, with room for `rows` rows or the rows
+    /// the builder expects.
+    fn promote(&mut self, slot: usize, rows: usize, store: &mut Store) {
+        let mut column = PropBuilder::of_kind(self.slot_kind(slot), store.room(rows));
         self.sparse.retain(|&(row, v)| {
             if v.slot() != slot {
                 return true;
             }
             column.pad_to(row as usize);
-            column.append(v.get(arena));
+            column.append(v.get(&store.text));
             false
         });
         self.columns[slot] = Some(Box::new(column));
     }
 
     /// Moves `slot`'s column into sparse entries.
-    fn demote(&mut self, slot: usize, arena: &mut String) {
+    fn demote(&mut self, slot: usize, store: &mut Store) {
         let Some(mut column) = self.columns[slot].take() else {
             return;
         };
@@ -953,7 +992,8 @@ impl KeyColumns {
         let (_, array) = column.finish();
         for row in 0..array.len() {
             if let Some(v) = typed_value(&array, kind, row) {
-                self.sparse.push((row as u32, Held::hold(v, arena)));
+                self.sparse
+                    .push((row as u32, Held::hold(v, &mut store.text)));
             }
         }
         // Stable: values of one row keep their order.
@@ -977,8 +1017,7 @@ pub struct ChunkBuilder {
     // few dozen keys cost several string comparisons each. Batches put the columns in key
     // order, so it is the same whatever order properties arrived in.
     keys: foldhash::HashMap<String, KeyColumns>,
-    /// The text of values held for the sparse column.
-    arena: String,
+    store: Store,
 }
 
 impl std::fmt::Debug for ChunkBuilder {
@@ -1000,7 +1039,7 @@ impl Default for ChunkBuilder {
             distinct: StringDictionaryBuilder::new(),
             person: UInt64Builder::new(),
             keys: foldhash::HashMap::default(),
-            arena: String::new(),
+            store: Store::default(),
         }
     }
 }
@@ -1015,6 +1054,15 @@ struct KeyOut<'a> {
 }
 
 impl ChunkBuilder {
+    /// A builder for about `rows` rows (a proposal's events): the columns of the keys events
+    /// commonly carry start with room for them.
+    pub fn with_expected_rows(rows: usize) -> ChunkBuilder {
+        let mut builder = ChunkBuilder::default();
+        builder.store.expected_rows = rows;
+        builder.store.presized_left = PRESIZED_COLUMNS;
+        builder
+    }
+
     /// Rows appended since the last [`ChunkBuilder::finish`].
     pub fn len(&self) -> usize {
         self.rows
@@ -1038,10 +1086,10 @@ impl ChunkBuilder {
         }
         if kind == PropKind::Text || columns.kind == Some(kind) {
             let slot = if kind == PropKind::Text { TEXT } else { TYPED };
-            columns.add(slot, row, v, &mut self.arena);
+            columns.add(slot, row, v, &mut self.store);
         } else {
             let text = render_coerced(v);
-            columns.add(TEXT, row, CoercedRef::Mismatch(&text), &mut self.arena);
+            columns.add(TEXT, row, CoercedRef::Mismatch(&text), &mut self.store);
         }
     }
 
@@ -1093,7 +1141,7 @@ impl ChunkBuilder {
             }
             columns.kind.get_or_insert(kind);
             if columns.kind == Some(kind) {
-                columns.add_column(TYPED, column, start, &mut self.arena)?;
+                columns.add_column(TYPED, column, start, &mut self.store)?;
             } else {
                 // Another type than this builder's column of the key: as `append`, the values
                 // go to the key's text column.
@@ -1109,7 +1157,7 @@ impl ChunkBuilder {
                 Some(c) => c,
                 None => self.keys.entry(key.to_string()).or_default(),
             };
-            columns.add_column(TEXT, column, start, &mut self.arena)?;
+            columns.add_column(TEXT, column, start, &mut self.store)?;
         }
         if let Some(map) = layout.sparse {
             for (row, key, value) in sparse_entries(map) {
@@ -1141,7 +1189,7 @@ impl ChunkBuilder {
                 sparse: &c.sparse,
             })
             .collect();
-        assemble(self.rows, fixed, keys, &self.arena)
+        assemble(self.rows, fixed, keys, &self.store.text)
     }
 
     /// The rows as a batch, in the order they were appended; the builder is left empty. The
@@ -1182,7 +1230,7 @@ impl ChunkBuilder {
                 }
             })
             .collect();
-        assemble(rows, fixed, keys, &built.arena)
+        assemble(rows, fixed, keys, &built.store.text)
     }
 }
 
@@ -1654,7 +1702,8 @@ mod tests {
                 event(i, props)
             })
             .collect();
-        let mut builder = ChunkBuilder::default();
+        // As a proposal's builder: its first columns start with room for every row.
+        let mut builder = ChunkBuilder::with_expected_rows(events.len());
         for e in &events {
             builder.append(e);
         }
@@ -1685,6 +1734,27 @@ mod tests {
     }
 
     #[test]
+    fn a_proposal_presizes_the_columns_of_its_first_keys_only() {
+        // A first event with 100 keys: each is worth a column at once, and the first
+        // `PRESIZED_COLUMNS` start with room for the 1,000 rows expected.
+        let props = (0..100)
+            .map(|k| (format!("k{k}"), Coerced::Num(k as f64)))
+            .collect();
+        let mut builder = ChunkBuilder::with_expected_rows(1_000);
+        builder.append(&event(0, props));
+        let presized = builder
+            .keys
+            .values()
+            .filter(|c| match c.columns[TYPED].as_deref() {
+                Some(PropBuilder::Num(b)) => b.capacity() >= 1_000,
+                _ => false,
+            })
+            .count();
+        assert_eq!(builder.keys.len(), 100);
+        assert_eq!(presized, PRESIZED_COLUMNS);
+    }
+
+    #[test]
     fn a_key_that_stops_coming_goes_to_the_sparse_column_and_back_when_it_returns() {
         // `k` in each of the first 10 rows, then in none of 1,000, then in every one of 1,000.
         let events: Vec<StoredEvent> = (0..2_010u64)
@@ -1712,6 +1782,37 @@ mod tests {
         assert!(batch.column_by_name("properties.k").is_some());
         assert!(sparse_column(&batch).is_none());
         assert_eq!(values_of(&batch), expected_values(&events));
+    }
+
+    #[test]
+    fn a_retyped_key_whose_text_values_become_a_column_in_one_batch_keeps_every_row() {
+        // `k` is a number in the first proposal; in the second it is a string in 5 rows (so
+        // its values go to the text column, value by value, too few for a column) and does not
+        // fit in 200 more (its text column in that batch, enough for a column).
+        let first: Vec<StoredEvent> = (0..1_000)
+            .map(|i| event(i, vec![("k".into(), Coerced::Num(i as f64))]))
+            .collect();
+        let second: Vec<StoredEvent> = (1_000..1_205)
+            .map(|i| {
+                let v = if i < 1_005 {
+                    Coerced::Str(format!("s{i}"))
+                } else {
+                    Coerced::Mismatch(format!("m{i}"))
+                };
+                event(i, vec![("k".into(), v)])
+            })
+            .collect();
+        let mut by_batch = ChunkBuilder::default();
+        for proposal in [&first, &second] {
+            let mut builder = ChunkBuilder::default();
+            proposal.iter().for_each(|e| builder.append(e));
+            by_batch.append_batch(&builder.finish()).unwrap();
+        }
+        columns_are_full_enough(&by_batch).unwrap();
+        let all: Vec<StoredEvent> = first.into_iter().chain(second).collect();
+        let batch = by_batch.finish();
+        assert_eq!(values_of(&batch), expected_values(&all));
+        assert!(batch.column_by_name("properties.k#text").is_some());
     }
 
     #[test]

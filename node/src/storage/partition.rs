@@ -89,7 +89,7 @@ pub struct ProposedRows {
 impl ProposedRows {
     /// The rows of `events`, in order.
     pub fn of(events: &[impl EventRow]) -> ProposedRows {
-        let mut builder = ChunkBuilder::default();
+        let mut builder = ChunkBuilder::with_expected_rows(events.len());
         let mut person_sets = Vec::new();
         for (row, e) in events.iter().enumerate() {
             builder.append(e);
