@@ -1786,15 +1786,16 @@ mod tests {
 
     #[test]
     fn a_retyped_key_whose_text_values_become_a_column_in_one_batch_keeps_every_row() {
-        // `k` is a number in the first proposal; in the second it is a string in 5 rows (so
-        // its values go to the text column, value by value, too few for a column) and does not
-        // fit in 200 more (its text column in that batch, enough for a column).
+        // `k` is a number in the first proposal; in the second it is a string in 10 rows (a
+        // column in that batch, whose values go to the builder's text column value by value,
+        // too few there for a column) and does not fit in 200 more (its text column in that
+        // batch, enough for a column in the builder).
         let first: Vec<StoredEvent> = (0..1_000)
             .map(|i| event(i, vec![("k".into(), Coerced::Num(i as f64))]))
             .collect();
-        let second: Vec<StoredEvent> = (1_000..1_205)
+        let second: Vec<StoredEvent> = (1_000..1_210)
             .map(|i| {
-                let v = if i < 1_005 {
+                let v = if i < 1_010 {
                     Coerced::Str(format!("s{i}"))
                 } else {
                     Coerced::Mismatch(format!("m{i}"))
