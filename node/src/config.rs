@@ -296,6 +296,13 @@ pub struct IngestSection {
     /// on the slower one), where a shorter linger gathered none and left the cores full. `0s`
     /// turns it off.
     pub linger: HumanDuration,
+    /// Property keys a project's schema holds at most. A key first seen once the schema is full
+    /// is not added: its values are still stored, as text, and queried like any other key's,
+    /// and `/metrics` counts it. Write keys are public in browser SDKs, and a client sending
+    /// made-up keys (an id used as a name) would otherwise grow the schema, which every member
+    /// of the cluster keeps in memory and rewrites on each change, without end. Concurrent
+    /// requests may each add up to the limit, so it can be passed by a few requests' keys.
+    pub max_property_keys: u32,
 }
 
 impl Default for IngestSection {
@@ -307,6 +314,7 @@ impl Default for IngestSection {
             max_future_skew: HumanDuration(Duration::from_secs(86_400)),
             clock_skew_threshold: HumanDuration(Duration::from_secs(1)),
             linger: HumanDuration(Duration::from_millis(25)),
+            max_property_keys: 10_000,
         }
     }
 }
@@ -641,6 +649,9 @@ impl NodeConfig {
         if self.ingest.linger.0 > Duration::from_secs(1) {
             return Err(invalid("ingest.linger", "must be at most 1s"));
         }
+        if self.ingest.max_property_keys == 0 {
+            return Err(invalid("ingest.max-property-keys", "must be at least 1"));
+        }
         if self.node.threads == 0 || self.node.threads > 256 {
             return Err(invalid("node.threads", "must be between 1 and 256"));
         }
@@ -701,6 +712,10 @@ mod tests {
             ("[cluster]\npartitions = 0\n", "cluster.partitions"),
             ("[node]\nthreads = 0\n", "node.threads"),
             ("[ingest]\nlinger = \"2s\"\n", "ingest.linger"),
+            (
+                "[ingest]\nmax-property-keys = 0\n",
+                "ingest.max-property-keys",
+            ),
             (
                 "[consensus]\nheartbeat-interval = \"1s\"\nelection-timeout-min = \"1s\"\n",
                 "consensus.election-timeout-min",

@@ -411,6 +411,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
         m.ingest_rejected.load(Ordering::Relaxed),
     );
     counter(
+        "optiprism_node_ingest_keys_over_limit_total",
+        "New property keys of requests left out of a project schema that holds ingest.max-property-keys keys (their values are stored as text).",
+        m.ingest_keys_over_limit.load(Ordering::Relaxed),
+    );
+    counter(
         "optiprism_node_queries_total",
         "Queries answered.",
         m.queries.load(Ordering::Relaxed),

@@ -257,20 +257,36 @@ impl Ingestor {
             return Err(IngestError::Unavailable("node is shutting down".into()));
         }
         let p = project.id;
-        // 1. Register property keys seen for the first time, with the type of their first value.
+        // 1. Register property keys seen for the first time, with the type of their first value,
+        // while the schema has room (a key left out is typed as text below).
         let mut new_keys: Vec<(String, PropType)> = Vec::new();
+        let mut over_limit = 0u64;
+        let limit = self.node.config.ingest.max_property_keys as usize;
         self.node.metadata.read(|m| {
             let schema = m.schemas.get(&p);
+            let mut room = limit.saturating_sub(schema.map_or(0, BTreeMap::len));
             // A request names a few dozen keys over and over: the schema is asked once per key.
             let mut seen = foldhash::HashSet::default();
             for e in &parsed.events {
                 for (k, v) in &e.properties {
                     if seen.insert(k.as_str()) && schema.is_none_or(|s| !s.contains_key(k)) {
-                        new_keys.push((k.clone(), PropType::infer(v)));
+                        if room > 0 {
+                            new_keys.push((k.clone(), PropType::infer(v)));
+                            room -= 1;
+                        } else {
+                            over_limit += 1;
+                        }
                     }
                 }
             }
         });
+        if over_limit > 0 {
+            self.node
+                .metrics
+                .ingest_keys_over_limit
+                .fetch_add(over_limit, std::sync::atomic::Ordering::Relaxed);
+            warn_keys_over_limit(&project.name, over_limit, limit);
+        }
         let mut commands = Vec::new();
         if !new_keys.is_empty() {
             commands.push(MetaCommand::RegisterProperties {
@@ -372,6 +388,33 @@ impl Ingestor {
             .metrics
             .record_ingest(summary.accepted, summary.duplicates);
         Ok(summary)
+    }
+}
+
+/// Logs that a project's schema is full, at most once a minute per node: a client sending
+/// made-up keys would otherwise log a line per request.
+fn warn_keys_over_limit(project: &str, keys: u64, limit: usize) {
+    static LAST_WARNED_SECS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_WARNED_SECS.load(std::sync::atomic::Ordering::Relaxed);
+    if now >= last + 60
+        && LAST_WARNED_SECS
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        tracing::warn!(
+            project,
+            keys,
+            limit,
+            "the project's property schema is full (ingest.max-property-keys): new keys are stored as text without joining it"
+        );
     }
 }
 

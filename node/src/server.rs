@@ -90,6 +90,9 @@ pub struct Metrics {
     pub ingest_duplicates: AtomicU64,
     /// Requests rejected (4xx).
     pub ingest_rejected: AtomicU64,
+    /// New property keys left out of a full project schema (`ingest.max-property-keys`), once
+    /// per request that sent them.
+    pub ingest_keys_over_limit: AtomicU64,
     /// Queries answered.
     pub queries: AtomicU64,
     /// Queries failed.

@@ -363,3 +363,63 @@ fn events_whose_property_names_are_their_own_cost_their_size_and_answer_queries(
     node.restart();
     assert_eq!(answers(&node), (filtered, broken_down, row));
 }
+
+/// A project's schema holds at most `ingest.max-property-keys` keys. Keys first seen after that
+/// do not join it: their values are stored as text and still answer queries (numeric filters
+/// coerce numeric text), and `/metrics` counts them.
+#[test]
+fn keys_past_the_schema_limit_are_stored_as_text_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prism.toml");
+    std::fs::write(&config, "[ingest]\nmax-property-keys = 3\n").unwrap();
+    let node = TestNode::start_with(&["--config", config.to_str().unwrap()]);
+    let send = |id: &str, props: Value| {
+        let event = json!({"type": "track", "userId": "u1", "event": "paid", "messageId": id,
+                           "timestamp": "2024-01-01T00:00:00Z", "properties": props});
+        let (status, answer) = node.post(
+            "/v1/batch",
+            &json!({"writeKey": WRITE_KEY, "batch": [event]}),
+        );
+        assert_eq!(status, 200, "{answer}");
+    };
+    send("k-1", json!({"a": 1, "b": 2}));
+    // `c` fills the schema; `d` and `e` are past it.
+    send("k-2", json!({"c": 3, "d": 4, "e": "five"}));
+    send("k-3", json!({"a": 10, "d": 40}));
+    let (status, metrics) = node.get("/metrics");
+    assert_eq!(status, 200);
+    let counted = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("optiprism_node_ingest_keys_over_limit_total "))
+        .unwrap_or_else(|| panic!("no over-limit counter in {metrics}"));
+    // `d` and `e` in the second request, `d` again in the third.
+    assert_eq!(counted, "3");
+    let batches = node
+        .sql(r#"SELECT arrow_typeof("properties.a"), arrow_typeof("properties.d"), CAST("properties.d" AS VARCHAR), CAST("properties.e" AS VARCHAR) FROM events WHERE "properties.d" IS NOT NULL ORDER BY uuid"#)
+        .unwrap();
+    let rows: Vec<Vec<String>> = batches
+        .iter()
+        .flat_map(|b| {
+            (0..b.num_rows()).map(move |r| {
+                b.columns()
+                    .iter()
+                    .map(|c| arrow::util::display::array_value_to_string(c, r).unwrap())
+                    .collect()
+            })
+        })
+        .collect();
+    let text = "Dictionary(Int32, Utf8)";
+    assert_eq!(
+        rows,
+        [
+            vec!["Float64", text, "4", "five"],
+            vec!["Float64", text, "40", ""]
+        ]
+    );
+    let (status, answer) = node.query(&json!({
+        "kind": "trends", "date_range": {"from": "2024-01-01", "to": "2024-01-01"}, "interval": "day",
+        "series": [{"event": "paid", "math": "total", "filters": [{"key": "d", "op": "gte", "value": 5}]}],
+    }));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["totals"]["A"], json!(1), "{answer}");
+}
