@@ -12,7 +12,7 @@
 //! | `person_id` | UInt64 | the person at ingestion; merges are resolved at query time |
 //! | `properties.<key>` | Utf8 dictionary, Float64, Boolean or Timestamp(ms, UTC) | typed per project |
 //! | `properties.<key>#text` | Utf8 | values that did not fit the key's type, verbatim |
-//! | `sparse_properties` | Map(Utf8, Utf8) | values of keys too rare in the batch for their own columns, tagged with their type (last, and only when there are any) |
+//! | `sparse_properties` | Map(LargeUtf8, LargeUtf8) | values of keys too rare in the batch for their own columns, tagged with their type (last, and only when there are any) |
 //!
 //! Rows are sorted by (event, person, time) when sealed, and the chunk's metadata records where
 //! each event name's rows are: a query for one event reads a zero-copy slice of the chunk
@@ -364,15 +364,17 @@ fn too_sparse(values: usize, rows: usize) -> bool {
     values * SPARSE_FILL < rows
 }
 
-/// The Arrow type of [`SPARSE_COLUMN`].
+/// The Arrow type of [`SPARSE_COLUMN`]. Its text has 64-bit offsets: one map holds the rare
+/// keys' values of every row of a batch (a partition's unsealed rows), which may pass the 2 GiB
+/// that 32-bit offsets allow.
 pub fn sparse_type() -> DataType {
     DataType::Map(
         Arc::new(Field::new(
             "entries",
             DataType::Struct(
                 vec![
-                    Field::new("keys", DataType::Utf8, false),
-                    Field::new("values", DataType::Utf8, false),
+                    Field::new("keys", DataType::LargeUtf8, false),
+                    Field::new("values", DataType::LargeUtf8, false),
                 ]
                 .into(),
             ),
@@ -425,8 +427,8 @@ pub fn sparse_column(batch: &RecordBatch) -> Option<&arrow::array::MapArray> {
 /// Every entry of a sparse column: its row, key and tagged value.
 fn sparse_entries(map: &arrow::array::MapArray) -> impl Iterator<Item = (usize, &str, &str)> {
     use arrow::array::AsArray;
-    let keys = map.keys().as_string::<i32>();
-    let values = map.values().as_string::<i32>();
+    let keys = map.keys().as_string::<i64>();
+    let values = map.values().as_string::<i64>();
     map.offsets()
         .windows(2)
         .enumerate()
@@ -496,7 +498,12 @@ pub fn sparse_fields(batch: &RecordBatch) -> Vec<Field> {
 /// else one built from the sparse column's values of it, or `None` if the batch has neither.
 pub fn property_array(batch: &RecordBatch, name: &str, data_type: &DataType) -> Option<ArrayRef> {
     if let Some(column) = batch.column_by_name(name) {
-        return Some(Arc::clone(column));
+        if column.data_type() == data_type {
+            return Some(Arc::clone(column));
+        }
+        // `properties.k#text` names both key `k`'s text column (Utf8) and key `k#text`'s typed
+        // column, so batches may disagree on its type: read one as the other where Arrow can.
+        return arrow::compute::cast(column, data_type).ok();
     }
     let map = sparse_column(batch)?;
     let (typed_key, text_key) = sparse_names(name)?;
@@ -638,7 +645,14 @@ impl<'a> BatchLayout<'a> {
                     ));
                 };
                 if kind == PropKind::Str {
-                    string_dictionary(column)?;
+                    // A null among the dictionary's values would read as a null appended whole
+                    // and as "" value by value, and replicas take either way by their own rows.
+                    if string_dictionary(column)?.values().null_count() > 0 {
+                        return bad(format!(
+                            "column {} has null dictionary values",
+                            field.name()
+                        ));
+                    }
                 }
                 if typed.iter().any(|(k, _, _)| *k == name) {
                     return bad(format!("column {} twice", field.name()));
@@ -929,8 +943,8 @@ impl KeyColumns {
             return Ok(());
         }
         let (total, end) = (self.values[slot] + values, start + rows);
-        // Values already in the batch's rows (of a key that changed type, added value by value
-        // before its text column) leave it to `add`, which takes rows in any order.
+        // Values already held in the batch's rows (only a malformed batch has a key's values
+        // twice) leave it to `add`, which takes rows in any order.
         let past_start = match &self.columns[slot] {
             Some(column) => column.len() > start,
             None => self
@@ -1131,6 +1145,7 @@ impl ChunkBuilder {
         self.timestamp.append_slice(layout.timestamp.values());
         self.distinct.extend_dictionary(&layout.distinct)?;
         self.person.append_slice(layout.person.values());
+        let mut retyped: Vec<&str> = Vec::new();
         for &(key, kind, column) in &layout.typed {
             let columns = match self.keys.get_mut(key) {
                 Some(c) => c,
@@ -1144,15 +1159,28 @@ impl ChunkBuilder {
                 columns.add_column(TYPED, column, start, &mut self.store)?;
             } else {
                 // Another type than this builder's column of the key: as `append`, the values
-                // go to the key's text column.
+                // go to the key's text column, in row order with the batch's text values of the
+                // key (added after them, those would come out of row order, and each would send
+                // the key's text column back to sparse entries).
+                let text = layout
+                    .texts
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, c)| *c);
                 for row in 0..rows {
-                    if let Some(v) = typed_value(column, kind, row) {
+                    let value = typed_value(column, kind, row)
+                        .or_else(|| text.and_then(|c| typed_value(c, PropKind::Text, row)));
+                    if let Some(v) = value {
                         self.add(key, start + row, v);
                     }
                 }
+                retyped.push(key);
             }
         }
         for &(key, column) in &layout.texts {
+            if retyped.contains(&key) {
+                continue;
+            }
             let columns = match self.keys.get_mut(key) {
                 Some(c) => c,
                 None => self.keys.entry(key.to_string()).or_default(),
@@ -1298,11 +1326,11 @@ fn assemble(
         order.sort_by_key(|&i| entries[i].0);
         let mut map = arrow::array::MapBuilder::with_capacity(
             None,
-            StringBuilder::with_capacity(entries.len(), entries.len() * 8),
-            StringBuilder::with_capacity(entries.len(), tagged.len()),
+            arrow::array::LargeStringBuilder::with_capacity(entries.len(), entries.len() * 8),
+            arrow::array::LargeStringBuilder::with_capacity(entries.len(), tagged.len()),
             rows,
         )
-        .with_values_field(Field::new("values", DataType::Utf8, false));
+        .with_values_field(Field::new("values", DataType::LargeUtf8, false));
         let mut next = order.iter().peekable();
         for row in 0..rows as u32 {
             while let Some(&&i) = next.peek() {
@@ -1817,6 +1845,40 @@ mod tests {
     }
 
     #[test]
+    fn string_columns_with_null_dictionary_values_are_refused() {
+        use arrow::array::{DictionaryArray, Int32Array, StringArray};
+        let mut builder = ChunkBuilder::default();
+        builder.append(&event(0, vec![("s".into(), Coerced::Str("a".into()))]));
+        let good = builder.finish();
+        let null_value: DictionaryArray<Int32Type> = DictionaryArray::new(
+            Int32Array::from(vec![0]),
+            Arc::new(StringArray::from(vec![None::<&str>])),
+        );
+        let mut columns = good.columns().to_vec();
+        *columns.last_mut().unwrap() = Arc::new(null_value);
+        let bad = RecordBatch::try_new(good.schema(), columns).unwrap();
+        let err = ChunkBuilder::default().append_batch(&bad).unwrap_err();
+        assert!(err.to_string().contains("null dictionary values"), "{err}");
+    }
+
+    #[test]
+    fn a_column_name_two_keys_share_reads_as_the_type_a_query_asks_for() {
+        // `properties.k#text` is key `k`'s text column in one batch and key `k#text`'s string
+        // column in another.
+        let mut text = ChunkBuilder::default();
+        text.append(&event(0, vec![("k".into(), Coerced::Mismatch("x".into()))]));
+        let text = text.finish();
+        let mut typed = ChunkBuilder::default();
+        typed.append(&event(0, vec![("k#text".into(), Coerced::Str("y".into()))]));
+        let typed = typed.finish();
+        let name = property_text_column("k");
+        let as_dictionary = property_array(&text, &name, &dictionary_type()).unwrap();
+        assert_eq!(as_dictionary.data_type(), &dictionary_type());
+        let as_text = property_array(&typed, &name, &DataType::Utf8).unwrap();
+        assert_eq!(as_text.as_string::<i32>().value(0), "y");
+    }
+
+    #[test]
     fn sparse_columns_with_values_that_are_not_tagged_are_refused() {
         let mut builder = ChunkBuilder::default();
         builder.append(&event(0, vec![("common".into(), Coerced::Num(1.0))]));
@@ -1828,9 +1890,12 @@ mod tests {
         let map = sparse_column(&good).expect("rare keys are in the sparse column");
         assert_eq!(sparse_entries(map).count(), 2);
         for value in ["", "q1", "nx", "Tz", "d1.5"] {
-            let mut entries =
-                arrow::array::MapBuilder::new(None, StringBuilder::new(), StringBuilder::new())
-                    .with_values_field(Field::new("values", DataType::Utf8, false));
+            let mut entries = arrow::array::MapBuilder::new(
+                None,
+                arrow::array::LargeStringBuilder::new(),
+                arrow::array::LargeStringBuilder::new(),
+            )
+            .with_values_field(Field::new("values", DataType::LargeUtf8, false));
             for row in 0..good.num_rows() {
                 if row == 3 {
                     entries.keys().append_value("rare");
