@@ -8,7 +8,7 @@
 //! project's other batches have, so every batch of the plan has the same schema.
 
 use crate::storage::chunk::{
-    property_array, property_column, property_text_column, sparse_field_type,
+    property_arrays, property_column, property_text_column, sparse_field_type,
 };
 use crate::storage::partition::ProjectRows;
 use arrow::array::{ArrayRef, RecordBatch, new_null_array};
@@ -62,12 +62,12 @@ pub fn project(parts: &[ProjectRows], names: &[String]) -> (SchemaRef, Vec<Vec<R
             part.batches
                 .iter()
                 .map(|b| {
-                    let columns: Vec<ArrayRef> = schema
-                        .fields()
-                        .iter()
-                        .map(|f| {
-                            property_array(b, f.name(), f.data_type())
-                                .unwrap_or_else(|| new_null_array(f.data_type(), b.num_rows()))
+                    let fields: Vec<&Field> = schema.fields().iter().map(|f| f.as_ref()).collect();
+                    let columns: Vec<ArrayRef> = property_arrays(b, &fields)
+                        .into_iter()
+                        .zip(&fields)
+                        .map(|(column, f)| {
+                            column.unwrap_or_else(|| new_null_array(f.data_type(), b.num_rows()))
                         })
                         .collect();
                     RecordBatch::try_new(Arc::clone(&schema), columns)

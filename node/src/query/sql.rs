@@ -9,7 +9,7 @@
 use crate::metadata::Project;
 use crate::query::{QueryEngine, QueryFailure};
 use crate::storage::chunk::{
-    SPARSE_COLUMN, fixed_fields, property_array, sparse_fields, timestamp_type,
+    SPARSE_COLUMN, fixed_fields, property_arrays, sparse_fields, timestamp_type,
 };
 use arrow::array::{
     ArrayRef, ListBuilder, RecordBatch, StringBuilder, TimestampMillisecondBuilder, UInt64Array,
@@ -62,11 +62,12 @@ impl EventsTable {
     /// The columns `fields` of `batch`, rows of absent ones null, `person_id` resolved through
     /// identity merges.
     fn columns(&self, batch: &RecordBatch, fields: &[&Field]) -> Vec<ArrayRef> {
-        fields
-            .iter()
-            .map(|f| {
-                let column = property_array(batch, f.name(), f.data_type())
-                    .unwrap_or_else(|| new_null_array(f.data_type(), batch.num_rows()));
+        property_arrays(batch, fields)
+            .into_iter()
+            .zip(fields)
+            .map(|(column, f)| {
+                let column =
+                    column.unwrap_or_else(|| new_null_array(f.data_type(), batch.num_rows()));
                 if f.name() == "person_id" && !self.view.merged.is_empty() {
                     let ids = column
                         .as_any()

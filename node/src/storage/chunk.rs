@@ -497,46 +497,80 @@ pub fn sparse_fields(batch: &RecordBatch) -> Vec<Field> {
 /// Property column `name` of `batch`, of `data_type`: the batch's own column of that name, or
 /// else one built from the sparse column's values of it, or `None` if the batch has neither.
 pub fn property_array(batch: &RecordBatch, name: &str, data_type: &DataType) -> Option<ArrayRef> {
-    if let Some(column) = batch.column_by_name(name) {
-        if column.data_type() == data_type {
-            return Some(Arc::clone(column));
-        }
-        // `properties.k#text` names both key `k`'s text column (Utf8) and key `k#text`'s typed
-        // column, so batches may disagree on its type: read one as the other where Arrow can.
-        return arrow::compute::cast(column, data_type).ok();
-    }
-    let map = sparse_column(batch)?;
-    let (typed_key, text_key) = sparse_names(name)?;
-    let want = if *data_type == DataType::Utf8 {
-        PropKind::Text
-    } else {
-        PropKind::of(data_type)?
-    };
-    let key = if want == PropKind::Text {
-        text_key?
-    } else {
-        typed_key
-    };
-    let mut builder = PropBuilder::of_kind(want, batch.num_rows());
-    let mut found = false;
-    for (row, k, value) in sparse_entries(map) {
-        if k != key || builder.len() > row {
+    let field = Field::new(name, data_type.clone(), true);
+    property_arrays(batch, &[&field]).pop().flatten()
+}
+
+/// [`property_array`] of each of `fields`, in one pass over the sparse column for all of them
+/// (a pass per column would make a query of many rare keys read the map once for each).
+pub fn property_arrays(batch: &RecordBatch, fields: &[&Field]) -> Vec<Option<ArrayRef>> {
+    let rows = batch.num_rows();
+    let map = sparse_column(batch);
+    let mut out: Vec<Option<ArrayRef>> = Vec::with_capacity(fields.len());
+    // Columns to build from the map, by (key, whether the key's text column).
+    let mut wanted: foldhash::HashMap<(&str, bool), usize> = foldhash::HashMap::default();
+    let mut built: Vec<(usize, PropKind, PropBuilder, bool)> = Vec::new();
+    for (i, field) in fields.iter().enumerate() {
+        let data_type = field.data_type();
+        if let Some(column) = batch.column_by_name(field.name()) {
+            out.push(if column.data_type() == data_type {
+                Some(Arc::clone(column))
+            } else {
+                // `properties.k#text` names both key `k`'s text column (Utf8) and key
+                // `k#text`'s typed column, so batches may disagree on its type: read one as the
+                // other where Arrow can.
+                arrow::compute::cast(column, data_type).ok()
+            });
             continue;
         }
-        match untag(value) {
-            Some(v) if PropKind::of_value(v) == want => {
-                builder.pad_to(row);
-                builder.append(v);
-                found = true;
+        out.push(None);
+        let Some((typed_key, text_key)) = map.and(sparse_names(field.name())) else {
+            continue;
+        };
+        let want = match data_type {
+            DataType::Utf8 => PropKind::Text,
+            other => match PropKind::of(other) {
+                Some(kind) => kind,
+                None => continue,
+            },
+        };
+        let key = match (want, text_key) {
+            (PropKind::Text, Some(key)) => key,
+            (PropKind::Text, None) => continue,
+            _ => typed_key,
+        };
+        wanted
+            .entry((key, want == PropKind::Text))
+            .or_insert_with(|| {
+                built.push((i, want, PropBuilder::of_kind(want, rows), false));
+                built.len() - 1
+            });
+    }
+    if let Some(map) = map.filter(|_| !built.is_empty()) {
+        for (row, key, value) in sparse_entries(map) {
+            let Some(v) = untag(value) else {
+                continue;
+            };
+            let kind = PropKind::of_value(v);
+            let Some(&at) = wanted.get(&(key, kind == PropKind::Text)) else {
+                continue;
+            };
+            let (_, want, builder, found) = &mut built[at];
+            if kind != *want || builder.len() > row {
+                continue;
             }
-            _ => {}
+            builder.pad_to(row);
+            builder.append(v);
+            *found = true;
+        }
+        for (i, _, mut builder, found) in built {
+            if found {
+                builder.pad_to(rows);
+                out[i] = Some(builder.finish().1);
+            }
         }
     }
-    if !found {
-        return None;
-    }
-    builder.pad_to(batch.num_rows());
-    Some(builder.finish().1)
+    out
 }
 
 /// The columns of a batch of [`ChunkBuilder`] layout, checked: the five fixed columns with
@@ -1608,9 +1642,8 @@ mod tests {
     }
 
     /// Every property value of `batch` by (row, column name), from its own columns and its
-    /// sparse column alike. The sparse column is read entry by entry here; queries build a
-    /// column at a time with [`property_array`], checked on `sampled` of the columns (every
-    /// column's build reads every entry).
+    /// sparse column alike. The sparse column is read entry by entry here, and checked against
+    /// columns [`property_arrays`] builds from it for queries.
     fn values_of(batch: &RecordBatch) -> BTreeMap<(usize, String), String> {
         let mut out = BTreeMap::new();
         let mut record = |row: usize, name: String, v: CoercedRef<'_>| {
@@ -1644,14 +1677,14 @@ mod tests {
                 record(row, name, v);
             }
         }
-        // Columns built from the sparse column hold the same.
-        for (i, field) in sparse_fields(batch)
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| i % 50 == 0)
-        {
-            let _ = i;
-            let column = property_array(batch, field.name(), field.data_type()).unwrap();
+        // Columns built from the sparse column, as queries build them, hold the same (checked
+        // on a hundred of them at most: each is as long as the batch).
+        let sparse = sparse_fields(batch);
+        let step = sparse.len().div_ceil(100).max(1);
+        let sparse: Vec<Field> = sparse.into_iter().step_by(step).collect();
+        let fields: Vec<&Field> = sparse.iter().collect();
+        for (field, column) in sparse.iter().zip(property_arrays(batch, &fields)) {
+            let column = column.unwrap();
             assert_eq!(column.len(), batch.num_rows(), "{}", field.name());
             for row in 0..column.len() {
                 let v = typed_value(&column, kind_of_field(field), row).map(|v| format!("{v:?}"));
