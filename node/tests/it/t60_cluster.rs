@@ -1,6 +1,7 @@
 //! Three real `prism node` processes replicating every partition over QUIC: events sent to one
 //! node are answered identically by the others and by a single node given the same events, and
-//! killing the busiest leader during ingestion loses and doubles no acknowledged event. A busy
+//! killing the busiest leader during ingestion loses and doubles no acknowledged event (with
+//! property keys too rare for columns of their own among the events). A busy
 //! partition gathers requests within `ingest.linger` into one entry; an idle one does not wait.
 
 use crate::support::uuid_counts;
@@ -25,6 +26,14 @@ fn messages(prefix: &str, n: usize, users: usize) -> Vec<Value> {
             if i % 10 == 9 {
                 m["properties"] = json!({"price": 1.0});
             }
+            // Keys too rare for columns of their own: one in 50 events has a referrer, and one
+            // in 97 a coupon key of its own.
+            if i % 50 == 3 {
+                m["properties"]["ref"] = json!(["mail", "ads"][(i / 50) % 2]);
+            }
+            if i % 97 == 0 {
+                m["properties"][format!("coupon_{i}")] = json!(i);
+            }
             m
         })
         .collect()
@@ -40,6 +49,9 @@ fn queries() -> Vec<Value> {
         json!({"kind": "trends", "date_range": range, "interval": "hour", "timezone": "America/New_York",
                "series": [{"event": "purchase", "math": "unique_users",
                            "filters": [{"key": "price", "op": "gt", "value": 10}]}]}),
+        json!({"kind": "trends", "date_range": range, "interval": "day",
+               "series": [{"math": "total", "filters": [{"key": "coupon_194", "op": "is_set"}]}],
+               "breakdown": {"property": "ref"}}),
     ]
 }
 
@@ -85,10 +97,31 @@ fn events_sent_to_one_member_are_answered_by_every_member_as_by_a_single_node() 
             "node 1 over Flight differs for {query}"
         );
     }
-    // Flight SQL on node 2 sees the same rows.
+    // The rare-key query found its one event (so the equality above says something).
+    let (_, coupon) = single.query(&queries()[3]);
+    assert_eq!(coupon["totals"]["A"], json!(1), "{coupon}");
+    // Flight SQL on node 2 sees the same rows, rare keys' values included.
     let count = |node: &TestNode| uuid_counts(node).len();
     assert_eq!(count(cluster.node(2)), 900);
     assert_eq!(count(&single), 900);
+    let rare = |node: &TestNode| {
+        let sql = r#"SELECT CAST("properties.ref" AS VARCHAR) AS r, count(*), count("properties.coupon_97"), sum("properties.coupon_873") FROM events GROUP BY r ORDER BY r"#;
+        let mut rows = Vec::new();
+        for b in node.sql(sql).unwrap() {
+            for r in 0..b.num_rows() {
+                let row: Vec<String> = b
+                    .columns()
+                    .iter()
+                    .map(|c| arrow::util::display::array_value_to_string(c, r).unwrap())
+                    .collect();
+                rows.push(row.join(","));
+            }
+        }
+        rows
+    };
+    let expected = rare(&single);
+    assert_eq!(expected, ["ads,9,0,", "mail,9,0,", ",882,1,873.0"]);
+    assert_eq!(rare(cluster.node(2)), expected);
     // What operators scrape: node 2 took the events, node 3 answered the HTTP queries, and
     // every group's leader changes are counted from the first election.
     let metric = |id: u64, line: &str| -> u64 {
