@@ -394,19 +394,15 @@ impl Ingestor {
 /// Logs that a project's schema is full, at most once a minute per node: a client sending
 /// made-up keys would otherwise log a line per request.
 fn warn_keys_over_limit(project: &str, keys: u64, limit: usize) {
-    static LAST_WARNED_SECS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_WARNED_SECS: AtomicU64 = AtomicU64::new(0);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let last = LAST_WARNED_SECS.load(std::sync::atomic::Ordering::Relaxed);
+    let last = LAST_WARNED_SECS.load(Ordering::Relaxed);
     if now >= last + 60
         && LAST_WARNED_SECS
-            .compare_exchange(
-                last,
-                now,
-                std::sync::atomic::Ordering::Relaxed,
-                std::sync::atomic::Ordering::Relaxed,
-            )
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
     {
         tracing::warn!(

@@ -11,7 +11,7 @@ use crate::storage::chunk::{
     property_arrays, property_column, property_text_column, sparse_field_type,
 };
 use crate::storage::partition::ProjectRows;
-use arrow::array::{ArrayRef, RecordBatch, new_null_array};
+use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use std::sync::Arc;
 
@@ -56,21 +56,14 @@ pub fn project(parts: &[ProjectRows], names: &[String]) -> (SchemaRef, Vec<Vec<R
         .filter_map(|n| find_field(parts, n).map(|f| f.with_nullable(true)))
         .collect();
     let schema = Arc::new(Schema::new(fields));
+    let fields: Vec<&Field> = schema.fields().iter().map(|f| f.as_ref()).collect();
     let partitions = parts
         .iter()
         .map(|part| {
             part.batches
                 .iter()
                 .map(|b| {
-                    let fields: Vec<&Field> = schema.fields().iter().map(|f| f.as_ref()).collect();
-                    let columns: Vec<ArrayRef> = property_arrays(b, &fields)
-                        .into_iter()
-                        .zip(&fields)
-                        .map(|(column, f)| {
-                            column.unwrap_or_else(|| new_null_array(f.data_type(), b.num_rows()))
-                        })
-                        .collect();
-                    RecordBatch::try_new(Arc::clone(&schema), columns)
+                    RecordBatch::try_new(Arc::clone(&schema), property_arrays(b, &fields))
                         .expect("columns follow the schema")
                 })
                 .collect()

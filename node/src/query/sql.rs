@@ -13,7 +13,7 @@ use crate::storage::chunk::{
 };
 use arrow::array::{
     ArrayRef, ListBuilder, RecordBatch, StringBuilder, TimestampMillisecondBuilder, UInt64Array,
-    UInt64Builder, new_null_array,
+    UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::ParamValues;
@@ -66,8 +66,6 @@ impl EventsTable {
             .into_iter()
             .zip(fields)
             .map(|(column, f)| {
-                let column =
-                    column.unwrap_or_else(|| new_null_array(f.data_type(), batch.num_rows()));
                 if f.name() == "person_id" && !self.view.merged.is_empty() {
                     let ids = column
                         .as_any()

@@ -21,7 +21,7 @@
 
 use arrow::array::{
     ArrayBuilder, ArrayRef, BooleanBuilder, Float64Builder, RecordBatch, StringBuilder,
-    StringDictionaryBuilder, TimestampMillisecondBuilder, UInt64Builder,
+    StringDictionaryBuilder, TimestampMillisecondBuilder, UInt64Builder, new_null_array,
 };
 use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
@@ -277,9 +277,10 @@ enum PropKind {
 }
 
 impl PropKind {
-    /// The kind of a typed column's Arrow type (`Text` columns are told by their name).
+    /// The kind of a column's Arrow type.
     fn of(ty: &DataType) -> Option<PropKind> {
         match ty {
+            DataType::Utf8 => Some(PropKind::Text),
             DataType::Float64 => Some(PropKind::Num),
             DataType::Boolean => Some(PropKind::Bool),
             t if *t == dictionary_type() => Some(PropKind::Str),
@@ -437,15 +438,15 @@ fn sparse_entries(map: &arrow::array::MapArray) -> impl Iterator<Item = (usize, 
         })
 }
 
-/// The key and kind of property column `name` as the sparse column would hold it: the typed
-/// column of key `rest`, or, for a name ending in `#text`, also the text column of the key
-/// before it (the two can share a name; the entries' tags tell them apart).
+/// The keys whose values property column `name` may hold: the typed column of key `rest`, and,
+/// for a name ending in `#text`, the text column of the key before it (the two can share a
+/// name; the sparse column's tags tell them apart).
 fn sparse_names(name: &str) -> Option<(&str, Option<&str>)> {
     let rest = name.strip_prefix(PROPERTY_PREFIX)?;
     Some((rest, rest.strip_suffix(TEXT_SUFFIX)))
 }
 
-/// Whether the tag of `tagged` is of `kind`.
+/// The kind of a tagged value, if its tag is one.
 fn tagged_kind(tagged: &str) -> Option<PropKind> {
     untag(tagged).map(PropKind::of_value)
 }
@@ -494,22 +495,17 @@ pub fn sparse_fields(batch: &RecordBatch) -> Vec<Field> {
     fields
 }
 
-/// Property column `name` of `batch`, of `data_type`: the batch's own column of that name, or
-/// else one built from the sparse column's values of it, or `None` if the batch has neither.
-pub fn property_array(batch: &RecordBatch, name: &str, data_type: &DataType) -> Option<ArrayRef> {
-    let field = Field::new(name, data_type.clone(), true);
-    property_arrays(batch, &[&field]).pop().flatten()
-}
-
-/// [`property_array`] of each of `fields`, in one pass over the sparse column for all of them
-/// (a pass per column would make a query of many rare keys read the map once for each).
-pub fn property_arrays(batch: &RecordBatch, fields: &[&Field]) -> Vec<Option<ArrayRef>> {
+/// Columns `fields` of `batch`, as queries read them: the batch's own column of each name, or
+/// else one built from the sparse column's values of it, or else nulls. One pass over the
+/// sparse column builds every column it holds values of (a pass per column would make a query
+/// of many rare keys read the map once for each).
+pub fn property_arrays(batch: &RecordBatch, fields: &[&Field]) -> Vec<ArrayRef> {
     let rows = batch.num_rows();
     let map = sparse_column(batch);
     let mut out: Vec<Option<ArrayRef>> = Vec::with_capacity(fields.len());
     // Columns to build from the map, by (key, whether the key's text column).
     let mut wanted: foldhash::HashMap<(&str, bool), usize> = foldhash::HashMap::default();
-    let mut built: Vec<(usize, PropKind, PropBuilder, bool)> = Vec::new();
+    let mut built: Vec<(usize, PropKind, PropBuilder)> = Vec::new();
     for (i, field) in fields.iter().enumerate() {
         let data_type = field.data_type();
         if let Some(column) = batch.column_by_name(field.name()) {
@@ -527,12 +523,8 @@ pub fn property_arrays(batch: &RecordBatch, fields: &[&Field]) -> Vec<Option<Arr
         let Some((typed_key, text_key)) = map.and(sparse_names(field.name())) else {
             continue;
         };
-        let want = match data_type {
-            DataType::Utf8 => PropKind::Text,
-            other => match PropKind::of(other) {
-                Some(kind) => kind,
-                None => continue,
-            },
+        let Some(want) = PropKind::of(data_type) else {
+            continue;
         };
         let key = match (want, text_key) {
             (PropKind::Text, Some(key)) => key,
@@ -542,7 +534,7 @@ pub fn property_arrays(batch: &RecordBatch, fields: &[&Field]) -> Vec<Option<Arr
         wanted
             .entry((key, want == PropKind::Text))
             .or_insert_with(|| {
-                built.push((i, want, PropBuilder::of_kind(want, rows), false));
+                built.push((i, want, PropBuilder::of_kind(want, rows)));
                 built.len() - 1
             });
     }
@@ -555,22 +547,22 @@ pub fn property_arrays(batch: &RecordBatch, fields: &[&Field]) -> Vec<Option<Arr
             let Some(&at) = wanted.get(&(key, kind == PropKind::Text)) else {
                 continue;
             };
-            let (_, want, builder, found) = &mut built[at];
+            let (_, want, builder) = &mut built[at];
             if kind != *want || builder.len() > row {
                 continue;
             }
             builder.pad_to(row);
             builder.append(v);
-            *found = true;
         }
-        for (i, _, mut builder, found) in built {
-            if found {
-                builder.pad_to(rows);
-                out[i] = Some(builder.finish().1);
-            }
+        for (i, _, mut builder) in built {
+            builder.pad_to(rows);
+            out[i] = Some(builder.finish().1);
         }
     }
-    out
+    out.into_iter()
+        .zip(fields)
+        .map(|(column, f)| column.unwrap_or_else(|| new_null_array(f.data_type(), rows)))
+        .collect()
 }
 
 /// The columns of a batch of [`ChunkBuilder`] layout, checked: the five fixed columns with
@@ -936,8 +928,8 @@ impl KeyColumns {
                 return;
             }
             // Too sparse now, or a row the column has passed (a batch's values come column by
-            // column, so a key's values that change slot come out of row order): sparse
-            // entries take any row.
+            // column and then from its sparse column, so a key's values that change slot may
+            // come out of row order): sparse entries take any row.
             self.demote(slot, store);
         }
         let at = self.sparse.partition_point(|(r, _)| *r as usize <= row);
@@ -952,12 +944,8 @@ impl KeyColumns {
         self.sparse
             .insert(at, (row as u32, Held::hold(v, &mut store.text)));
         self.values[slot] += 1;
-        let rows = self
-            .sparse
-            .last()
-            .map_or(row, |(r, _)| *r as usize)
-            .max(row)
-            + 1;
+        // Rows ascend, so the last entry's row is the latest, at or past `row`.
+        let rows = self.sparse.last().map_or(row, |(r, _)| *r as usize) + 1;
         if dense_enough(self.values[slot], rows) {
             self.promote(slot, rows, store);
         }
@@ -977,18 +965,17 @@ impl KeyColumns {
             return Ok(());
         }
         let (total, end) = (self.values[slot] + values, start + rows);
-        // Values already held in the batch's rows (only a malformed batch has a key's values
-        // twice) leave it to `add`, which takes rows in any order.
-        let past_start = match &self.columns[slot] {
-            Some(column) => column.len() > start,
-            None => self
+        let whole = match self.columns[slot].as_ref().map(|c| c.len()) {
+            // Values already held in the batch's rows (only a malformed batch has a key's
+            // values twice) leave it to `add`, which takes rows in any order.
+            Some(len) if len > start => false,
+            None if self
                 .sparse
                 .last()
-                .is_some_and(|(r, _)| *r as usize >= start),
-        };
-        let held = self.columns[slot].as_ref().map(|c| c.len());
-        let whole = match held {
-            _ if past_start => false,
+                .is_some_and(|(r, _)| *r as usize >= start) =>
+            {
+                false
+            }
             Some(_) if too_sparse(total, end) => {
                 self.demote(slot, store);
                 false
@@ -1181,13 +1168,13 @@ impl ChunkBuilder {
         self.person.append_slice(layout.person.values());
         let mut retyped: Vec<&str> = Vec::new();
         for &(key, kind, column) in &layout.typed {
+            if arrow::array::Array::logical_null_count(column.as_ref()) == rows {
+                continue;
+            }
             let columns = match self.keys.get_mut(key) {
                 Some(c) => c,
                 None => self.keys.entry(key.to_string()).or_default(),
             };
-            if arrow::array::Array::logical_null_count(column.as_ref()) == rows {
-                continue;
-            }
             columns.kind.get_or_insert(kind);
             if columns.kind == Some(kind) {
                 columns.add_column(TYPED, column, start, &mut self.store)?;
@@ -1246,7 +1233,7 @@ impl ChunkBuilder {
             .map(|(key, c)| KeyOut {
                 key,
                 kind: c.kind,
-                columns: [0, 1].map(|s| c.columns[s].as_ref().map(|b| b.finish_cloned())),
+                columns: [TYPED, TEXT].map(|s| c.columns[s].as_ref().map(|b| b.finish_cloned())),
                 values: c.values,
                 sparse: &c.sparse,
             })
@@ -1273,7 +1260,7 @@ impl ChunkBuilder {
             .iter_mut()
             .map(|(key, c)| {
                 let values = c.values;
-                let columns = [0, 1].map(|s| {
+                let columns = [TYPED, TEXT].map(|s| {
                     c.columns[s].as_mut().map(|b| {
                         // Padded in the builder when it stays a column, so `assemble` has
                         // nothing to copy.
@@ -1308,12 +1295,13 @@ fn assemble(
     keys.sort_unstable_by(|a, b| a.key.cmp(b.key));
     let mut fields = fixed_fields();
     let mut columns: Vec<ArrayRef> = fixed.into();
-    // Sparse entries: (row, key, tagged value's end in `tagged`), in key order.
-    let mut entries: Vec<(u32, &str, usize)> = Vec::new();
+    // Sparse entries: (row, key, tagged value's range in `tagged`), in key order.
+    let mut entries: Vec<(u32, &str, std::ops::Range<usize>)> = Vec::new();
     let mut tagged = String::new();
     let mut hold = |row: u32, key, v: CoercedRef<'_>, entries: &mut Vec<_>| {
+        let start = tagged.len();
         tag_value(v, &mut tagged);
-        entries.push((row, key, tagged.len()));
+        entries.push((row, key, start..tagged.len()));
     };
     for slot in [TYPED, TEXT] {
         for out in &mut keys {
@@ -1348,13 +1336,6 @@ fn assemble(
         }
     }
     if !entries.is_empty() {
-        // Each entry's text starts where the one before it in `tagged` ends.
-        let mut starts = Vec::with_capacity(entries.len());
-        let mut previous_end = 0;
-        for entry in &entries {
-            starts.push(previous_end);
-            previous_end = entry.2;
-        }
         let mut order: Vec<usize> = (0..entries.len()).collect();
         // Stable: within a row, entries keep key order.
         order.sort_by_key(|&i| entries[i].0);
@@ -1372,7 +1353,7 @@ fn assemble(
                     break;
                 }
                 map.keys().append_value(entries[i].1);
-                map.values().append_value(&tagged[starts[i]..entries[i].2]);
+                map.values().append_value(&tagged[entries[i].2.clone()]);
                 next.next();
             }
             map.append(true).expect("keys and values appended alike");
@@ -1660,7 +1641,7 @@ mod tests {
             .collect::<Vec<_>>();
         for field in &own {
             let column = batch.column_by_name(field.name()).unwrap();
-            let kind = kind_of_field(field);
+            let kind = PropKind::of(field.data_type()).unwrap();
             for row in 0..column.len() {
                 if let Some(v) = typed_value(column, kind, row) {
                     record(row, field.name().clone(), v);
@@ -1684,10 +1665,10 @@ mod tests {
         let sparse: Vec<Field> = sparse.into_iter().step_by(step).collect();
         let fields: Vec<&Field> = sparse.iter().collect();
         for (field, column) in sparse.iter().zip(property_arrays(batch, &fields)) {
-            let column = column.unwrap();
             assert_eq!(column.len(), batch.num_rows(), "{}", field.name());
             for row in 0..column.len() {
-                let v = typed_value(&column, kind_of_field(field), row).map(|v| format!("{v:?}"));
+                let v = typed_value(&column, PropKind::of(field.data_type()).unwrap(), row)
+                    .map(|v| format!("{v:?}"));
                 assert_eq!(
                     v.as_ref(),
                     out.get(&(row, field.name().clone())),
@@ -1699,12 +1680,10 @@ mod tests {
         out
     }
 
-    fn kind_of_field(field: &Field) -> PropKind {
-        if *field.data_type() == DataType::Utf8 {
-            PropKind::Text
-        } else {
-            PropKind::of(field.data_type()).unwrap()
-        }
+    /// Column `name` of `batch` as queries read it, as `data_type`.
+    fn property_array(batch: &RecordBatch, name: &str, data_type: &DataType) -> ArrayRef {
+        let field = Field::new(name, data_type.clone(), true);
+        property_arrays(batch, &[&field]).pop().unwrap()
     }
 
     /// What [`values_of`] should find for `events`: a key's column has the type of its first
@@ -1785,7 +1764,7 @@ mod tests {
         assert_eq!(values_of(&replica.finish()), expected_values(&events));
         let (_, bytes, sealed) = seal(ProjectId(1), 1, &batch);
         assert_eq!(decode(&bytes).unwrap(), sealed);
-        let order_7 = property_array(&sealed, "properties.order_7", &DataType::Float64).unwrap();
+        let order_7 = property_array(&sealed, "properties.order_7", &DataType::Float64);
         assert_eq!(order_7.len() - order_7.null_count(), 1);
         assert_eq!(
             sparse_field_type(&sealed, "properties.order_7"),
@@ -1905,9 +1884,9 @@ mod tests {
         typed.append(&event(0, vec![("k#text".into(), Coerced::Str("y".into()))]));
         let typed = typed.finish();
         let name = property_text_column("k");
-        let as_dictionary = property_array(&text, &name, &dictionary_type()).unwrap();
+        let as_dictionary = property_array(&text, &name, &dictionary_type());
         assert_eq!(as_dictionary.data_type(), &dictionary_type());
-        let as_text = property_array(&typed, &name, &DataType::Utf8).unwrap();
+        let as_text = property_array(&typed, &name, &DataType::Utf8);
         assert_eq!(as_text.as_string::<i32>().value(0), "y");
     }
 
